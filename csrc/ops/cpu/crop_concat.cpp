@@ -1,0 +1,117 @@
+// crop_concat on the CPU: the output decomposes into runs (crop_concat.h); each run is a
+// memcpy when its source is unit-stride, a strided loop otherwise. Parallel over runs.
+// The copy depends only on the element size, so one instantiation per size serves every dtype.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "../crop_concat_host.h"
+
+namespace unet_ext {
+namespace crop_concat {
+namespace {
+
+template <typename word_t>
+void execute_run(const Run& run, word_t* dst_base, const word_t* const* sources) {
+  word_t* dst = dst_base + run.dst;
+  if (run.length <= 0) return;
+  if (run.source == kZero) {
+    std::memset(dst, 0, run.length * sizeof(word_t));
+    return;
+  }
+  const word_t* src = sources[run.source] + run.src;
+  if (run.src_step == 1) {
+    std::memcpy(dst, src, run.length * sizeof(word_t));
+  } else {
+    for (int64_t i = 0; i < run.length; ++i) dst[i] = src[i * run.src_step];
+  }
+}
+
+// Keeps each parallel chunk at roughly 64 KiB of traffic so small tensors stay single-threaded.
+int64_t grain_for(int64_t run_length, int64_t element_size) {
+  const int64_t bytes = std::max<int64_t>(1, run_length * element_size);
+  return std::max<int64_t>(1, (int64_t{1} << 16) / bytes);
+}
+
+template <typename word_t>
+void forward_impl(const Geometry& g, const at::Tensor& skip, const at::Tensor& up, at::Tensor& out) {
+  const word_t* sources[4] = {nullptr, static_cast<const word_t*>(skip.const_data_ptr()),
+                              static_cast<const word_t*>(up.const_data_ptr()), nullptr};
+  word_t* dst = static_cast<word_t*>(out.mutable_data_ptr());
+  const int64_t run_len = g.channels_last ? g.channels() : g.width;
+  at::parallel_for(0, g.forward_runs(), grain_for(run_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int s = 0; s < g.forward_segments(); ++s) execute_run(g.forward_run(r, s), dst, sources);
+  });
+}
+
+template <typename word_t>
+void backward_impl(const Geometry& g, const at::Tensor& grad, at::Tensor& grad_skip, at::Tensor& grad_up) {
+  const word_t* sources[4] = {nullptr, nullptr, nullptr, static_cast<const word_t*>(grad.const_data_ptr())};
+  word_t* skip_dst = static_cast<word_t*>(grad_skip.mutable_data_ptr());
+  word_t* up_dst = static_cast<word_t*>(grad_up.mutable_data_ptr());
+  const int64_t skip_len = g.channels_last ? g.skip_channels : g.skip_width;
+  at::parallel_for(0, g.grad_skip_runs(), grain_for(skip_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int s = 0; s < g.grad_skip_segments(); ++s) execute_run(g.grad_skip_run(r, s), skip_dst, sources);
+  });
+  const int64_t up_len = g.channels_last ? g.up_channels : g.width;
+  at::parallel_for(0, g.grad_up_runs(), grain_for(up_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) execute_run(g.grad_up_run(r), up_dst, sources);
+  });
+}
+
+template <template <typename> class Fn, typename... Args>
+void dispatch_element_size(int64_t element_size, Args&&... args) {
+  switch (element_size) {
+    case 1: return Fn<uint8_t>::run(std::forward<Args>(args)...);
+    case 2: return Fn<uint16_t>::run(std::forward<Args>(args)...);
+    case 4: return Fn<uint32_t>::run(std::forward<Args>(args)...);
+    case 8: return Fn<uint64_t>::run(std::forward<Args>(args)...);
+    default: TORCH_CHECK(false, "unet_ext.crop_concat: unsupported element size ", element_size);
+  }
+}
+
+template <typename word_t>
+struct Forward {
+  static void run(const Geometry& g, const at::Tensor& skip, const at::Tensor& up, at::Tensor& out) {
+    forward_impl<word_t>(g, skip, up, out);
+  }
+};
+
+template <typename word_t>
+struct Backward {
+  static void run(const Geometry& g, const at::Tensor& grad, at::Tensor& gs, at::Tensor& gu) {
+    backward_impl<word_t>(g, grad, gs, gu);
+  }
+};
+
+at::Tensor crop_concat_cpu(const at::Tensor& skip, const at::Tensor& up) {
+  at::Tensor out;
+  const Geometry g = forward_geometry(skip, up, out);
+  if (out.numel() > 0) dispatch_element_size<Forward>(skip.element_size(), g, skip, up, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> crop_concat_backward_cpu(const at::Tensor& grad_out,
+                                                            int64_t skip_channels,
+                                                            int64_t skip_height,
+                                                            int64_t skip_width) {
+  at::Tensor grad_skip, grad_up;
+  const Geometry g =
+      backward_geometry(grad_out, skip_channels, skip_height, skip_width, grad_skip, grad_up);
+  if (grad_skip.numel() + grad_up.numel() > 0)
+    dispatch_element_size<Backward>(grad_out.element_size(), g, grad_out, grad_skip, grad_up);
+  return {grad_skip, grad_up};
+}
+
+}  // namespace
+}  // namespace crop_concat
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, CPU, m) {
+  m.impl("crop_concat", &unet_ext::crop_concat::crop_concat_cpu);
+  m.impl("_crop_concat_backward", &unet_ext::crop_concat::crop_concat_backward_cpu);
+}

@@ -1,0 +1,34 @@
+// The unet_ext operator library: every schema is declared here, once. Backends register their
+// kernels with TORCH_LIBRARY_IMPL next to the kernels (cpu/, cuda/); fake kernels and autograd
+// are registered from Python (unet_ext/ops/). Backward passes are ops too (_<op>_backward), so
+// opcheck, torch.compile and CPU/CUDA parity cover them.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(unet_ext, m) {
+  m.def("crop_concat(Tensor skip, Tensor up) -> Tensor");
+  m.def(
+      "_crop_concat_backward(Tensor grad_out, SymInt skip_channels, SymInt skip_height, "
+      "SymInt skip_width) -> (Tensor grad_skip, Tensor grad_up)");
+
+  // The public loss is composite (weighted_cross_entropy.cpp): it calls the forward op, which
+  // also returns what the backward needs: the per-pixel logsumexp and the mean's denominator.
+  m.def(
+      "weighted_cross_entropy(Tensor logits, Tensor target, Tensor? weight_map, "
+      "Tensor? class_weight, int ignore_index, str reduction) -> Tensor");
+  m.def(
+      "_weighted_cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight_map, "
+      "Tensor? class_weight, int ignore_index, str reduction) -> "
+      "(Tensor loss, Tensor logsumexp, Tensor total_weight)");
+  m.def(
+      "_weighted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
+      "Tensor? weight_map, Tensor? class_weight, Tensor logsumexp, Tensor total_weight, "
+      "int ignore_index, str reduction) -> Tensor");
+}
+
+// `import unet_ext._C` loads this library, which runs the registrations above. The module
+// itself is empty: every entry point is reached through torch.ops.unet_ext.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

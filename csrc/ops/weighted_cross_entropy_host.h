@@ -1,0 +1,40 @@
+// Host-side half of weighted_cross_entropy shared by the CPU and CUDA entry points: argument
+// checks, the (N, C, S) views the kernels read, and output allocation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+#include "weighted_cross_entropy.h"
+
+namespace unet_ext {
+namespace wce {
+
+// Inputs in the form the kernels read: tensors re-laid out only when their spatial dims do
+// not collapse to one stride; target as int64; weight map and class weights in opmath dtype.
+struct Prepared {
+  at::Tensor logits, target, weight_map, class_weight;
+  Geometry geometry;
+};
+
+Prepared prepare(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                 const std::optional<at::Tensor>& weight_map,
+                 const std::optional<at::Tensor>& class_weight, int64_t ignore_index,
+                 c10::string_view reduction);
+
+// Outputs of the forward: loss ("none": target's shape; else 0-d) in the logits' dtype, the
+// per-pixel logsumexp (N, S) and the mean's denominator (0-d), both in opmath dtype.
+struct ForwardOutputs {
+  at::Tensor loss, logsumexp, total_weight;
+};
+ForwardOutputs allocate_forward(const Prepared& p);
+
+// Backward: also checks grad_loss / logsumexp shapes, sets grad_n/grad_s and the grad_logits
+// strides in the geometry, and allocates grad_logits in the logits' memory layout.
+at::Tensor prepare_backward(Prepared& p, at::Tensor& grad_loss, const at::Tensor& logsumexp,
+                            const at::Tensor& total_weight);
+
+}  // namespace wce
+}  // namespace unet_ext

@@ -1,0 +1,125 @@
+"""Builds unet_ext._C: the fused U-Net ops as a PyTorch C++/CUDA extension.
+
+CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
+Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, DEBUG=1,
+UNET_EXT_WERROR=1 (warnings, spills included, are errors: what CI uses), CUDA_HOME.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message):
+    sys.stderr.write(f"\nunet_ext build error: {message}\n\n")
+    sys.exit(1)
+
+
+try:
+    import torch
+except ImportError:
+    fail("PyTorch is not installed. Install it first (e.g. `pip install torch==2.14.1`), then "
+         "build with `pip install --no-build-isolation -e .`.")
+
+
+def flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """The toolkit folder. nvcc on PATH may be a wrapper script, so ask nvcc itself (TOP=)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for candidate in ("/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+            if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+                return candidate
+        return None
+    try:
+        probe = os.path.join(ROOT, "build", "nvcc_probe.cu")
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        open(probe, "w").close()
+        out = subprocess.run([nvcc, "--dryrun", "-c", probe, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if "TOP=" in line:
+                return os.path.normpath(line.split("TOP=", 1)[1].strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def pip_cuda_include_dirs():
+    """Headers of cuBLAS & co. that the pip CUDA build of torch brings (nvidia/cu13/include)."""
+    import site
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
+    return dirs
+
+
+force_cuda = flag("FORCE_CUDA")
+cuda_home = find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # cpp_extension reads it at import
+with_cuda = force_cuda or (torch.cuda.is_available() and cuda_home is not None)
+if with_cuda and torch.version.cuda is None:
+    fail(f"FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU build; install a "
+         "CUDA build (e.g. `pip install torch==2.14.1`) or unset FORCE_CUDA.")
+if with_cuda and cuda_home is None:
+    fail("CUDA kernels requested but no CUDA toolkit was found: put nvcc on PATH or set CUDA_HOME.")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+debug = flag("DEBUG")
+werror = flag("UNET_EXT_WERROR")
+
+sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/ops/cuda/*.cu"))
+
+cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+cxx_flags += ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
+if werror:
+    cxx_flags.append("-Werror")
+nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+nvcc_flags += ["--expt-relaxed-constexpr", "--use_fast_math", "-Xptxas=--warn-on-spills",
+               "-std=c++17"]
+if werror:
+    nvcc_flags += ["-Werror", "all-warnings", "-Xcompiler=-Werror"]
+
+print(f"unet_ext: torch {torch.__version__}, CUDA kernels: "
+      f"{'ON, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', toolkit ' + cuda_home if with_cuda else 'OFF (CPU-only build)'}"
+      f"{', warnings are errors' if werror else ''}", flush=True)
+
+common = dict(
+    name="unet_ext._C",
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    extra_link_args=["-fopenmp"],
+    py_limited_api=False,
+)
+if with_cuda:
+    ext = CUDAExtension(sources=sources + cuda_sources,
+                        extra_compile_args={"cxx": cxx_flags + ["-DUNET_EXT_WITH_CUDA"],
+                                            "nvcc": nvcc_flags + ["-DUNET_EXT_WITH_CUDA"]},
+                        **{**common, "include_dirs": common["include_dirs"] + pip_cuda_include_dirs()})
+else:
+    ext = CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
+
+setup(
+    name="unet_ext",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels and a drop-in U-Net for PyTorch",
+    packages=find_packages(include=["unet_ext", "unet_ext.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["numpy", "tqdm"],
+    entry_points={"console_scripts": ["unet-ext=unet_ext.__main__:main"]},
+)

@@ -1,0 +1,32 @@
+"""unet_ext: fused C++/CUDA kernels for U-Net (Ronneberger et al., 2015) as PyTorch ops.
+
+Ops live in ``torch.ops.unet_ext`` and are wrapped in :mod:`unet_ext.ops`; plain-PyTorch
+references of each are in :mod:`unet_ext.reference`.
+"""
+import torch  # noqa: F401  (loads libtorch before our library)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.unet_ext.*)
+except ImportError as error:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "unet_ext's compiled library (unet_ext._C) is missing or does not match this torch "
+        f"({torch.__version__}): {error}\nBuild it from the repository root with "
+        "`pip install --no-build-isolation -e .` (see README.md)."
+    ) from error
+
+from . import ops  # noqa: E402,F401
+from .ops import crop_concat, weighted_cross_entropy  # noqa: E402,F401
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """What the compiled library contains: CUDA kernels or not, and for which archs."""
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "unet_ext::crop_concat", "CUDA")
+    return {
+        "torch": torch.__version__,
+        "cuda_kernels": bool(has_cuda),
+        "cuda_available": torch.cuda.is_available(),
+        "library": _C.__file__,
+    }

@@ -1,0 +1,46 @@
+"""Plain-PyTorch references of every unet_ext op: the oracle of the tests and the baseline of
+the benchmarks (the benchmarks import them from here, so both measure the same thing)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
+
+
+def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
+    """Centre crop of the last two dims to ``size`` (offset (H - h) // 2, (W - w) // 2)."""
+    height, width = size
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top:top + height, left:left + width]
+
+
+def crop_concat(skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([centre_crop(skip, up.shape[-2:]), up], dim=1)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weight_map: Optional[torch.Tensor] = None,
+                           class_weight: Optional[torch.Tensor] = None,
+                           ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Same semantics as unet_ext.ops.weighted_cross_entropy, from F.cross_entropy."""
+    per_pixel = F.cross_entropy(logits, target, weight=class_weight, ignore_index=ignore_index,
+                                reduction="none")
+    if weight_map is not None:
+        per_pixel = per_pixel * weight_map
+    if reduction == "none":
+        return per_pixel
+    if reduction == "sum":
+        return per_pixel.sum()
+    kept = target != ignore_index
+    if class_weight is None:
+        denominator = kept.sum()
+    else:
+        denominator = (class_weight[torch.where(kept, target, 0)] * kept).sum()
+    return per_pixel.sum() / denominator
+
+
+def weighted_cross_entropy_unfused(logits, target, weight_map):
+    """What users write without unet_ext: ``(F.cross_entropy(..., 'none') * w).mean()``."""
+    return (F.cross_entropy(logits, target, reduction="none") * weight_map).mean()

@@ -85,12 +85,13 @@ sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/ops/cuda/*.cu"))
 
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
+# -fno-trapping-math lets GCC if-convert float compares, so the kernels' loops vectorise.
+cxx_flags += ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
 if werror:
     cxx_flags.append("-Werror")
 nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-nvcc_flags += ["--expt-relaxed-constexpr", "--use_fast_math", "-Xptxas=--warn-on-spills",
-               "-std=c++17"]
+# No -std here: cpp_extension picks the standard the installed torch needs (C++20 for 2.14).
+nvcc_flags += ["--expt-relaxed-constexpr", "--use_fast_math", "-Xptxas=--warn-on-spills"]
 if werror:
     nvcc_flags += ["-Werror", "all-warnings", "-Xcompiler=-Werror"]
 

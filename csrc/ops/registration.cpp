@@ -29,6 +29,7 @@ TORCH_LIBRARY(unet_ext, m) {
 // `import unet_ext._C` loads this library, which runs the registrations above. The module
 // itself is empty: every entry point is reached through torch.ops.unet_ext.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                         nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -1,0 +1,289 @@
+// weighted_cross_entropy CPU kernels, compiled once per instruction set: included by
+// weighted_cross_entropy_{baseline,avx2,avx512}.cpp, each defining UNET_CPU_ISA (the namespace,
+// which keeps the builds apart at link time) under its own `#pragma GCC target`.
+// Pixels are processed in blocks of B (one sample each): the block's logits are gathered once
+// into a (C, B) opmath buffer, then max, sum of exp and per-pixel losses run as unit-stride
+// loops the compiler vectorises (vec_math.h). Block sums are kept per block and added in order,
+// so results do not depend on the thread count.
+#ifndef UNET_CPU_ISA
+#error "define UNET_CPU_ISA before including weighted_cross_entropy_kernel.h"
+#endif
+
+namespace unet_ext {
+namespace wce {
+namespace UNET_CPU_ISA {
+
+namespace vm = ::unet_ext::cpu::UNET_CPU_ISA;
+
+// Pixels per block: up to 256, fewer for many classes so the (C, B) buffer stays in L2.
+int64_t block_pixels(int64_t classes) {
+  const int64_t b = std::clamp<int64_t>(16384 / classes, 1, 256);
+  return b >= 8 ? b - b % 8 : b;
+}
+
+// Grain in blocks so that one parallel task covers at least ~32K logits.
+int64_t grain_blocks(int64_t classes, int64_t block) {
+  return std::max<int64_t>(1, 32768 / (classes * block));
+}
+
+// First out-of-range target seen by any thread (reported after the parallel region).
+struct BadTarget {
+  std::atomic<bool> seen{false};
+  int64_t value = 0;
+  void record(int64_t t) {
+    bool expected = false;
+    if (seen.compare_exchange_strong(expected, true)) value = t;
+  }
+  void raise_if_seen(const char* op, const Geometry& g) const {
+    TORCH_CHECK(!seen.load(), op, ": target value ", value, " is out of range for ", g.classes,
+                " classes (expected 0 <= target < ", g.classes, ", or ignore_index=",
+                g.ignore_index, ")");
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void gather_logits(const Geometry& g, const scalar_t* logits, int64_t n, int64_t s0, int64_t len,
+                   int64_t block, acc_t* buf) {
+  for (int64_t c = 0; c < g.classes; ++c) {
+    const scalar_t* src = logits + g.logit_offset(n, c, s0);
+    acc_t* row = buf + c * block;
+    if (g.logits.s == 1) {
+      for (int64_t j = 0; j < len; ++j) row[j] = static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) row[j] = static_cast<acc_t>(src[j * g.logits.s]);
+    }
+  }
+}
+
+// Per-block scratch, on the stack (no allocation per task). kMaxBlock bounds B; the logits
+// buffer holds C * B values with C * B <= kMaxBuffer (block_pixels keeps to that).
+constexpr int64_t kMaxBlock = 256;
+constexpr int64_t kMaxBuffer = 16384;
+
+// The (C, B) logits buffer: on the stack, or on the heap for more than kMaxBuffer classes.
+template <typename acc_t>
+struct LogitsBuffer {
+  explicit LogitsBuffer(int64_t size) {
+    if (size > kMaxBuffer) heap.resize(size);
+  }
+  acc_t* data() { return heap.empty() ? stack : heap.data(); }
+  acc_t stack[kMaxBuffer];
+  std::vector<acc_t> heap;
+};
+
+// Class index of each pixel as int32 (so the per-class selects vectorise): the class, or
+// kIgnored, or kBad for an out-of-range target. Returns whether any target was bad.
+constexpr int32_t kIgnored = -1, kBad = -2;
+inline bool load_classes(const Geometry& g, const int64_t* target, int64_t n, int64_t s0,
+                         int64_t len, int32_t* cls, int64_t* first_bad) {
+  bool bad = false;
+  const int64_t* src = target + n * g.target_n + s0 * g.target_s;
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t t = src[j * g.target_s];
+    const bool ignored = is_ignored(t, g.ignore_index);
+    const bool valid = in_range(t, g.classes);
+    cls[j] = ignored ? kIgnored : (valid ? static_cast<int32_t>(t) : kBad);
+    if (!ignored && !valid) {
+      bad = true;
+      *first_bad = t;
+    }
+  }
+  return bad;
+}
+
+// lse[j] = logsumexp over classes of buf[:, j], two passes (max, then sum of exp).
+template <typename acc_t>
+void block_logsumexp(int64_t classes, int64_t len, int64_t block, const acc_t* buf, acc_t* lse) {
+  acc_t mx[kMaxBlock], sum[kMaxBlock];
+  for (int64_t j = 0; j < len; ++j) mx[j] = buf[j];
+  for (int64_t c = 1; c < classes; ++c) {
+    const acc_t* row = buf + c * block;
+    // NaN wins, as in torch's logsumexp.
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t current = mx[j], candidate = row[j];
+      mx[j] = (candidate > current || candidate != candidate) ? candidate : current;
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) sum[j] = acc_t(0);
+  for (int64_t c = 0; c < classes; ++c) {
+    const acc_t* row = buf + c * block;
+    for (int64_t j = 0; j < len; ++j) sum[j] += vm::vexp(row[j] - mx[j]);
+  }
+  for (int64_t j = 0; j < len; ++j) lse[j] = mx[j] + vm::vlog(sum[j]);
+}
+
+// Per-pixel factor w * class_weight[t] (0 for ignored or bad pixels) and the target's logit.
+template <typename acc_t>
+void block_weights(const Geometry& g, const acc_t* weight_map, const acc_t* class_weight,
+                   int64_t n, int64_t s0, int64_t len, int64_t block, const int32_t* cls,
+                   const acc_t* buf, acc_t* factor, acc_t* class_factor, acc_t* picked) {
+  for (int64_t j = 0; j < len; ++j) {
+    picked[j] = acc_t(0);
+    class_factor[j] = cls[j] >= 0 ? acc_t(1) : acc_t(0);
+  }
+  if (class_weight) {
+    for (int64_t j = 0; j < len; ++j) {  // unconditional (clamped) gather, then select
+      const int32_t k = cls[j] >= 0 ? cls[j] : 0;
+      const acc_t cw = class_weight[k];
+      class_factor[j] = cls[j] >= 0 ? cw : acc_t(0);
+    }
+  }
+  // Select the target's logit class by class: branch-free, so it vectorises (C is small in U-Net).
+  for (int32_t c = 0; c < g.classes; ++c) {  // int32 c: an int64 compare would not vectorise
+    const acc_t* row = buf + c * block;
+    for (int64_t j = 0; j < len; ++j) {
+      // Both loads before the select: GCC turns `p = cond ? v : p` into a scalar masked store.
+      const acc_t current = picked[j], candidate = row[j];
+      picked[j] = cls[j] == c ? candidate : current;
+    }
+  }
+  if (weight_map) {
+    const acc_t* w = weight_map + n * g.weight_n + s0 * g.weight_s;
+    if (g.weight_s == 1) {
+      for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j] * w[j];
+    } else {
+      for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j] * w[j * g.weight_s];
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j];
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Prepared& p, ForwardOutputs& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = p.geometry;
+  const int64_t block = block_pixels(g.classes);
+  const int64_t blocks_per_sample = (g.pixels + block - 1) / block;
+  const int64_t num_blocks = g.batch * blocks_per_sample;
+  const scalar_t* logits = p.logits.const_data_ptr<scalar_t>();
+  const int64_t* target = p.target.const_data_ptr<int64_t>();
+  const acc_t* weight_map = g.has_weight_map ? p.weight_map.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* class_weight = g.has_class_weight ? p.class_weight.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* loss_map = g.reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* lse_out = out.logsumexp.mutable_data_ptr<acc_t>();
+  std::vector<double> block_loss(num_blocks, 0.0), block_weight(num_blocks, 0.0);
+  BadTarget bad;
+
+  at::parallel_for(0, num_blocks, grain_blocks(g.classes, block), [&](int64_t b0, int64_t b1) {
+    acc_t factor[kMaxBlock], class_factor[kMaxBlock], picked[kMaxBlock];
+    LogitsBuffer<acc_t> scratch(g.classes * block);
+    acc_t* buf = scratch.data();
+    int32_t cls[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / blocks_per_sample, s0 = (b % blocks_per_sample) * block;
+      const int64_t len = std::min(block, g.pixels - s0);
+      int64_t bad_value = 0;
+      if (load_classes(g, target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
+      gather_logits(g, logits, n, s0, len, block, buf);
+      acc_t* lse = lse_out + n * g.pixels + s0;
+      block_logsumexp(g.classes, len, block, buf, lse);
+      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, factor, class_factor, picked);
+      // Separate simple loops: fused, GCC's AVX-512 if-conversion gives up and goes scalar.
+      acc_t* loss = picked;  // reused in place
+      for (int64_t j = 0; j < len; ++j) {
+        // factor is 0 for ignored pixels; the select keeps a NaN/inf logit there from leaking.
+        const acc_t value = factor[j] * (lse[j] - picked[j]);
+        loss[j] = factor[j] != acc_t(0) ? value : acc_t(0);
+      }
+      if (loss_map) {
+        scalar_t* loss_row = loss_map + n * g.pixels + s0;
+        for (int64_t j = 0; j < len; ++j) loss_row[j] = static_cast<scalar_t>(loss[j]);
+      }
+      double loss_sum = 0.0, weight_sum = 0.0;
+      for (int64_t j = 0; j < len; ++j) loss_sum += static_cast<double>(loss[j]);
+      for (int64_t j = 0; j < len; ++j) weight_sum += static_cast<double>(class_factor[j]);
+      block_loss[b] = loss_sum;
+      block_weight[b] = weight_sum;
+    }
+  });
+  bad.raise_if_seen("unet_ext.weighted_cross_entropy", g);
+
+  double total_loss = 0.0, total_weight = 0.0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    total_loss += block_loss[b];
+    total_weight += block_weight[b];
+  }
+  out.total_weight.fill_(total_weight);
+  if (g.reduction == kSum) out.loss.fill_(total_loss);
+  if (g.reduction == kMean) out.loss.fill_(total_loss / total_weight);
+}
+
+template <typename scalar_t>
+void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& logsumexp,
+                     const at::Tensor& total_weight, at::Tensor& grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry g = p.geometry;
+  const int64_t block = block_pixels(g.classes);
+  const int64_t blocks_per_sample = (g.pixels + block - 1) / block;
+  const int64_t num_blocks = g.batch * blocks_per_sample;
+  const scalar_t* logits = p.logits.const_data_ptr<scalar_t>();
+  const int64_t* target = p.target.const_data_ptr<int64_t>();
+  const acc_t* weight_map = g.has_weight_map ? p.weight_map.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* class_weight = g.has_class_weight ? p.class_weight.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* lse_in = logsumexp.const_data_ptr<acc_t>();
+  const scalar_t* grad_map = g.reduction == kNone ? grad_loss.const_data_ptr<scalar_t>() : nullptr;
+  acc_t grad_scalar = acc_t(0);
+  if (g.reduction != kNone) {
+    grad_scalar = grad_loss.item<acc_t>();
+    if (g.reduction == kMean) grad_scalar /= total_weight.item<acc_t>();
+  }
+  scalar_t* dst = grad_logits.mutable_data_ptr<scalar_t>();
+  const PixelStrides gs = g.grad_logits;
+  BadTarget bad;
+
+  at::parallel_for(0, num_blocks, grain_blocks(g.classes, block), [&](int64_t b0, int64_t b1) {
+    acc_t coef[kMaxBlock], class_factor[kMaxBlock], picked[kMaxBlock], row_out[kMaxBlock];
+    LogitsBuffer<acc_t> scratch(g.classes * block);
+    acc_t* buf = scratch.data();
+    int32_t cls[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / blocks_per_sample, s0 = (b % blocks_per_sample) * block;
+      const int64_t len = std::min(block, g.pixels - s0);
+      int64_t bad_value = 0;
+      if (load_classes(g, target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
+      gather_logits(g, logits, n, s0, len, block, buf);
+      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, coef, class_factor, picked);
+      if (grad_map) {
+        const scalar_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
+        for (int64_t j = 0; j < len; ++j) coef[j] *= static_cast<acc_t>(up[j * g.grad_s]);
+      } else {
+        for (int64_t j = 0; j < len; ++j) coef[j] *= grad_scalar;
+      }
+      const acc_t* lse = lse_in + n * g.pixels + s0;
+      // d loss / d logits[c] = coef * (softmax[c] - [c == target]); coef is 0 where ignored
+      // (a NaN logit there gives NaN, as in stock PyTorch's log_softmax backward).
+      for (int32_t c = 0; c < g.classes; ++c) {
+        const acc_t* row = buf + c * block;
+        for (int64_t j = 0; j < len; ++j) {
+          // Arithmetic, not selects, so every lane computes (GCC's masked form does not vectorise).
+          const acc_t onehot = cls[j] == c ? acc_t(1) : acc_t(0);
+          row_out[j] = coef[j] * (vm::vexp(row[j] - lse[j]) - onehot);
+        }
+        scalar_t* out = dst + n * gs.n + c * gs.c + s0 * gs.s;
+        if (gs.s == 1) {
+          for (int64_t j = 0; j < len; ++j) out[j] = static_cast<scalar_t>(row_out[j]);
+        } else {
+          for (int64_t j = 0; j < len; ++j) out[j * gs.s] = static_cast<scalar_t>(row_out[j]);
+        }
+      }
+    }
+  });
+  bad.raise_if_seen("unet_ext._weighted_cross_entropy_backward", g);
+}
+
+void forward(const Prepared& p, ForwardOutputs& out) {
+  UNET_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "weighted_cross_entropy_cpu",
+                               [&] { forward_kernel<scalar_t>(p, out); });
+}
+
+void backward(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& logsumexp,
+              const at::Tensor& total_weight, at::Tensor& grad_logits) {
+  UNET_DISPATCH_FLOATING_TYPES(p.logits.scalar_type(), "weighted_cross_entropy_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, grad_loss, logsumexp, total_weight, grad_logits);
+  });
+}
+
+}  // namespace UNET_CPU_ISA
+}  // namespace wce
+}  // namespace unet_ext

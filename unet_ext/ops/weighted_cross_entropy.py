@@ -82,6 +82,8 @@ def _setup_context(ctx, inputs, output):
     ctx.ignore_index = ignore_index
     ctx.reduction = reduction
     ctx.mark_non_differentiable(logsumexp, total_weight)
+    # Otherwise autograd fills a zero gradient the size of logsumexp for every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_logsumexp, _grad_total_weight):
@@ -90,6 +92,8 @@ def _backward(ctx, grad_loss, _grad_logsumexp, _grad_total_weight):
         raise NotImplementedError("weighted_cross_entropy: the derivative for 'class_weight' is not "
                                   "implemented (as in F.cross_entropy)")
     grad_logits = grad_weight_map = None
+    if grad_loss is None:  # the loss itself was not used
+        return None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         grad_logits = torch.ops.unet_ext._weighted_cross_entropy_backward.default(
             grad_loss, logits, target, weight_map, class_weight, logsumexp, total_weight,

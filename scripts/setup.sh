@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up unet_ext in the current Python environment and builds the extension in place.
+# Keeps an installed torch (the GPU machines have their own, offline); otherwise installs
+# torch==2.14.1 (the CUDA build). CUDA kernels are built when torch has CUDA and a GPU is
+# present, or when FORCE_CUDA=1 (CI); see setup.py for the other build switches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==2.14.1" >&2
+  pip_install torch==2.14.1
+fi
+# Build and test dependencies; a local wheels/ folder serves machines without internet.
+deps=(ninja numpy tqdm matplotlib pytest)
+missing=$("$PYTHON" - "${deps[@]}" <<'PY'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "setup: installing $missing" >&2
+  if [ -d wheels ]; then
+    # shellcheck disable=SC2086
+    pip_install --no-index --find-links wheels $missing || pip_install $missing
+  else
+    # shellcheck disable=SC2086
+    pip_install $missing
+  fi
+fi
+
+echo "setup: building unet_ext (FORCE_CUDA=${FORCE_CUDA:-0})" >&2
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$PYTHON" -c "import unet_ext; print('setup: unet_ext ready:', unet_ext.build_info())"

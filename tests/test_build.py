@@ -1,0 +1,77 @@
+"""What the build put into unet_ext._C, checked without a GPU: the CUDA kernels of every op are
+compiled for sm_80 and sm_90, use no local memory (no register spills, no stack arrays), and the
+copy kernels use 128-bit loads and stores. Skips on a CPU-only build or without cuobjdump."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import unet_ext
+
+CUDA_OPS = ["crop_concat", "_crop_concat_backward", "_weighted_cross_entropy_forward",
+            "_weighted_cross_entropy_backward"]
+
+
+def _cuobjdump():
+    candidates = [shutil.which("cuobjdump")]
+    try:
+        import triton  # the CUDA build of torch brings triton, which ships cuobjdump
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+needs_cuda_build = pytest.mark.skipif(not unet_ext.build_info()["cuda_kernels"],
+                                      reason="CPU-only build (build with FORCE_CUDA=1)")
+
+
+def _dump(*args):
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found")
+    return subprocess.run([tool, *args, unet_ext.build_info()["library"]], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_build_info_reports_library():
+    info = unet_ext.build_info()
+    assert os.path.exists(info["library"]) and info["torch"] == torch.__version__
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_ext::{op}", "CUDA")
+
+
+@needs_cuda_build
+def test_cubins_for_sm80_and_sm90():
+    elves = _dump("--list-elf")
+    for arch in ("sm_80", "sm_90"):
+        assert re.search(rf"\.{arch}a?\.cubin", elves), f"no {arch} cubin in:\n{elves}"
+
+
+@needs_cuda_build
+def test_no_local_memory_in_any_kernel():
+    usage = _dump("--dump-resource-usage")
+    functions = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert functions, usage[:2000]
+    spilling = [(name, stack, local) for name, _, stack, local in functions
+                if int(stack) or int(local)]
+    assert not spilling, f"kernels using stack/local memory (spills?): {spilling}"
+
+
+@needs_cuda_build
+def test_crop_concat_copies_use_128_bit_accesses():
+    sass = _dump("--dump-sass")
+    # Kernel sections start with "Function : <mangled name>"; keep crop_concat's.
+    sections = re.split(r"\n\s*Function : ", sass)
+    crop = "\n".join(s for s in sections if "crop_concat" in s.split("\n", 1)[0])
+    assert crop, "no crop_concat kernels in the SASS"
+    assert "LDG.E.128" in crop and "STG.E.128" in crop

@@ -1,5 +1,6 @@
-// crop_concat on the CPU: the output decomposes into runs (crop_concat.h); each run is a
-// memcpy when its source is unit-stride, a strided loop otherwise. Parallel over runs.
+// crop_concat on the CPU: the output decomposes into families of runs (crop_concat.h), each
+// one memcpy when dense on both sides (a plane of a contiguous input), else a memcpy per run
+// (unit-stride source) or a strided loop. Parallel over families.
 // The copy depends only on the element size, so one instantiation per size serves every dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,24 +15,40 @@ namespace crop_concat {
 namespace {
 
 template <typename word_t>
-void execute_run(const Run& run, word_t* dst_base, const word_t* const* sources) {
-  word_t* dst = dst_base + run.dst;
-  if (run.length <= 0) return;
-  if (run.source == kZero) {
-    std::memset(dst, 0, run.length * sizeof(word_t));
-    return;
-  }
-  const word_t* src = sources[run.source] + run.src;
-  if (run.src_step == 1) {
-    std::memcpy(dst, src, run.length * sizeof(word_t));
+void copy_run(word_t* dst, const word_t* src, int64_t step, int64_t length) {
+  if (step == 1) {
+    std::memcpy(dst, src, length * sizeof(word_t));
   } else {
-    for (int64_t i = 0; i < run.length; ++i) dst[i] = src[i * run.src_step];
+    for (int64_t i = 0; i < length; ++i) dst[i] = src[i * step];
   }
 }
 
-// Keeps each parallel chunk at roughly 64 KiB of traffic so small tensors stay single-threaded.
-int64_t grain_for(int64_t run_length, int64_t element_size) {
-  const int64_t bytes = std::max<int64_t>(1, run_length * element_size);
+// One family: a single memset/memcpy when dense (a whole plane of a contiguous input),
+// else run by run.
+template <typename word_t>
+void execute_family(const Family& f, word_t* dst_base, const word_t* const* sources) {
+  if (f.rows <= 0 || f.length <= 0) return;
+  word_t* dst = dst_base + f.dst;
+  if (f.source == kZero) {
+    if (f.dense()) {
+      std::memset(dst, 0, f.rows * f.length * sizeof(word_t));
+    } else {
+      for (int64_t i = 0; i < f.rows; ++i) std::memset(dst + i * f.dst_pitch, 0, f.length * sizeof(word_t));
+    }
+    return;
+  }
+  const word_t* src = sources[f.source] + f.src;
+  if (f.dense()) {
+    std::memcpy(dst, src, f.rows * f.length * sizeof(word_t));
+  } else {
+    for (int64_t i = 0; i < f.rows; ++i)
+      copy_run(dst + i * f.dst_pitch, src + i * f.src_pitch, f.src_step, f.length);
+  }
+}
+
+// Families per parallel task: enough for ~64 KiB of traffic, so small tensors stay on one thread.
+int64_t grain_for(int64_t family_elements, int64_t element_size) {
+  const int64_t bytes = std::max<int64_t>(1, family_elements * element_size);
   return std::max<int64_t>(1, (int64_t{1} << 16) / bytes);
 }
 
@@ -40,10 +57,11 @@ void forward_impl(const Geometry& g, const at::Tensor& skip, const at::Tensor& u
   const word_t* sources[4] = {nullptr, static_cast<const word_t*>(skip.const_data_ptr()),
                               static_cast<const word_t*>(up.const_data_ptr()), nullptr};
   word_t* dst = static_cast<word_t*>(out.mutable_data_ptr());
-  const int64_t run_len = g.channels_last ? g.channels() : g.width;
-  at::parallel_for(0, g.forward_runs(), grain_for(run_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r)
-      for (int s = 0; s < g.forward_segments(); ++s) execute_run(g.forward_run(r, s), dst, sources);
+  const int64_t family_elements = out.numel() / std::max<int64_t>(1, g.forward_families());
+  at::parallel_for(0, g.forward_families(), grain_for(family_elements, sizeof(word_t)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t f = b; f < e; ++f)
+      for (int s = 0; s < g.forward_segments(); ++s) execute_family(g.forward_family(f, s), dst, sources);
   });
 }
 
@@ -52,14 +70,17 @@ void backward_impl(const Geometry& g, const at::Tensor& grad, at::Tensor& grad_s
   const word_t* sources[4] = {nullptr, nullptr, nullptr, static_cast<const word_t*>(grad.const_data_ptr())};
   word_t* skip_dst = static_cast<word_t*>(grad_skip.mutable_data_ptr());
   word_t* up_dst = static_cast<word_t*>(grad_up.mutable_data_ptr());
-  const int64_t skip_len = g.channels_last ? g.skip_channels : g.skip_width;
-  at::parallel_for(0, g.grad_skip_runs(), grain_for(skip_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r)
-      for (int s = 0; s < g.grad_skip_segments(); ++s) execute_run(g.grad_skip_run(r, s), skip_dst, sources);
+  const int64_t skip_elements = grad_skip.numel() / std::max<int64_t>(1, g.grad_skip_families());
+  at::parallel_for(0, g.grad_skip_families(), grain_for(skip_elements, sizeof(word_t)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t f = b; f < e; ++f)
+      for (int s = 0; s < g.grad_skip_family_segments(); ++s)
+        execute_family(g.grad_skip_family(f, s), skip_dst, sources);
   });
-  const int64_t up_len = g.channels_last ? g.up_channels : g.width;
-  at::parallel_for(0, g.grad_up_runs(), grain_for(up_len, sizeof(word_t)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) execute_run(g.grad_up_run(r), up_dst, sources);
+  const int64_t up_elements = grad_up.numel() / std::max<int64_t>(1, g.grad_up_families());
+  at::parallel_for(0, g.grad_up_families(), grain_for(up_elements, sizeof(word_t)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t f = b; f < e; ++f) execute_family(g.grad_up_family(f), up_dst, sources);
   });
 }
 

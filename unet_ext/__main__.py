@@ -1,0 +1,137 @@
+"""The ``unet-ext`` command (also ``python -m unet_ext``): ``info`` says what this build contains
+and what it runs on; ``bench`` runs the repository's benchmarks/ (a source checkout only).
+Subcommands are entries of COMMANDS (``train``/``predict`` will join them). Bad usage prints one
+line and exits 2.
+"""
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse would print the whole usage first)
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa():
+    """(isa, how) of the loss CPU kernels: csrc/ops/cpu/cpu_isa.cpp's rule (AVX-512 F/BW/VL/DQ,
+    else AVX2+FMA, else baseline; UNET_EXT_CPU_ISA=baseline|avx2 caps it), applied here to
+    /proc/cpuinfo because the library does not report its choice to Python."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    else:
+        isa = "baseline"
+    cap = os.environ.get("UNET_EXT_CPU_ISA")
+    if cap == "baseline" or (cap == "avx2" and isa == "avx512"):
+        isa = cap
+    how = f"UNET_EXT_CPU_ISA={cap}" if cap else "UNET_EXT_CPU_ISA unset"
+    return isa, f"{how}; from /proc/cpuinfo by the library's rule"
+
+
+def _cuobjdump():
+    candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+                  shutil.which("cuobjdump") or ""]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def compiled_archs(library):
+    """SASS/PTX archs inside our library, via cuobjdump; a sentence when that cannot be told."""
+    tool = _cuobjdump()
+    if tool is None:
+        return "unknown (cuobjdump not found)"
+    found = set()
+    for kind in ("--list-elf", "--list-ptx"):
+        out = subprocess.run([tool, kind, library], capture_output=True, text=True)
+        found |= {f"{m}{' (ptx)' if kind == '--list-ptx' else ''}"
+                  for m in re.findall(r"sm_\d+[af]?", out.stdout)}
+    return ", ".join(sorted(found)) or "none found by cuobjdump"
+
+
+def info(args):
+    import torch
+
+    import unet_ext
+
+    build = unet_ext.build_info()
+    print(f"unet_ext {unet_ext.__version__}: {build['library']}")
+    print(f"torch {torch.__version__} ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only build'})"
+          + (f", torch archs: {' '.join(torch.cuda.get_arch_list())}" if torch.cuda.is_available() else ""))
+    if build["cuda_kernels"]:
+        print(f"CUDA kernels: compiled, archs {compiled_archs(build['library'])}")
+    else:
+        print("CUDA kernels: not compiled (CPU-only build)")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        print(f"device: {torch.cuda.get_device_name()} (sm_{major}{minor}), "
+              f"{torch.cuda.device_count()} GPU(s)")
+    else:
+        print("device: no CUDA device; CPU only")
+    isa, how = cpu_isa()
+    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"loss kernels ISA: {isa} ({how})")
+    return 0
+
+
+def bench(args):
+    """benchmarks/ lives at the repository root, next to the package folder, not inside it."""
+    import unet_ext
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(unet_ext.__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "run.py")):
+        sys.stderr.write(f"unet-ext bench: no benchmarks/run.py in {root}: bench needs a source "
+                         "checkout installed in place (pip install -e .)\n")
+        return EXIT_USAGE
+    sys.path.insert(0, root)
+    from benchmarks import run
+
+    return run.main(args.rest, prog="unet-ext bench")
+
+
+# name -> (help, takes the remaining arguments itself, function)
+COMMANDS = {
+    "info": ("print what this build contains and the device it runs on", False, info),
+    "bench": ("run the op benchmarks (options: see `unet-ext bench --help`)", True, bench),
+}
+
+
+def main(argv=None):
+    parser = _Parser(prog="unet-ext", description="unet_ext: fused U-Net ops for PyTorch")
+    commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (help_text, passes_rest, _) in COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=not passes_rest)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.error(f"a command is required: {', '.join(COMMANDS)}")
+    _, passes_rest, function = COMMANDS[args.command]
+    if rest and not passes_rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    return function(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
     ) from error
 
 from . import ops  # noqa: E402,F401
-from .ops import crop_concat, weighted_cross_entropy  # noqa: E402,F401
+from .ops import conv2d_bias, conv2d_relu, conv_transpose2x2, crop_concat, weighted_cross_entropy  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

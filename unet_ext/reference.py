@@ -5,7 +5,19 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
+__all__ = ["conv2d_relu", "conv2d_bias", "conv_transpose2x2", "centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
+
+
+def conv2d_relu(input, weight, bias=None, padding: int = 0):
+    return F.relu(F.conv2d(input, weight, bias, padding=padding))
+
+
+def conv2d_bias(input, weight, bias=None, padding: int = 0):
+    return F.conv2d(input, weight, bias, padding=padding)
+
+
+def conv_transpose2x2(input, weight, bias=None):
+    return F.conv_transpose2d(input, weight, bias, stride=2)
 
 
 def centre_crop(x: torch.Tensor, size) -> torch.Tensor:

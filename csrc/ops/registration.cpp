@@ -11,6 +11,22 @@ TORCH_LIBRARY(unet_ext, m) {
       "_crop_concat_backward(Tensor grad_out, SymInt skip_channels, SymInt skip_height, "
       "SymInt skip_width) -> (Tensor grad_skip, Tensor grad_up)");
 
+  // Convolution with stride 1 and the bias (+ ReLU) fused into its epilogue; conv2d_bias is the
+  // same kernel with the ReLU off (the U-Net head). The backward masks grad_out with
+  // output > 0 when `output` is given (conv2d_relu) and computes the grads output_mask asks for
+  // (an empty tensor for the others).
+  m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int padding) -> Tensor");
+  m.def("conv2d_bias(Tensor input, Tensor weight, Tensor? bias, int padding) -> Tensor");
+  m.def(
+      "_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? output, "
+      "int padding, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
+      "Tensor grad_bias)");
+  // The U-Net up-conv: F.conv_transpose2d(input, weight, bias, stride=2), weight (C_in, C_out, 2, 2).
+  m.def("conv_transpose2x2(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "_conv_transpose2x2_backward(Tensor grad_out, Tensor input, Tensor weight, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // The public loss is composite (weighted_cross_entropy.cpp): it calls the forward op, which
   // also returns what the backward needs: the per-pixel logsumexp and the mean's denominator.
   m.def(

@@ -1,0 +1,83 @@
+// conv2d_relu, conv2d_bias and conv_transpose2x2: argument checks shared by CPU and CUDA.
+#include "conv_host.h"
+
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+
+namespace unet_ext {
+namespace conv {
+namespace {
+
+void check_common(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t out_channels) {
+  UNET_CHECK_DIM(op, input, 4);
+  UNET_CHECK_DIM(op, weight, 4);
+  UNET_CHECK_FLOATING(op, input);
+  UNET_CHECK_SAME_DEVICE(op, input, weight);
+  UNET_CHECK_SAME_DTYPE(op, input, weight);
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor& b = *bias;
+    UNET_CHECK_SAME_DEVICE(op, input, b);
+    UNET_CHECK_SAME_DTYPE(op, input, b);
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == out_channels, op, ": bias must have shape [",
+                out_channels, "] (one value per output channel), got ", b.sizes());
+  }
+}
+
+}  // namespace
+
+at::MemoryFormat conv_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+ConvGeometry conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t padding) {
+  check_common(op, input, weight, bias, weight.dim() == 4 ? weight.size(0) : 0);
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(weight.size(1) == input.size(1), op, ": weight must have shape [C_out, ",
+              input.size(1), ", kh, kw] to match input's ", input.size(1),
+              " channels, got weight of shape ", weight.sizes());
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, op,
+              ": weight's kernel size must be at least 1x1, got ", weight.sizes());
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.out_channels = weight.size(0);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.pad_h = g.pad_w = padding;
+  g.out_h = conv_output_size(g.in_h, g.kernel_h, padding);
+  g.out_w = conv_output_size(g.in_w, g.kernel_w, padding);
+  TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": kernel ", g.kernel_h, "x", g.kernel_w,
+              " is larger than the padded input ", g.in_h + 2 * padding, "x", g.in_w + 2 * padding,
+              " (input ", input.sizes().slice(2), ", padding ", padding, ")");
+  return g;
+}
+
+ConvGeometry conv_transpose2x2_geometry(const char* op, const at::Tensor& input,
+                                        const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias) {
+  check_common(op, input, weight, bias, weight.dim() == 4 ? weight.size(1) : 0);
+  TORCH_CHECK(weight.size(0) == input.size(1) && weight.size(2) == 2 && weight.size(3) == 2, op,
+              ": weight must have shape [", input.size(1), ", C_out, 2, 2] (C_in = input's ",
+              "channels), got ", weight.sizes());
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.out_channels = weight.size(1);
+  g.in_h = input.size(2);
+  g.in_w = input.size(3);
+  g.kernel_h = g.kernel_w = 2;
+  g.pad_h = g.pad_w = 0;
+  g.out_h = 2 * g.in_h;
+  g.out_w = 2 * g.in_w;
+  return g;
+}
+
+}  // namespace conv
+}  // namespace unet_ext

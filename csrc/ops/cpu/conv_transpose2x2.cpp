@@ -1,0 +1,229 @@
+// conv_transpose2x2 on the CPU: the 2x2 stride-2 up-conv as one GEMM per block of input rows,
+// Y[(co, dy, dx), p] = sum_ci W[ci, co, dy, dx] * x[ci, p], whose epilogue adds the bias and
+// scatters each column into its 2x2 output pixels while Y is in cache. Backward gathers the
+// 2x2 gradient of each input pixel into G[(co, dy, dx), p]: dgrad = W G, wgrad = sum x G^T
+// (per-thread partials, added in thread order), grad_bias = row sums of G. Kernels read NCHW;
+// channels_last inputs are converted and the results returned channels_last.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "../common/dispatch.h"
+#include "../conv_host.h"
+
+namespace unet_ext {
+namespace conv {
+namespace {
+
+constexpr const char* kOp = "unet_ext.conv_transpose2x2";
+
+// Input rows per block: the block's input and its 4*C_out product stay near 1 MiB.
+int64_t rows_per_block(const ConvGeometry& g, int64_t element_size) {
+  const int64_t per_pixel = (g.in_channels + 4 * g.out_channels) * element_size;
+  const int64_t pixels = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(1, per_pixel));
+  return std::clamp<int64_t>(pixels / std::max<int64_t>(1, g.in_w), 1, std::max<int64_t>(1, g.in_h));
+}
+
+// x[ci, (r, w)] of image n, rows [h0, h0 + rows), as opmath.
+template <typename scalar_t, typename acc_t>
+void load_input_block(const ConvGeometry& g, const scalar_t* input, int64_t n, int64_t h0,
+                      int64_t pixels, acc_t* dst) {
+  const int64_t plane = g.in_h * g.in_w;
+  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+    const scalar_t* src = input + (n * g.in_channels + ci) * plane + h0 * g.in_w;
+    acc_t* d = dst + ci * pixels;
+    for (int64_t i = 0; i < pixels; ++i) d[i] = static_cast<acc_t>(src[i]);
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const ConvGeometry& g, const scalar_t* input, const at::Tensor& weight_rows,
+                    const at::Tensor& bias, scalar_t* output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = rows_per_block(g, sizeof(acc_t));
+  const int64_t blocks_per_image = (g.in_h + rows - 1) / rows;
+  const int64_t out_plane = g.out_h * g.out_w;
+  const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  const auto acc_options = weight_rows.options();
+  at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor x = at::empty({g.in_channels * rows * g.in_w}, acc_options);
+    at::Tensor y = at::empty({4 * g.out_channels * rows * g.in_w}, acc_options);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
+      const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
+      load_input_block(g, input, n, h0, pixels, x.mutable_data_ptr<acc_t>());
+      at::Tensor product = y.narrow(0, 0, 4 * g.out_channels * pixels).view({4 * g.out_channels, pixels});
+      at::mm_out(product, weight_rows, x.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels}));
+      const acc_t* p = product.const_data_ptr<acc_t>();
+      for (int64_t co = 0; co < g.out_channels; ++co) {
+        const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
+        scalar_t* plane = output + (n * g.out_channels + co) * out_plane;
+        for (int64_t dy = 0; dy < 2; ++dy) {
+          const acc_t* even = p + up_phase(co, dy, 0) * pixels;  // dx = 0
+          const acc_t* odd = p + up_phase(co, dy, 1) * pixels;   // dx = 1
+          for (int64_t r = 0; r < block_rows; ++r) {
+            scalar_t* out_row = plane + (2 * (h0 + r) + dy) * g.out_w;
+            const acc_t* e = even + r * g.in_w;
+            const acc_t* o = odd + r * g.in_w;
+            for (int64_t w = 0; w < g.in_w; ++w) {
+              out_row[2 * w] = static_cast<scalar_t>(e[w] + shift);
+              out_row[2 * w + 1] = static_cast<scalar_t>(o[w] + shift);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scalar_t* input,
+                     const at::Tensor& weight_matrix, scalar_t* grad_input,
+                     at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = rows_per_block(g, sizeof(acc_t));
+  const int64_t blocks_per_image = (g.in_h + rows - 1) / rows;
+  const int64_t out_plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  const bool want_weight = grad_weight.defined();
+  const int threads = at::get_num_threads();
+  const auto acc_options = weight_matrix.options();
+  at::Tensor weight_partials, bias_partials;
+  if (want_weight) {
+    weight_partials = at::zeros({threads, g.in_channels, 4 * g.out_channels}, acc_options);
+    bias_partials = at::zeros({threads, g.out_channels}, acc_options);
+  }
+  at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+    const int thread = at::get_thread_num();
+    at::Tensor gathered = at::empty({4 * g.out_channels * rows * g.in_w}, acc_options);
+    at::Tensor x, dx;
+    if (want_weight) x = at::empty({g.in_channels * rows * g.in_w}, acc_options);
+    if (grad_input) dx = at::empty({g.in_channels * rows * g.in_w}, acc_options);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
+      const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
+      acc_t* G = gathered.mutable_data_ptr<acc_t>();
+      for (int64_t co = 0; co < g.out_channels; ++co) {
+        const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
+        for (int64_t dy = 0; dy < 2; ++dy) {
+          acc_t* even = G + up_phase(co, dy, 0) * pixels;
+          acc_t* odd = G + up_phase(co, dy, 1) * pixels;
+          for (int64_t r = 0; r < block_rows; ++r) {
+            const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
+            for (int64_t w = 0; w < g.in_w; ++w) {
+              even[r * g.in_w + w] = static_cast<acc_t>(row[2 * w]);
+              odd[r * g.in_w + w] = static_cast<acc_t>(row[2 * w + 1]);
+            }
+          }
+        }
+      }
+      at::Tensor G_block = gathered.narrow(0, 0, 4 * g.out_channels * pixels).view({4 * g.out_channels, pixels});
+      if (grad_input) {
+        at::Tensor dx_block = dx.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels});
+        at::mm_out(dx_block, weight_matrix, G_block);
+        const acc_t* src = dx_block.const_data_ptr<acc_t>();
+        for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+          scalar_t* dst = grad_input + (n * g.in_channels + ci) * in_plane + h0 * g.in_w;
+          for (int64_t i = 0; i < pixels; ++i) dst[i] = static_cast<scalar_t>(src[ci * pixels + i]);
+        }
+      }
+      if (want_weight) {
+        load_input_block(g, input, n, h0, pixels, x.mutable_data_ptr<acc_t>());
+        at::Tensor x_block = x.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels});
+        weight_partials[thread].addmm_(x_block, G_block.t());
+        acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
+        for (int64_t co = 0; co < g.out_channels; ++co) {
+          acc_t s = 0;
+          for (int64_t phase = 0; phase < 4; ++phase) {
+            const acc_t* row = G + (co * 4 + phase) * pixels;
+            for (int64_t i = 0; i < pixels; ++i) s += row[i];
+          }
+          bias_sum[co] += s;
+        }
+      }
+    }
+  });
+  if (want_weight) {
+    grad_weight.copy_(weight_partials.sum(0));
+    grad_bias.copy_(bias_partials.sum(0));
+  }
+}
+
+at::Tensor opmath_contiguous(const at::Tensor& t) {
+  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
+}
+
+at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  // The GEMMs below run on tensors that may require grad: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);
+  const auto format = conv_memory_format(input_arg);
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
+  if (output.numel() > 0) {
+    const at::Tensor input = input_arg.contiguous();
+    // Rows (co, dy, dx) of W^T: weight (C_in, C_out, 2, 2) -> [C_out * 4, C_in].
+    const at::Tensor weight_rows = opmath_contiguous(weight.reshape({g.in_channels, 4 * g.out_channels}).t());
+    const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    if (g.in_channels == 0) {
+      output.copy_(bias_acc.defined() ? bias_acc.view({1, -1, 1, 1}).expand_as(output) : at::zeros_like(output));
+    } else {
+      UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_transpose2x2_cpu", [&] {
+        forward_kernel<scalar_t>(g, input.const_data_ptr<scalar_t>(), weight_rows, bias_acc,
+                                 output.mutable_data_ptr<scalar_t>());
+      });
+    }
+  }
+  return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cpu(
+    const at::Tensor& grad_out_arg, const at::Tensor& input_arg, const at::Tensor& weight,
+    std::array<bool, 3> output_mask) {
+  // The GEMMs below run on tensors that may require grad: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  constexpr const char* op = "unet_ext._conv_transpose2x2_backward";
+  const ConvGeometry g = conv_transpose2x2_geometry(op, input_arg, weight, std::nullopt);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());
+  const auto format = conv_memory_format(input_arg);
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor grad_out = grad_out_arg.to(input.scalar_type()).contiguous();
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  at::Tensor grad_input = at::empty({0}, input.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, weight.options());
+  at::Tensor weight_acc, bias_acc;
+  if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
+  if (output_mask[1] || output_mask[2]) {
+    weight_acc = at::zeros({g.in_channels, 4 * g.out_channels}, acc_options);
+    bias_acc = at::zeros({g.out_channels}, acc_options);
+  }
+  if (input.numel() > 0 && g.out_channels > 0 && (output_mask[0] || weight_acc.defined())) {
+    const at::Tensor weight_matrix = opmath_contiguous(weight).view({g.in_channels, 4 * g.out_channels});
+    UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_transpose2x2_backward_cpu", [&] {
+      backward_kernel<scalar_t>(g, grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                                weight_matrix,
+                                output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+                                weight_acc, bias_acc);
+    });
+  } else if (bias_acc.defined() && grad_out.numel() > 0) {
+    bias_acc.copy_(grad_out.sum({0, 2, 3}, false, bias_acc.scalar_type()));  // C_in = 0
+  }
+  if (output_mask[0] && format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
+  if (output_mask[1]) grad_weight = weight_acc.view(weight.sizes()).to(weight.scalar_type());
+  if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace conv
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, CPU, m) {
+  m.impl("conv_transpose2x2", &unet_ext::conv::conv_transpose2x2_cpu);
+  m.impl("_conv_transpose2x2_backward", &unet_ext::conv::conv_transpose2x2_backward_cpu);
+}

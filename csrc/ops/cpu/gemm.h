@@ -1,0 +1,68 @@
+// Row-major GEMM on per-thread blocks for the CPU conv kernels: C[M,N] = A[M,K] B[K,N]
+// (+ C when accumulate). float goes to oneDNN's brgemm micro-kernel through ATen (no dispatcher
+// or tensor overhead per block, and faster than MKL's sgemm on this project's AMD CI cores);
+// other dtypes, and torch builds without brgemm, use at::mm_out on views of the same memory.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/native/CPUBlas.h>
+
+namespace unet_ext {
+namespace cpu {
+
+// Whether ATen's float brgemm works here (probed once: it throws where oneDNN lacks it).
+inline bool float_brgemm_available() {
+  static const bool available = [] {
+    try {
+      float a[4] = {1, 2, 3, 4}, b[4] = {1, 0, 0, 1}, c[4] = {0, 0, 0, 0};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 1 && c[1] == 2 && c[2] == 3 && c[3] == 4;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return available;
+}
+
+template <typename T>
+void gemm_with_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+                  T* c, int64_t ldc, bool accumulate) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, options);
+  at::Tensor B = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, options);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  if (float_brgemm_available()) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+  } else {
+    gemm_with_mm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+                 int64_t ldb, double* c, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  gemm_with_mm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+// Call at the end of each parallel task that used gemm (frees the brgemm's per-thread state).
+inline void gemm_release() {
+  if (float_brgemm_available()) at::native::cpublas::brgemm_release(false);
+}
+
+}  // namespace cpu
+}  // namespace unet_ext

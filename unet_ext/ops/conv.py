@@ -1,0 +1,139 @@
+"""conv2d_relu / conv2d_bias (stride-1 convolution with the bias and ReLU fused into its
+epilogue) and conv_transpose2x2 (the U-Net up-conv): wrappers, fake kernels, autograd."""
+from typing import Optional
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+__all__ = ["conv2d_relu", "conv2d_bias", "conv_transpose2x2"]
+
+
+def conv2d_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                padding: int = 0) -> torch.Tensor:
+    """``relu(F.conv2d(input, weight, bias, stride=1, padding=padding))`` in one kernel.
+
+    input (N, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. padding 0 is the
+    paper's "valid" convolution, k // 2 is "same". channels_last in gives channels_last out.
+    Backward saves only input, weight and the output (the ReLU mask is ``output > 0``).
+    """
+    return torch.ops.unet_ext.conv2d_relu.default(input, weight, bias, int(padding))
+
+
+def conv2d_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                padding: int = 0) -> torch.Tensor:
+    """``F.conv2d(input, weight, bias, stride=1, padding=padding)``: conv2d_relu's kernel with the
+    ReLU off (the U-Net's 1x1 head)."""
+    return torch.ops.unet_ext.conv2d_bias.default(input, weight, bias, int(padding))
+
+
+def conv_transpose2x2(input: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv_transpose2d(input, weight, bias, stride=2)`` with weight (C_in, C_out, 2, 2):
+    the U-Net up-conv, (N, C_in, H, W) -> (N, C_out, 2H, 2W)."""
+    return torch.ops.unet_ext.conv_transpose2x2.default(input, weight, bias)
+
+
+def _format(t):
+    return torch.channels_last if suggest_memory_format(t) == torch.channels_last else torch.contiguous_format
+
+
+def _check_conv(op, input, weight, bias, padding):
+    torch._check(input.dim() == 4, lambda: f"unet_ext.{op}: input must be a 4-D tensor, got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"unet_ext.{op}: weight must be a 4-D tensor, got {weight.dim()}-D")
+    torch._check(padding >= 0, lambda: f"unet_ext.{op}: padding must be >= 0, got {padding}")
+    torch._check(weight.shape[1] == input.shape[1],
+                 lambda: f"unet_ext.{op}: weight must have shape [C_out, {input.shape[1]}, kh, kw], got {tuple(weight.shape)}")
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],),
+                     lambda: f"unet_ext.{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    out_h = input.shape[2] + 2 * padding - weight.shape[2] + 1
+    out_w = input.shape[3] + 2 * padding - weight.shape[3] + 1
+    torch._check(out_h >= 1 and out_w >= 1, lambda: f"unet_ext.{op}: kernel is larger than the padded input")
+    return (input.shape[0], weight.shape[0], out_h, out_w)
+
+
+def _make_conv_fake(op):
+    def fake(input, weight, bias, padding):
+        shape = _check_conv(op, input, weight, bias, padding)
+        return input.new_empty(shape).contiguous(memory_format=_format(input))
+    return fake
+
+
+torch.library.register_fake("unet_ext::conv2d_relu")(_make_conv_fake("conv2d_relu"))
+torch.library.register_fake("unet_ext::conv2d_bias")(_make_conv_fake("conv2d_bias"))
+
+
+@torch.library.register_fake("unet_ext::_conv2d_backward")
+def _(grad_out, input, weight, output, padding, output_mask):
+    grad_input = input.new_empty(input.shape).contiguous(memory_format=_format(input)) if output_mask[0] else input.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _conv_setup(relu):
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, padding = inputs
+        # conv2d_relu needs its output for the ReLU mask; conv2d_bias does not keep it alive.
+        ctx.save_for_backward(input, weight, output if relu else None)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+    return setup_context
+
+
+def _conv_backward(ctx, grad_out):
+    input, weight, output = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+    if not any(mask):
+        return None, None, None, None
+    grad_input, grad_weight, grad_bias = torch.ops.unet_ext._conv2d_backward.default(
+        grad_out, input, weight, output, ctx.padding, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, None)
+
+
+torch.library.register_autograd("unet_ext::conv2d_relu", _conv_backward, setup_context=_conv_setup(True))
+torch.library.register_autograd("unet_ext::conv2d_bias", _conv_backward, setup_context=_conv_setup(False))
+
+
+def _check_up(input, weight, bias):
+    torch._check(input.dim() == 4, lambda: f"unet_ext.conv_transpose2x2: input must be a 4-D tensor, got {input.dim()}-D")
+    torch._check(weight.dim() == 4 and weight.shape[0] == input.shape[1] and tuple(weight.shape[2:]) == (2, 2),
+                 lambda: f"unet_ext.conv_transpose2x2: weight must have shape [{input.shape[1]}, C_out, 2, 2], got {tuple(weight.shape)}")
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[1],),
+                     lambda: f"unet_ext.conv_transpose2x2: bias must have shape [{weight.shape[1]}], got {tuple(bias.shape)}")
+    return (input.shape[0], weight.shape[1], 2 * input.shape[2], 2 * input.shape[3])
+
+
+@torch.library.register_fake("unet_ext::conv_transpose2x2")
+def _(input, weight, bias):
+    return input.new_empty(_check_up(input, weight, bias)).contiguous(memory_format=_format(input))
+
+
+@torch.library.register_fake("unet_ext::_conv_transpose2x2_backward")
+def _(grad_out, input, weight, output_mask):
+    grad_input = input.new_empty(input.shape).contiguous(memory_format=_format(input)) if output_mask[0] else input.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[1]) if output_mask[2] else weight.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _up_setup(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+
+
+def _up_backward(ctx, grad_out):
+    input, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
+    if not any(mask):
+        return None, None, None
+    grad_input, grad_weight, grad_bias = torch.ops.unet_ext._conv_transpose2x2_backward.default(
+        grad_out, input, weight, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None)
+
+
+torch.library.register_autograd("unet_ext::conv_transpose2x2", _up_backward, setup_context=_up_setup)

@@ -1,8 +1,8 @@
-// weighted_cross_entropy on CUDA: one thread per pixel of the (N, C, S) view (weighted_cross_entropy.h),
-// reading its C logits with the view's strides (NCHW: consecutive threads, consecutive pixels).
-// Forward: online logsumexp per pixel, loss map or a deterministic two-stage sum (per-block
-// partials in double, in a fixed tree order, then one block adds them in index order), so the
-// same input gives bit-identical results on every run. The scalars never leave the device.
+// weighted_cross_entropy on CUDA: one thread per pixel of the (N, C, S) view (see
+// weighted_cross_entropy.h), reading its C logits with the view's strides; online logsumexp.
+// Mean/sum: a deterministic two-stage sum (double partials per block in a fixed tree order,
+// then one block adds them in index order): bit-identical on every run, no host sync.
+// The backward reads the upstream scalar and total_weight through device pointers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

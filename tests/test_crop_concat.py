@@ -109,3 +109,44 @@ def test_bad_input_raises(skip_shape, up_shape, dtype_up, message):
 def test_mixed_devices_raise():
     with pytest.raises(RuntimeError, match="same device"):
         crop_concat(torch.randn(1, 2, 4, 4, device="cuda"), torch.randn(1, 2, 2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_alignments_match_cpu(dtype, offset, layout):
+    # Long runs (rows of 64+ elements, 48 channels) take the 16-byte path; a storage offset
+    # and odd crop margins shift source and destination alignment apart (scalar path) or
+    # together (vector body between scalar head and tail).
+    def make_offset(shape):
+        x = torch.randint(0, 100, shape).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        flat = torch.zeros(x.numel() + offset, dtype=dtype, device="cuda")
+        view = flat[offset:].as_strided(x.shape, x.stride())
+        view.copy_(x)
+        return view
+
+    skip, up = make_offset((2, 48, 75, 70)), make_offset((2, 40, 66, 64))
+    out = crop_concat(skip, up)
+    assert torch.equal(out.cpu(), reference.crop_concat(skip.cpu(), up.cpu()))
+    if dtype.is_floating_point:
+        grad = torch.randn(out.shape, dtype=torch.float64).to(dtype).cuda()
+        grad = grad.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else grad
+        got = torch.ops.unet_ext._crop_concat_backward(grad, 48, 75, 70)
+        want = torch.ops.unet_ext._crop_concat_backward(grad.cpu(), 48, 75, 70)
+        for g, w in zip(got, want):
+            assert g.stride() == w.stride() and torch.equal(g.cpu(), w)
+
+
+@pytest.mark.cuda
+def test_cuda_does_not_synchronize():
+    skip = torch.randn(2, 8, 20, 20, device="cuda")
+    up = torch.randn(2, 8, 16, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = torch.ops.unet_ext.crop_concat(skip, up)
+        torch.ops.unet_ext._crop_concat_backward(out, 8, 20, 20)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

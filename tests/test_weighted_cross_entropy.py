@@ -215,3 +215,81 @@ def test_cuda_out_of_range_target_is_a_device_error():
             "unet_ext.weighted_cross_entropy(x, t).item()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "assert" in (result.stderr + result.stdout).lower()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cuda_reduction_is_deterministic(reduction):
+    # ~150K pixels: hundreds of blocks of partial sums, added in a fixed order.
+    logits, target, weight_map, class_weight = make_inputs((2, 5, 250, 300), torch.float32, "cuda",
+                                                           ignore_fraction=0.1)
+    runs = [torch.ops.unet_ext._weighted_cross_entropy_forward(logits, target, weight_map, class_weight,
+                                                               -100, reduction) for _ in range(3)]
+    for loss, _, total in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(total, runs[0][2])
+    cpu_loss, _, cpu_total = torch.ops.unet_ext._weighted_cross_entropy_forward(
+        logits.cpu(), target.cpu(), weight_map.cpu(), class_weight.cpu(), -100, reduction)
+    torch.testing.assert_close(runs[0][0].cpu(), cpu_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(runs[0][2].cpu(), cpu_total, rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_non_finite_logits_match_cpu(dtype, reduction):
+    # NaN / +inf / -inf logits on counted and on ignored pixels: the NaN pattern of loss,
+    # logsumexp and grad must be the CPU kernel's (ignored pixels: loss exactly 0, grad NaN
+    # only where a logit is NaN).
+    logits, target, weight_map, class_weight = make_inputs((2, 4, 6, 7), dtype, "cpu", ignore_fraction=0.3)
+    logits[0, 1, 0, :] = float("nan")
+    logits[0, 2, 1, :] = float("inf")
+    logits[1, :, 2, :] = float("-inf")
+    logits[1, 3, 3, :] = float("-inf")
+    grad = torch.rand(target.shape if reduction == "none" else (), dtype=dtype)
+    results = {}
+    for device in ("cpu", "cuda"):
+        args = [t.to(device) for t in (logits, target, weight_map, class_weight)]
+        loss, lse, total = torch.ops.unet_ext._weighted_cross_entropy_forward(*args, -100, reduction)
+        grad_logits = torch.ops.unet_ext._weighted_cross_entropy_backward(
+            grad.to(device), *args[:2], args[2], args[3], lse, total, -100, reduction)
+        results[device] = [t.cpu() for t in (loss, lse, total, grad_logits)]
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(cuda, cpu, equal_nan=True, **TOLERANCES[dtype])
+    if reduction == "none":
+        ignored = target == -100
+        assert results["cuda"][0].isnan().any() and (results["cuda"][0][ignored] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_cuda_out_of_range_target_asserts(which):
+    # Subprocess: a device-side assert poisons the CUDA context of the process.
+    import subprocess
+    import sys
+    code = ("import torch, unet_ext\n"
+            "x = torch.randn(2, 3, 4, 4, device='cuda'); t = torch.zeros(2, 4, 4, dtype=torch.long, device='cuda')\n"
+            "loss, lse, total = torch.ops.unet_ext._weighted_cross_entropy_forward(x, t, None, None, -100, 'mean')\n"
+            "t[1, 2, 3] = 3 if %r == 'forward' else -1\n"
+            "if %r == 'forward':\n"
+            "    torch.ops.unet_ext._weighted_cross_entropy_forward(x, t, None, None, -100, 'mean')\n"
+            "else:\n"
+            "    torch.ops.unet_ext._weighted_cross_entropy_backward(torch.ones((), device='cuda'), x, t, None, None, lse, total, -100, 'mean')\n"
+            "torch.cuda.synchronize()\n") % (which, which)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    output = (result.stderr + result.stdout).lower()
+    assert result.returncode != 0 and "assert" in output, output[-2000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_does_not_synchronize(reduction):
+    logits, target, weight_map, class_weight = make_inputs((2, 3, 16, 16), torch.float32, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, lse, total = torch.ops.unet_ext._weighted_cross_entropy_forward(
+            logits, target, weight_map, class_weight, -100, reduction)
+        torch.ops.unet_ext._weighted_cross_entropy_backward(
+            torch.ones_like(loss), logits, target, weight_map, class_weight, lse, total, -100, reduction)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,11 +1,11 @@
-// conv2d_relu / conv2d_bias on the CPU: blocked implicit GEMM. Each task takes a block of output
-// rows of one image, gathers its im2col matrix [C_in*kh*kw, rows*W_out] into a per-thread
-// workspace (opmath dtype, sized for L2), multiplies it with ATen's BLAS and applies
-// bias + ReLU (+ the cast) while the block is in cache. No activation-sized temporary.
+// conv2d_relu / conv2d_bias on the CPU: blocked implicit GEMM without im2col. A task takes a
+// block of output rows of one image; each kernel tap is one GEMM (oneDNN's brgemm for float)
+// on the block's input window read in place (or padded into an L2-sized per-thread buffer),
+// and bias + ReLU (+ the cast) are applied while the product is in cache.
 // Backward: dgrad is the same convolution of the masked gradient (mask = output > 0, applied
-// while gathering) with the flipped weight; wgrad and the bias grad accumulate per thread over
-// the same blocks and are summed in a fixed order. Kernels read NCHW; channels_last inputs are
-// converted and the results returned channels_last.
+// while loading the window) with the flipped weight; wgrad and the bias grad accumulate per
+// thread over the forward's blocks and are summed in a fixed order. Kernels read NCHW;
+// channels_last inputs are converted and the results returned channels_last.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dispatch.h"
@@ -23,89 +24,133 @@ namespace unet_ext {
 namespace conv {
 namespace {
 
-// Output rows per block: the im2col block stays near kBlockBytes (half of a 1 MiB L2), with at
-// least one row.
+// A block is `rows` output rows of one image. Its source is the (padded) input window
+// [C_src][rows + kh - 1][width] with width = W_out + kw - 1, so that every tap (ky, kx) of the
+// kernel is a plain GEMM operand: the window shifted by ky * width + kx, read as
+// [C_src, rows * width - (kw - 1)] with the channel stride as leading dimension. The product is
+// computed "wide" (width columns per row); the kw - 1 extra columns are never read back. So
+// there is no im2col: a valid convolution of a contiguous float input reads the input in
+// place, and otherwise the window is one padded (and, for dgrad, masked) copy.
+struct Block {
+  int64_t n, oh0, rows;
+};
+
+struct BlockPlan {
+  int64_t rows, blocks_per_image, width;
+  int64_t window_rows(int64_t block_rows, const ConvGeometry& g) const { return block_rows + g.kernel_h - 1; }
+  Block block(int64_t b, const ConvGeometry& g) const {
+    const int64_t oh0 = (b % blocks_per_image) * rows;
+    return {b / blocks_per_image, oh0, std::min(rows, g.out_h - oh0)};
+  }
+};
+
+// Rows per block: window plus product near kBlockBytes (half of a 1 MiB L2), at least one row.
 constexpr int64_t kBlockBytes = int64_t{1} << 19;
-int64_t rows_per_block(const ConvGeometry& g, int64_t element_size) {
-  const int64_t target_pixels = std::max<int64_t>(64, kBlockBytes / (g.taps() * element_size));
-  return std::clamp<int64_t>(target_pixels / std::max<int64_t>(1, g.out_w), 1, std::max<int64_t>(1, g.out_h));
+BlockPlan plan_blocks(const ConvGeometry& g, int64_t element_size) {
+  BlockPlan plan;
+  plan.width = g.out_w + g.kernel_w - 1;
+  const int64_t per_row = (g.in_channels + g.out_channels) * plan.width * element_size;
+  plan.rows = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, per_row), 1, std::max<int64_t>(1, g.out_h));
+  plan.blocks_per_image = (g.out_h + plan.rows - 1) / plan.rows;
+  return plan;
 }
 
-// col[(ci, ky, kx), (r, ow)] = src[ci, oh0 + r + ky - pad, ow + kx - pad], 0 outside the
-// input; with a mask, only where mask > 0 (the ReLU's derivative, for dgrad/wgrad).
+// Whether the window can be read in place: no padding, no mask, float input (GEMM dtype).
+template <typename scalar_t>
+bool window_in_place(const ConvGeometry& g, const void* mask) {
+  return g.pad_h == 0 && g.pad_w == 0 && mask == nullptr &&
+         std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+}
+
+// window[c][i][x] = src[c][oh0 - pad_h + i][x - pad_w] (masked by mask > 0), 0 outside.
 template <typename scalar_t, typename acc_t>
-void gather_columns(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
-                    int64_t oh0, int64_t rows, acc_t* col) {
-  const int64_t pixels = rows * g.out_w;
-  for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-    for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
-      for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
-        acc_t* dst = col + ((ci * g.kernel_h + ky) * g.kernel_w + kx) * pixels;
-        const int64_t lo = g.first_valid_col(kx), hi = g.last_valid_col(kx);
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* d = dst + r * g.out_w;
-          const int64_t ih = g.input_row(oh0 + r, ky);
-          if (ih < 0 || ih >= g.in_h) {
-            std::fill(d, d + g.out_w, acc_t(0));
-            continue;
-          }
-          const int64_t offset = (ci * g.in_h + ih) * g.in_w + kx - g.pad_w;
-          const scalar_t* s = src + offset;
-          std::fill(d, d + lo, acc_t(0));
-          if (mask) {
-            const scalar_t* m = mask + offset;
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              const acc_t v = static_cast<acc_t>(s[ow]);
-              d[ow] = static_cast<acc_t>(m[ow]) > acc_t(0) ? v : acc_t(0);
-            }
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) d[ow] = static_cast<acc_t>(s[ow]);
-          }
-          std::fill(d + hi, d + g.out_w, acc_t(0));
-        }
+void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
+                 const scalar_t* mask, const Block& blk, acc_t* window) {
+  const int64_t window_rows = plan.window_rows(blk.rows, g), width = plan.width;
+  const int64_t lo = std::clamp<int64_t>(g.pad_w, 0, width);
+  const int64_t hi = std::clamp<int64_t>(g.in_w + g.pad_w, lo, width);
+  for (int64_t c = 0; c < g.in_channels; ++c) {
+    for (int64_t i = 0; i < window_rows; ++i) {
+      acc_t* d = window + (c * window_rows + i) * width;
+      const int64_t ih = blk.oh0 - g.pad_h + i;
+      if (ih < 0 || ih >= g.in_h) {
+        std::fill(d, d + width, acc_t(0));
+        continue;
       }
+      const int64_t offset = (c * g.in_h + ih) * g.in_w - g.pad_w;
+      const scalar_t* s = src + offset;
+      std::fill(d, d + lo, acc_t(0));
+      if (mask) {
+        const scalar_t* m = mask + offset;
+        for (int64_t x = lo; x < hi; ++x)
+          d[x] = static_cast<acc_t>(m[x]) > acc_t(0) ? static_cast<acc_t>(s[x]) : acc_t(0);
+      } else {
+        for (int64_t x = lo; x < hi; ++x) d[x] = static_cast<acc_t>(s[x]);
+      }
+      std::fill(d + hi, d + width, acc_t(0));
     }
   }
 }
 
-// dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked], weight_matrix) + bias).
-// weight_matrix: [C_out, C_in*kh*kw] in opmath dtype.
+// The window of a block: in place, or loaded into `buffer`. Sets the channel stride.
+template <typename scalar_t, typename acc_t>
+const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
+                          const scalar_t* mask, const Block& blk, acc_t* buffer,
+                          int64_t& channel_stride) {
+  const int64_t image = g.in_channels * g.in_h * g.in_w;
+  if (window_in_place<scalar_t>(g, mask)) {
+    channel_stride = g.in_h * g.in_w;
+    return reinterpret_cast<const acc_t*>(src + blk.n * image + blk.oh0 * g.in_w);
+  }
+  load_window(g, plan, src + blk.n * image, mask ? mask + blk.n * image : nullptr, blk, buffer);
+  channel_stride = plan.window_rows(blk.rows, g) * plan.width;
+  return buffer;
+}
+
+// dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked]) + bias).
+// taps: [kh * kw][C_out][C_in] opmath weights, one GEMM operand per kernel tap.
 template <typename scalar_t>
 void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
-              const at::Tensor& weight_matrix, const at::Tensor& bias, bool relu, scalar_t* dst) {
+              const at::Tensor& taps, const at::Tensor& bias, bool relu, scalar_t* dst) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = rows_per_block(g, sizeof(acc_t));
-  const int64_t blocks_per_image = (g.out_h + rows - 1) / rows;
-  const int64_t src_image = g.in_channels * g.in_h * g.in_w;
-  const int64_t dst_image = g.out_channels * g.out_h * g.out_w;
-  const int64_t dst_plane = g.out_h * g.out_w;
+  const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
+  const int64_t dst_plane = g.out_h * g.out_w, dst_image = g.out_channels * dst_plane;
+  const int64_t tap_size = g.out_channels * g.in_channels;
   const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* weights = weight_matrix.const_data_ptr<acc_t>();
-  at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
-    std::unique_ptr<acc_t[]> col(new acc_t[g.taps() * rows * g.out_w]);
-    std::unique_ptr<acc_t[]> product(new acc_t[g.out_channels * rows * g.out_w]);
+  const acc_t* weights = taps.const_data_ptr<acc_t>();
+  const bool in_place = window_in_place<scalar_t>(g, mask);
+  at::parallel_for(0, g.batch * plan.blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t wide = plan.rows * plan.width;
+    std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
+    std::unique_ptr<acc_t[]> product(new acc_t[g.out_channels * wide]);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_image, oh0 = (b % blocks_per_image) * rows;
-      const int64_t block_rows = std::min(rows, g.out_h - oh0), pixels = block_rows * g.out_w;
-      gather_columns(g, src + n * src_image, mask ? mask + n * src_image : nullptr, oh0,
-                     block_rows, col.get());
-      // product[C_out, pixels] = W[C_out, taps] col[taps, pixels]
-      cpu::gemm(g.out_channels, pixels, g.taps(), weights, g.taps(), col.get(), pixels,
-                product.get(), pixels, false);
-      const acc_t* p = product.get();
-      scalar_t* d = dst + n * dst_image + oh0 * g.out_w;
+      const Block blk = plan.block(b, g);
+      int64_t channel_stride = 0;
+      const acc_t* win = block_window(g, plan, src, mask, blk, window.get(), channel_stride);
+      const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1), ld = blk.rows * plan.width;
+      // product[C_out, columns] = sum over taps of W_tap[C_out, C_in] window_tap[C_in, columns]
+      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+        for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+          const int64_t tap = ky * g.kernel_w + kx;
+          cpu::gemm(g.out_channels, columns, g.in_channels, weights + tap * tap_size, g.in_channels,
+                    win + ky * plan.width + kx, channel_stride, product.get(), ld, tap > 0);
+        }
+      }
+      scalar_t* d = dst + blk.n * dst_image + blk.oh0 * g.out_w;
       for (int64_t co = 0; co < g.out_channels; ++co) {
         const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
-        const acc_t* row = p + co * pixels;
-        scalar_t* out_row = d + co * dst_plane;
-        if (relu) {
-          // v < 0 ? 0 : v keeps NaN, as torch.relu does.
-          for (int64_t i = 0; i < pixels; ++i) {
-            const acc_t v = row[i] + shift;
-            out_row[i] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+        for (int64_t r = 0; r < blk.rows; ++r) {
+          const acc_t* row = product.get() + co * ld + r * plan.width;
+          scalar_t* out_row = d + co * dst_plane + r * g.out_w;
+          if (relu) {
+            // v < 0 ? 0 : v keeps NaN, as torch.relu does.
+            for (int64_t i = 0; i < g.out_w; ++i) {
+              const acc_t v = row[i] + shift;
+              out_row[i] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+            }
+          } else {
+            for (int64_t i = 0; i < g.out_w; ++i) out_row[i] = static_cast<scalar_t>(row[i] + shift);
           }
-        } else {
-          for (int64_t i = 0; i < pixels; ++i) out_row[i] = static_cast<scalar_t>(row[i] + shift);
         }
       }
     }
@@ -113,53 +158,65 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
   });
 }
 
-// grad_weight^T [C_in*kh*kw, C_out] and grad_bias [C_out] (opmath) from the input and the
-// masked grad_out, block by block; one partial sum per thread, added in thread order.
+// grad_weight as [kh * kw][C_in][C_out] and grad_bias [C_out] (opmath), block by block over
+// the forward's blocks: per tap, window_tap[C_in, columns] x masked_t[columns, C_out], where
+// masked_t is the block's gradient with the ReLU mask applied, transposed and widened (zero
+// in the extra columns). One partial sum per thread, added in thread order.
 template <typename scalar_t>
 void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar_t* grad_out,
-                      const scalar_t* mask, at::Tensor& grad_weight_t, at::Tensor& grad_bias) {
+                      const scalar_t* mask, at::Tensor& grad_taps, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t rows = rows_per_block(g, sizeof(acc_t));
-  const int64_t blocks_per_image = (g.out_h + rows - 1) / rows;
-  const int64_t in_image = g.in_channels * g.in_h * g.in_w;
+  const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
   const int64_t out_plane = g.out_h * g.out_w, out_image = g.out_channels * out_plane;
+  const int64_t tap_size = g.in_channels * g.out_channels, taps = g.kernel_h * g.kernel_w;
   const int threads = at::get_num_threads();
-  const auto acc_options = grad_weight_t.options();
-  at::Tensor weight_partials = at::zeros({threads, g.taps(), g.out_channels}, acc_options);
+  const auto acc_options = grad_taps.options();
+  at::Tensor weight_partials = at::zeros({threads, taps * tap_size}, acc_options);
   at::Tensor bias_partials = at::zeros({threads, g.out_channels}, acc_options);
-  at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+  const bool in_place = window_in_place<scalar_t>(g, nullptr);
+  at::parallel_for(0, g.batch * plan.blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
     const int thread = at::get_thread_num();
-    std::unique_ptr<acc_t[]> col(new acc_t[g.taps() * rows * g.out_w]);
-    std::unique_ptr<acc_t[]> masked_t(new acc_t[rows * g.out_w * g.out_channels]);
+    const int64_t wide = plan.rows * plan.width;
+    std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
+    std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
     acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();
     acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_image, oh0 = (b % blocks_per_image) * rows;
-      const int64_t block_rows = std::min(rows, g.out_h - oh0), pixels = block_rows * g.out_w;
-      gather_columns(g, input + n * in_image, static_cast<const scalar_t*>(nullptr), oh0,
-                     block_rows, col.get());
-      // masked_t[pixel, co]: the block's gradient, ReLU mask applied, transposed for the GEMM.
+      const Block blk = plan.block(b, g);
+      int64_t channel_stride = 0;
+      const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk,
+                                      window.get(), channel_stride);
+      const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
       acc_t* m = masked_t.get();
+      std::fill(m, m + blk.rows * plan.width * g.out_channels, acc_t(0));
       for (int64_t co = 0; co < g.out_channels; ++co) {
-        const int64_t offset = n * out_image + co * out_plane + oh0 * g.out_w;
-        const scalar_t* gsrc = grad_out + offset;
-        const scalar_t* msrc = mask ? mask + offset : nullptr;
         acc_t s = 0;
-        for (int64_t i = 0; i < pixels; ++i) {
-          const acc_t v = static_cast<acc_t>(gsrc[i]);
-          const acc_t kept = msrc && !(static_cast<acc_t>(msrc[i]) > acc_t(0)) ? acc_t(0) : v;
-          m[i * g.out_channels + co] = kept;
-          s += kept;
+        for (int64_t r = 0; r < blk.rows; ++r) {
+          const int64_t offset = blk.n * out_image + co * out_plane + (blk.oh0 + r) * g.out_w;
+          const scalar_t* gsrc = grad_out + offset;
+          const scalar_t* msrc = mask ? mask + offset : nullptr;
+          acc_t* mrow = m + r * plan.width * g.out_channels + co;
+          for (int64_t i = 0; i < g.out_w; ++i) {
+            const acc_t v = static_cast<acc_t>(gsrc[i]);
+            const acc_t kept = msrc && !(static_cast<acc_t>(msrc[i]) > acc_t(0)) ? acc_t(0) : v;
+            mrow[i * g.out_channels] = kept;
+            s += kept;
+          }
         }
         bias_sum[co] += s;
       }
-      // weight_sum[taps, C_out] += col[taps, pixels] masked_t[pixels, C_out]
-      cpu::gemm(g.taps(), g.out_channels, pixels, col.get(), pixels, m, g.out_channels,
-                weight_sum, g.out_channels, true);
+      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+        for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+          const int64_t tap = ky * g.kernel_w + kx;
+          // weight_sum[tap][C_in, C_out] += window_tap[C_in, columns] masked_t[columns, C_out]
+          cpu::gemm(g.in_channels, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
+                    m, g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
+        }
+      }
     }
     cpu::gemm_release();
   });
-  grad_weight_t.copy_(weight_partials.sum(0));
+  grad_taps.copy_(weight_partials.sum(0).view(grad_taps.sizes()));
   grad_bias.copy_(bias_partials.sum(0));
 }
 
@@ -176,10 +233,10 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
-    const at::Tensor weight_matrix = opmath_contiguous(weight).view({g.out_channels, g.taps()});
+    const at::Tensor taps = opmath_contiguous(weight.permute({2, 3, 0, 1}));  // [kh][kw][C_out][C_in]
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cpu", [&] {
-      convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), nullptr, weight_matrix, bias_acc,
+      convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), nullptr, taps, bias_acc,
                          relu, output.mutable_data_ptr<scalar_t>());
     });
   }
@@ -225,9 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     grad_input = grad_out.numel() > 0 ? at::empty(input.sizes(), input.options())
                                       : at::zeros(input.sizes(), input.options());
     if (grad_input.numel() > 0 && grad_out.numel() > 0) {
-      // W'[ci, (co, ky, kx)] = W[co, ci, kh-1-ky, kw-1-kx]
-      const at::Tensor flipped = opmath_contiguous(weight.flip({2, 3}).transpose(0, 1))
-                                     .view({g.in_channels, g.out_channels * g.kernel_h * g.kernel_w});
+      // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx], as taps.
+      const at::Tensor flipped = opmath_contiguous(weight.flip({2, 3}).permute({2, 3, 1, 0}));
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cpu", [&] {
         convolve<scalar_t>(dgrad_geometry(g), grad_out.const_data_ptr<scalar_t>(),
                            masked ? output.const_data_ptr<scalar_t>() : nullptr, flipped,
@@ -237,17 +293,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
   }
   if (output_mask[1] || output_mask[2]) {
-    at::Tensor weight_acc_t = at::zeros({g.taps(), g.out_channels}, acc_options);
+    at::Tensor grad_taps = at::zeros({g.kernel_h, g.kernel_w, g.in_channels, g.out_channels}, acc_options);
     at::Tensor bias_acc = at::zeros({g.out_channels}, acc_options);
     if (grad_out.numel() > 0) {
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cpu", [&] {
         weight_gradients<scalar_t>(g, input.const_data_ptr<scalar_t>(),
                                    grad_out.const_data_ptr<scalar_t>(),
                                    masked ? output.const_data_ptr<scalar_t>() : nullptr,
-                                   weight_acc_t, bias_acc);
+                                   grad_taps, bias_acc);
       });
     }
-    if (output_mask[1]) grad_weight = weight_acc_t.t().reshape(weight.sizes()).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+    if (output_mask[1]) grad_weight = grad_taps.permute({3, 2, 0, 1}).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());
   }
   return {grad_input, grad_weight, grad_bias};

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = "unet_ext"
 FIELDS = ["op", "shape", "dtype", "layout", "mode", "impl", "median_ms", "p20_ms", "p80_ms",
-          "iters", "gb_s", "peak_mib", "speedup", "check"]
+          "iters", "gb_s", "tflop_s", "peak_mib", "speedup", "check"]
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Case:
     bytes_moved: int
     tol: Dict[str, float] = field(default_factory=lambda: dict(rtol=1e-4, atol=1e-5))
     no_memory: Tuple[str, ...] = ()
+    flops: int = 0  # arithmetic of the mode (compute-bound ops report TFLOP/s from it)
 
     @property
     def name(self):
@@ -172,6 +173,7 @@ def bench_case(case, device, budget_s=1.0, min_iters=10, max_iters=500, warmup=2
                          mode=case.mode, impl=name, median_ms=round(float(median), 4),
                          p20_ms=round(float(p20), 4), p80_ms=round(float(p80), 4),
                          iters=len(times[name]), gb_s=round(case.bytes_moved / median / 1e6, 2),
+                         tflop_s=round(case.flops / median / 1e9, 3) if case.flops else None,
                          peak_mib=None if peak is None else round(peak / 2**20, 2),
                          speedup=None, check=verdict[name]))
     ours_median = rows[0]["median_ms"]
@@ -199,14 +201,15 @@ def run_cases(cases, device, **timing):
 def markdown(rows):
     """The table; the speed-up column is stock/ours on the stock rows (> 1: ours is faster)."""
     head = ["op", "shape", "dtype", "layout", "mode", "impl", "median ms [p20, p80]", "GB/s",
-            "peak MiB", "speed-up (stock/ours)", "check"]
+            "TFLOP/s", "peak MiB", "speed-up (stock/ours)", "check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         speedup = "—" if r["impl"] == OURS else f"{r['speedup']:.2f}x"
         peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
         cells = [r["op"], r["shape"], r["dtype"], r["layout"], r["mode"], r["impl"],
                  f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]",
-                 f"{r['gb_s']:.1f}", peak, speedup, r["check"]]
+                 f"{r['gb_s']:.1f}", "—" if r.get("tflop_s") is None else f"{r['tflop_s']:.3f}",
+                 peak, speedup, r["check"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

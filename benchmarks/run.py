@@ -12,13 +12,15 @@ import torch
 import unet_ext
 
 try:
-    from . import bench_crop_concat, bench_weighted_cross_entropy, harness
+    from . import bench_conv, bench_crop_concat, bench_weighted_cross_entropy, harness
 except ImportError:  # run as a script
+    import bench_conv
     import bench_crop_concat
     import bench_weighted_cross_entropy
     import harness
 
-BENCHES = {"crop_concat": bench_crop_concat, "weighted_cross_entropy": bench_weighted_cross_entropy}
+BENCHES = {"crop_concat": bench_crop_concat, "weighted_cross_entropy": bench_weighted_cross_entropy,
+           "conv": bench_conv}
 # quick: a CI-sized run (about a minute on a 2-core CPU); full: ~1 s and >= 10 rounds per case.
 TIMING = {True: dict(budget_s=0.25, min_iters=5, warmup=1),
           False: dict(budget_s=1.0, min_iters=10, warmup=2)}
@@ -65,9 +67,10 @@ def main(argv=None, prog=None):
     print(f"unet_ext benchmarks on {meta['device_name']}, torch {meta['torch']}, "
           f"commit {meta['unet_ext_commit']}, {meta['date']}{' (quick)' if args.quick else ''}\n")
     print(harness.markdown(rows))
-    line = acceptance_line(rows, device)
-    if line:
-        print("\n" + line)
+    lines = [acceptance_line(rows, device)] + (bench_conv.acceptance_lines(rows) if device == "cpu" else [])
+    lines = [line for line in lines if line]
+    if lines:
+        print("\n" + "\n".join(lines))
     csv_path, json_path = harness.write_results(rows, meta, args.out)
     png_path = os.path.join(args.out, os.path.basename(json_path).replace("results-", "speedup-", 1)[:-5] + ".png")
     harness.bar_chart(rows, png_path, f"unet_ext vs stock on {meta['device_name']} ({meta['date']})")

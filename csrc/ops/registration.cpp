@@ -13,7 +13,7 @@ TORCH_LIBRARY(unet_ext, m) {
 
   // Convolution with stride 1 and the bias (+ ReLU) fused into its epilogue; conv2d_bias is the
   // same kernel with the ReLU off (the U-Net head). The backward masks grad_out with
-  // output > 0 when `output` is given (conv2d_relu) and computes the grads output_mask asks for
+  // (zero where output <= 0) when `output` is given (conv2d_relu) and computes the grads output_mask asks for
   // (an empty tensor for the others).
   m.def("conv2d_relu(Tensor input, Tensor weight, Tensor? bias, int padding) -> Tensor");
   m.def("conv2d_bias(Tensor input, Tensor weight, Tensor? bias, int padding) -> Tensor");

@@ -14,7 +14,7 @@ def conv2d_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     input (N, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. padding 0 is the
     paper's "valid" convolution, k // 2 is "same". channels_last in gives channels_last out.
-    Backward saves only input, weight and the output (the ReLU mask is ``output > 0``).
+    Backward saves only input, weight and the output (the gradient is zero where ``output <= 0``, as torch.relu's).
     """
     return torch.ops.unet_ext.conv2d_relu.default(input, weight, bias, int(padding))
 
@@ -66,7 +66,7 @@ torch.library.register_fake("unet_ext::conv2d_bias")(_make_conv_fake("conv2d_bia
 @torch.library.register_fake("unet_ext::_conv2d_backward")
 def _(grad_out, input, weight, output, padding, output_mask):
     grad_input = input.new_empty(input.shape).contiguous(memory_format=_format(input)) if output_mask[0] else input.new_empty(0)
-    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape).contiguous(memory_format=_format(weight)) if output_mask[1] else weight.new_empty(0)
     grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
     return grad_input, grad_weight, grad_bias
 

@@ -2,7 +2,7 @@
 // block of output rows of one image; each kernel tap is one GEMM (oneDNN's brgemm for float)
 // on the block's input window read in place (or padded into an L2-sized per-thread buffer),
 // and bias + ReLU (+ the cast) are applied while the product is in cache.
-// Backward: dgrad is the same convolution of the masked gradient (mask = output > 0, applied
+// Backward: dgrad is the same convolution of the masked gradient (zero where output <= 0, applied
 // while loading the window) with the flipped weight; wgrad and the bias grad accumulate per
 // thread over the forward's blocks and are summed in a fixed order. Kernels read NCHW;
 // channels_last inputs are converted and the results returned channels_last.
@@ -82,8 +82,11 @@ void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* s
       std::fill(d, d + lo, acc_t(0));
       if (mask) {
         const scalar_t* m = mask + offset;
-        for (int64_t x = lo; x < hi; ++x)
-          d[x] = static_cast<acc_t>(m[x]) > acc_t(0) ? static_cast<acc_t>(s[x]) : acc_t(0);
+        for (int64_t x = lo; x < hi; ++x) {
+          // Both loads unconditional, so the select vectorises.
+          const acc_t value = static_cast<acc_t>(s[x]), kept = static_cast<acc_t>(m[x]);
+          d[x] = kept <= acc_t(0) ? acc_t(0) : value;  // NaN outputs pass, as in torch's ReLU backward
+        }
       } else {
         for (int64_t x = lo; x < hi; ++x) d[x] = static_cast<acc_t>(s[x]);
       }
@@ -196,11 +199,19 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
           const scalar_t* gsrc = grad_out + offset;
           const scalar_t* msrc = mask ? mask + offset : nullptr;
           acc_t* mrow = m + r * plan.width * g.out_channels + co;
-          for (int64_t i = 0; i < g.out_w; ++i) {
-            const acc_t v = static_cast<acc_t>(gsrc[i]);
-            const acc_t kept = msrc && !(static_cast<acc_t>(msrc[i]) > acc_t(0)) ? acc_t(0) : v;
-            mrow[i * g.out_channels] = kept;
-            s += kept;
+          if (msrc) {
+            for (int64_t i = 0; i < g.out_w; ++i) {
+              const acc_t v = static_cast<acc_t>(gsrc[i]), mv = static_cast<acc_t>(msrc[i]);
+              const acc_t kept = mv <= acc_t(0) ? acc_t(0) : v;
+              mrow[i * g.out_channels] = kept;
+              s += kept;
+            }
+          } else {
+            for (int64_t i = 0; i < g.out_w; ++i) {
+              const acc_t v = static_cast<acc_t>(gsrc[i]);
+              mrow[i * g.out_channels] = v;
+              s += v;
+            }
           }
         }
         bias_sum[co] += s;

@@ -10,9 +10,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 
 #include "../common/dispatch.h"
 #include "../conv_host.h"
+#include "gemm.h"
 
 namespace unet_ext {
 namespace conv {
@@ -47,17 +49,18 @@ void forward_kernel(const ConvGeometry& g, const scalar_t* input, const at::Tens
   const int64_t blocks_per_image = (g.in_h + rows - 1) / rows;
   const int64_t out_plane = g.out_h * g.out_w;
   const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const auto acc_options = weight_rows.options();
+  const acc_t* weights = weight_rows.const_data_ptr<acc_t>();
   at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor x = at::empty({g.in_channels * rows * g.in_w}, acc_options);
-    at::Tensor y = at::empty({4 * g.out_channels * rows * g.in_w}, acc_options);
+    std::unique_ptr<acc_t[]> x(new acc_t[g.in_channels * rows * g.in_w]);
+    std::unique_ptr<acc_t[]> y(new acc_t[4 * g.out_channels * rows * g.in_w]);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
       const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
-      load_input_block(g, input, n, h0, pixels, x.mutable_data_ptr<acc_t>());
-      at::Tensor product = y.narrow(0, 0, 4 * g.out_channels * pixels).view({4 * g.out_channels, pixels});
-      at::mm_out(product, weight_rows, x.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels}));
-      const acc_t* p = product.const_data_ptr<acc_t>();
+      load_input_block(g, input, n, h0, pixels, x.get());
+      // y[(co, dy, dx), pixels] = W^T[4 C_out, C_in] x[C_in, pixels]
+      cpu::gemm(4 * g.out_channels, pixels, g.in_channels, weights, g.in_channels, x.get(), pixels,
+                y.get(), pixels, false);
+      const acc_t* p = y.get();
       for (int64_t co = 0; co < g.out_channels; ++co) {
         const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
         scalar_t* plane = output + (n * g.out_channels + co) * out_plane;
@@ -76,6 +79,7 @@ void forward_kernel(const ConvGeometry& g, const scalar_t* input, const at::Tens
         }
       }
     }
+    cpu::gemm_release();
   });
 }
 
@@ -95,55 +99,65 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
     weight_partials = at::zeros({threads, g.in_channels, 4 * g.out_channels}, acc_options);
     bias_partials = at::zeros({threads, g.out_channels}, acc_options);
   }
+  const acc_t* weights = weight_matrix.const_data_ptr<acc_t>();
+  const int64_t phases = 4 * g.out_channels;
   at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
     const int thread = at::get_thread_num();
-    at::Tensor gathered = at::empty({4 * g.out_channels * rows * g.in_w}, acc_options);
-    at::Tensor x, dx;
-    if (want_weight) x = at::empty({g.in_channels * rows * g.in_w}, acc_options);
-    if (grad_input) dx = at::empty({g.in_channels * rows * g.in_w}, acc_options);
+    const int64_t max_pixels = rows * g.in_w;
+    // G[(co, dy, dx), pixel]: each input pixel's 2x2 output gradient, for dgrad = W G; its
+    // transpose G^T[pixel, (co, dy, dx)] for wgrad = x G^T (both plain GEMM operands).
+    std::unique_ptr<acc_t[]> gathered(new acc_t[phases * max_pixels]);
+    std::unique_ptr<acc_t[]> gathered_t(want_weight ? new acc_t[max_pixels * phases] : nullptr);
+    std::unique_ptr<acc_t[]> x(want_weight ? new acc_t[g.in_channels * max_pixels] : nullptr);
+    std::unique_ptr<acc_t[]> dx(grad_input ? new acc_t[g.in_channels * max_pixels] : nullptr);
+    acc_t* weight_sum = want_weight ? weight_partials[thread].mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* bias_sum = want_weight ? bias_partials[thread].mutable_data_ptr<acc_t>() : nullptr;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
       const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
-      acc_t* G = gathered.mutable_data_ptr<acc_t>();
+      acc_t* G = gathered.get();
+      acc_t* GT = gathered_t.get();
       for (int64_t co = 0; co < g.out_channels; ++co) {
         const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
+        acc_t s = 0;
         for (int64_t dy = 0; dy < 2; ++dy) {
-          acc_t* even = G + up_phase(co, dy, 0) * pixels;
-          acc_t* odd = G + up_phase(co, dy, 1) * pixels;
+          const int64_t pe = up_phase(co, dy, 0), po = up_phase(co, dy, 1);
+          acc_t* even = G + pe * pixels;
+          acc_t* odd = G + po * pixels;
           for (int64_t r = 0; r < block_rows; ++r) {
             const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
             for (int64_t w = 0; w < g.in_w; ++w) {
-              even[r * g.in_w + w] = static_cast<acc_t>(row[2 * w]);
-              odd[r * g.in_w + w] = static_cast<acc_t>(row[2 * w + 1]);
+              const acc_t e = static_cast<acc_t>(row[2 * w]), o = static_cast<acc_t>(row[2 * w + 1]);
+              even[r * g.in_w + w] = e;
+              odd[r * g.in_w + w] = o;
+              s += e + o;
+            }
+          }
+          if (GT) {
+            for (int64_t i = 0; i < pixels; ++i) {
+              GT[i * phases + pe] = even[i];
+              GT[i * phases + po] = odd[i];
             }
           }
         }
+        if (bias_sum) bias_sum[co] += s;
       }
-      at::Tensor G_block = gathered.narrow(0, 0, 4 * g.out_channels * pixels).view({4 * g.out_channels, pixels});
       if (grad_input) {
-        at::Tensor dx_block = dx.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels});
-        at::mm_out(dx_block, weight_matrix, G_block);
-        const acc_t* src = dx_block.const_data_ptr<acc_t>();
+        // dx[C_in, pixels] = W[C_in, 4 C_out] G[4 C_out, pixels]
+        cpu::gemm(g.in_channels, pixels, phases, weights, phases, G, pixels, dx.get(), pixels, false);
         for (int64_t ci = 0; ci < g.in_channels; ++ci) {
           scalar_t* dst = grad_input + (n * g.in_channels + ci) * in_plane + h0 * g.in_w;
-          for (int64_t i = 0; i < pixels; ++i) dst[i] = static_cast<scalar_t>(src[ci * pixels + i]);
+          const acc_t* src = dx.get() + ci * pixels;
+          for (int64_t i = 0; i < pixels; ++i) dst[i] = static_cast<scalar_t>(src[i]);
         }
       }
       if (want_weight) {
-        load_input_block(g, input, n, h0, pixels, x.mutable_data_ptr<acc_t>());
-        at::Tensor x_block = x.narrow(0, 0, g.in_channels * pixels).view({g.in_channels, pixels});
-        weight_partials[thread].addmm_(x_block, G_block.t());
-        acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
-        for (int64_t co = 0; co < g.out_channels; ++co) {
-          acc_t s = 0;
-          for (int64_t phase = 0; phase < 4; ++phase) {
-            const acc_t* row = G + (co * 4 + phase) * pixels;
-            for (int64_t i = 0; i < pixels; ++i) s += row[i];
-          }
-          bias_sum[co] += s;
-        }
+        load_input_block(g, input, n, h0, pixels, x.get());
+        // weight_sum[C_in, 4 C_out] += x[C_in, pixels] G^T[pixels, 4 C_out]
+        cpu::gemm(g.in_channels, phases, pixels, x.get(), pixels, GT, phases, weight_sum, phases, true);
       }
     }
+    cpu::gemm_release();
   });
   if (want_weight) {
     grad_weight.copy_(weight_partials.sum(0));

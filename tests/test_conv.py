@@ -1,0 +1,441 @@
+"""conv2d_relu, conv2d_bias and conv_transpose2x2 against F.conv2d / F.conv_transpose2d: dtypes,
+shapes, layouts, gradients, ReLU mask, NaN, gradcheck, opcheck, compile, errors, determinism."""
+import math
+
+import pytest
+import torch
+
+from unet_ext import reference
+from unet_ext.ops import conv2d_bias, conv2d_relu, conv_transpose2x2
+
+from conftest import TOLERANCES, assert_low_precision, device_dtype_params, to_layout
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+OPS = {
+    "conv2d_relu": (conv2d_relu, reference.conv2d_relu),
+    "conv2d_bias": (conv2d_bias, reference.conv2d_bias),
+    "conv_transpose2x2": (conv_transpose2x2, reference.conv_transpose2x2),
+}
+UP = "conv_transpose2x2"
+
+CONV_CASES = [  # (input shape, weight shape, padding)
+    ((2, 3, 13, 17), (4, 3, 3, 3), 0),        # odd sizes, "valid"
+    ((2, 3, 13, 17), (4, 3, 3, 3), 1),        # odd sizes, "same"
+    ((2, 3, 9, 11), (5, 3, 3, 2), 1),         # non-square kernel
+    ((1, 2, 5, 6), (3, 2, 3, 3), 3),          # padding > k - 1 (dgrad padding < 0)
+    ((3, 1, 12, 10), (8, 1, 3, 3), 0),        # C_in = 1 (first layer)
+    ((2, 8, 7, 9), (2, 8, 1, 1), 0),          # 1x1 head, C_out = 2
+    ((2, 4, 1, 1), (3, 4, 3, 3), 1),          # 1x1 image, padded 3x3
+    ((2, 4, 1, 1), (3, 4, 1, 1), 0),          # 1x1 image, 1x1 kernel
+    ((0, 3, 8, 8), (4, 3, 3, 3), 1),          # empty batch
+    ((2, 32, 20, 24), (48, 32, 3, 3), 0),     # more channels
+    ((2, 64, 40, 40), (32, 64, 3, 3), 1),     # several row blocks per image
+    ((1, 64, 6, 130), (8, 64, 3, 3), 1),      # one output row per block (row wider than a block)
+]
+
+UP_CASES = [  # (input shape, weight shape)
+    ((2, 3, 13, 17), (3, 4, 2, 2)),           # odd sizes
+    ((2, 4, 1, 1), (4, 3, 2, 2)),             # 1x1 input
+    ((3, 1, 7, 6), (1, 5, 2, 2)),             # C_in = 1
+    ((2, 6, 5, 7), (6, 1, 2, 2)),             # C_out = 1
+    ((0, 3, 4, 4), (3, 2, 2, 2)),             # empty batch
+    ((2, 64, 20, 20), (64, 32, 2, 2)),        # more channels
+    ((2, 64, 36, 44), (64, 32, 2, 2)),        # several row blocks per image
+]
+
+SMALL = {  # op -> (input shape, weight shape, padding): the layout / bias / requires_grad cases
+    "conv2d_relu": ((2, 3, 9, 11), (5, 3, 3, 3), 1),
+    "conv2d_bias": ((2, 3, 9, 11), (5, 3, 3, 3), 1),
+    UP: ((2, 3, 5, 7), (3, 4, 2, 2), 0),
+}
+
+
+def case_id(case):
+    return "x".join(map(str, case[0])) + "-w" + "x".join(map(str, case[1])) + (
+        f"-p{case[2]}" if len(case) > 2 else "")
+
+
+def weight_layout(w, layout):
+    """contiguous | channels_last | strided | transposed (C_out/C_in swapped in memory)."""
+    if layout == "transposed":
+        view = w.transpose(0, 1).contiguous().transpose(0, 1)
+        assert w.shape[0] <= 1 or w.shape[1] <= 1 or not view.is_contiguous()
+        return view
+    return to_layout(w, layout)
+
+
+def unambiguous_channels_last(shape):
+    return shape[1] > 1 and shape[2] * shape[3] > 1
+
+
+def call(op, x, w, b, padding, fn_index=0):
+    fn = OPS[op][fn_index]
+    return fn(x, w, b) if op == UP else fn(x, w, b, padding)
+
+
+def run_case(op, device, dtype, in_shape, w_shape, padding=0, has_bias=True, layout="contiguous",
+             grad_layout="contiguous", w_layout="contiguous", needs=(True, True, True), seed=0):
+    """Forward and the gradients of the inputs in `needs` against the reference: float64 tight;
+    other dtypes by assert_low_precision against stock PyTorch in the same dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    fan_in = w_shape[0] if op == UP else w_shape[1] * w_shape[2] * w_shape[3]
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    x64 = torch.randn(in_shape, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(w_shape, generator=gen, dtype=torch.float64) / math.sqrt(max(fan_in, 1))
+    b64 = torch.randn(c_out, generator=gen, dtype=torch.float64) * 0.5
+    x = to_layout(x64.to(device=device, dtype=dtype), layout).requires_grad_(needs[0])
+    w = weight_layout(w64.to(device=device, dtype=dtype), w_layout).requires_grad_(needs[1])
+    b = b64.to(device=device, dtype=dtype).requires_grad_(needs[2]) if has_bias else None
+
+    out = call(op, x, w, b, padding)
+    assert out.dtype == dtype and out.device == x.device
+    if op == UP:
+        assert out.shape == (in_shape[0], c_out, 2 * in_shape[2], 2 * in_shape[3])
+    else:
+        assert out.shape == (in_shape[0], c_out, in_shape[2] + 2 * padding - w_shape[2] + 1,
+                             in_shape[3] + 2 * padding - w_shape[3] + 1)
+    if layout == "channels_last" and unambiguous_channels_last(in_shape):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    elif layout != "channels_last":
+        assert out.is_contiguous()
+
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grad_out = to_layout(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype),
+                         grad_layout)
+    ours_grads = torch.autograd.grad(out, leaves, grad_out) if leaves else ()
+    for g, leaf in zip(ours_grads, leaves):
+        assert g.shape == leaf.shape and g.dtype == dtype
+    if needs[0] and layout == "channels_last" and unambiguous_channels_last(in_shape):
+        assert ours_grads[0].is_contiguous(memory_format=torch.channels_last)
+
+    def reference_run(cast, mask=None):
+        args = [None if t is None else t.detach().to(cast).requires_grad_(t.requires_grad) for t in (x, w, b)]
+        ref_leaves = [t for t in args if t is not None and t.requires_grad]
+        ref_out = call(op, *args, padding, fn_index=1)
+        target, g = ref_out, grad_out.to(cast)
+        if mask is not None:  # the ReLU's derivative taken from our own output (see below)
+            target, g = reference.conv2d_bias(*args, padding), g * mask.to(cast)
+        grads = torch.autograd.grad(target, ref_leaves, g) if ref_leaves else ()
+        return ref_out.detach(), grads
+
+    if dtype == torch.float64:
+        exact_out, exact_grads = reference_run(torch.float64)
+        torch.testing.assert_close(out, exact_out, **TOLERANCES[dtype])
+        for g, e in zip(ours_grads, exact_grads):
+            torch.testing.assert_close(g, e, **TOLERANCES[dtype])
+        return
+    # In low precision a pre-activation within rounding of 0 may fall on either side of the
+    # ReLU: the gradients are compared given our output's mask (the one our backward uses);
+    # the mask itself is checked exactly by the float64 cases and test_relu_mask_semantics.
+    mask = ~(out.detach() <= 0) if op == "conv2d_relu" else None
+    exact_out, exact_grads = reference_run(torch.float64, mask)
+    stock_out, stock_grads = reference_run(dtype, mask)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert_low_precision(out, stock_out, exact_out, floor=floor)
+    for g, s, e in zip(ours_grads, stock_grads, exact_grads):
+        assert_low_precision(g, s, e, floor=floor)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("op", ["conv2d_relu", "conv2d_bias"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv2d_matches_reference(device, dtype, op, case):
+    run_case(op, device, dtype, *case)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", UP_CASES, ids=case_id)
+def test_conv_transpose2x2_matches_reference(device, dtype, case):
+    run_case(UP, device, dtype, *case)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "strided"], ids=lambda l: f"grad_{l}")
+def test_layouts(device, dtype, op, layout, grad_layout):
+    run_case(op, device, dtype, *SMALL[op], layout=layout, grad_layout=grad_layout)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("w_layout", ["channels_last", "strided", "transposed"])
+def test_weight_layouts(device, dtype, op, w_layout):
+    run_case(op, device, dtype, *SMALL[op], w_layout=w_layout)
+    run_case(op, device, dtype, *SMALL[op], layout="channels_last", w_layout=w_layout)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("op", list(OPS))
+def test_bias_none(device, dtype, op):
+    run_case(op, device, dtype, *SMALL[op], has_bias=False)
+    run_case(op, device, dtype, *SMALL[op], has_bias=False, layout="channels_last")
+
+
+NEEDS = [(False, True, True), (True, False, False), (False, True, False), (False, False, True),
+         (True, True, False), (True, False, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "grad_" + "".join("xwb"[i] for i in range(3) if n[i]))
+def test_requires_grad_on_some_inputs(device, op, needs):
+    run_case(op, device, torch.float64, *SMALL[op], needs=needs)
+    run_case(op, device, torch.float32, *SMALL[op], needs=needs, layout="channels_last")
+    # .backward() fills exactly the leaves that require grad.
+    in_shape, w_shape, padding = SMALL[op]
+    x = torch.randn(in_shape, dtype=torch.float64, device=device).requires_grad_(needs[0])
+    w = torch.randn(w_shape, dtype=torch.float64, device=device).requires_grad_(needs[1])
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    b = torch.randn(c_out, dtype=torch.float64, device=device).requires_grad_(needs[2])
+    call(op, x, w, b, padding).sum().backward()
+    for t, need in zip((x, w, b), needs):
+        assert (t.grad is not None) == need
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_no_input_requires_grad(device, op):
+    run_case(op, device, torch.float64, *SMALL[op], needs=(False, False, False))
+    in_shape, w_shape, padding = SMALL[op]
+    x = torch.randn(in_shape, dtype=torch.float64, device=device)
+    w = torch.randn(w_shape, dtype=torch.float64, device=device)
+    assert not call(op, x, w, None, padding).requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
+                                  (False, False, True), (False, True, True)], ids=str)
+def test_backward_ops_output_mask(device, op, mask):
+    # Masked-off grads come back empty; the others match the reference.
+    in_shape, w_shape, padding = SMALL[op]
+    x = torch.randn(in_shape, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(w_shape, dtype=torch.float64, device=device, requires_grad=True)
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    b = torch.randn(c_out, dtype=torch.float64, device=device, requires_grad=True)
+    expected_out = call(op, x, w, b, padding, fn_index=1)
+    grad_out = torch.randn_like(expected_out)
+    expected = torch.autograd.grad(expected_out, (x, w, b), grad_out)
+    if op == UP:
+        got = torch.ops.unet_ext._conv_transpose2x2_backward(grad_out, x.detach(), w.detach(), list(mask))
+    else:
+        output = expected_out.detach() if op == "conv2d_relu" else None
+        got = torch.ops.unet_ext._conv2d_backward(grad_out, x.detach(), w.detach(), output, padding, list(mask))
+    for g, e, wanted in zip(got, expected, mask):
+        if wanted:
+            torch.testing.assert_close(g, e, **TOLERANCES[torch.float64])
+        else:
+            assert g.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_mask_semantics(device):
+    # Channel 0: pre-activation exactly 0 everywhere (zero weights and bias); channel 1: all
+    # negative; channel 2: free. conv2d_relu stops the gradient where output == 0 (as
+    # F.relu does); conv2d_bias, the same kernel without ReLU, lets it through.
+    x = torch.rand(2, 3, 8, 9, dtype=torch.float64, device=device) + 0.1
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64, device=device)
+    w[0] = 0
+    w[1] = -w[1].abs()
+    b = torch.tensor([0.0, -1.0, 0.1], dtype=torch.float64, device=device)
+    for op in ("conv2d_relu", "conv2d_bias"):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        out = call(op, xs, ws, bs, 1)
+        grad_out = torch.randn_like(out)
+        gx, gw, gb = torch.autograd.grad(out, (xs, ws, bs), grad_out)
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        ref = call(op, xr, wr, br, 1, fn_index=1)
+        expected = torch.autograd.grad(ref, (xr, wr, br), grad_out)
+        torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
+        for g, e in zip((gx, gw, gb), expected):
+            torch.testing.assert_close(g, e, **TOLERANCES[torch.float64])
+        if op == "conv2d_relu":
+            assert (out[:, 0] == 0).all() and (out[:, 1] == 0).all()
+            assert (gw[:2] == 0).all() and (gb[:2] == 0).all()
+        else:
+            assert (out[:, 0] == 0).all() and (out[:, 1] < 0).all()
+            torch.testing.assert_close(gb, grad_out.sum((0, 2, 3)), **TOLERANCES[torch.float64])
+            assert (gw[0] != 0).any() and (gw[1] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_nan_propagates_like_stock(device, op):
+    in_shape, w_shape, padding = SMALL[op]
+    x = torch.randn(in_shape, dtype=torch.float64, device=device)
+    x[1, 1, 2, 3] = float("nan")
+    w = torch.randn(w_shape, dtype=torch.float64, device=device)
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    b = torch.randn(c_out, dtype=torch.float64, device=device)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    out = call(op, xs, ws, bs, padding)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = call(op, xr, wr, br, padding, fn_index=1)
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert not out[0].isnan().any()  # the other image is untouched
+    torch.testing.assert_close(out, ref, equal_nan=True, **TOLERANCES[torch.float64])
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (xs, ws, bs), grad_out)
+    want = torch.autograd.grad(ref, (xr, wr, br), grad_out)
+    failures = []
+    for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        try:
+            assert torch.equal(g.isnan(), e.isnan()), "NaN pattern differs"
+            torch.testing.assert_close(g, e, equal_nan=True, **TOLERANCES[torch.float64])
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck(layout):
+    def make(*shape):
+        return to_layout(torch.randn(shape, dtype=torch.float64), layout).requires_grad_()
+
+    def vec(n):
+        return torch.randn(n, dtype=torch.float64, requires_grad=True)
+
+    torch.manual_seed(0)
+    for padding in (0, 1):
+        assert torch.autograd.gradcheck(lambda x, w, b: conv2d_relu(x, w, b, padding),
+                                        (make(2, 2, 4, 5), make(2, 2, 3, 3), vec(2)))
+        assert torch.autograd.gradcheck(lambda x, w, b: conv2d_bias(x, w, b, padding),
+                                        (make(2, 2, 4, 5), make(2, 2, 3, 2), vec(2)))
+    assert torch.autograd.gradcheck(lambda x, w: conv2d_relu(x, w, None, 2), (make(1, 2, 3, 4), make(2, 2, 3, 3)))
+    assert torch.autograd.gradcheck(conv_transpose2x2, (make(2, 3, 2, 3), make(3, 2, 2, 2), vec(2)))
+    assert torch.autograd.gradcheck(lambda x, w: conv_transpose2x2(x, w), (make(1, 1, 2, 3), make(1, 2, 2, 2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", ["conv2d_relu", "conv2d_bias", UP, "_conv2d_backward", "_conv_transpose2x2_backward"])
+def test_opcheck(device, layout, op):
+    # channels_last: input, weight and grad_out all channels_last (a model after
+    # .to(memory_format=torch.channels_last)).
+    def make(*shape, requires_grad=False):
+        x = torch.randn(shape, device=device)
+        return (to_layout(x, layout) if len(shape) == 4 else x).requires_grad_(requires_grad)
+
+    torch.manual_seed(0)
+    x, w, b = make(2, 3, 7, 8, requires_grad=True), make(4, 3, 3, 3, requires_grad=True), make(4, requires_grad=True)
+    up_w, up_b = make(3, 5, 2, 2, requires_grad=True), make(5, requires_grad=True)
+    if op in ("conv2d_relu", "conv2d_bias"):
+        overload = getattr(torch.ops.unet_ext, op).default
+        torch.library.opcheck(overload, (x, w, b, 1))
+        torch.library.opcheck(overload, (x, w, None, 0))
+    elif op == UP:
+        torch.library.opcheck(torch.ops.unet_ext.conv_transpose2x2.default, (x, up_w, up_b))
+        torch.library.opcheck(torch.ops.unet_ext.conv_transpose2x2.default, (x, up_w, None))
+    elif op == "_conv2d_backward":
+        x, w = x.detach(), w.detach()
+        output = conv2d_relu(x, w, b.detach(), 1)
+        grad = make(*output.shape)
+        for out_arg in (output, None):
+            for mask in ([True, True, True], [True, False, True], [False, True, False]):
+                torch.library.opcheck(torch.ops.unet_ext._conv2d_backward.default, (grad, x, w, out_arg, 1, mask))
+    else:
+        up_grad = make(2, 5, 14, 16)
+        for mask in ([True, True, True], [False, True, True], [True, False, False]):
+            torch.library.opcheck(torch.ops.unet_ext._conv_transpose2x2_backward.default,
+                                  (up_grad, x.detach(), up_w.detach(), mask))
+
+
+def test_compile_fullgraph():
+    def f(x, w1, b1, w2, b2, w3, b3):
+        h = conv2d_relu(x, w1, b1, padding=1)
+        u = conv_transpose2x2(h, w2, b2)
+        return conv2d_bias(u * 0.5, w3, b3).square().sum()
+
+    torch.manual_seed(0)
+    args = [torch.randn(2, 3, 8, 7), torch.randn(6, 3, 3, 3), torch.randn(6), torch.randn(6, 4, 2, 2),
+            torch.randn(4), torch.randn(2, 4, 1, 1), torch.randn(2)]
+    args = [a.requires_grad_() for a in args]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args)
+    got = torch.autograd.grad(loss, args)
+    expected = f(*args)
+    expected_grads = torch.autograd.grad(expected, args)
+    torch.testing.assert_close(loss, expected)
+    for g, e in zip(got, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+BAD_INPUTS = [  # (op, input shape, weight shape, bias shape, padding, (x, w, b dtypes), message)
+    ("conv2d_relu", (2, 3, 8, 8), (4, 5, 3, 3), None, 0, None, "weight must have shape"),
+    ("conv2d_bias", (2, 3, 8, 8), (4, 3, 3, 3), (5,), 0, None, "bias must have shape"),
+    ("conv2d_relu", (2, 3, 8, 8), (4, 3, 3, 3), (1, 4), 0, None, "bias must have shape"),
+    ("conv2d_relu", (2, 3, 4, 4), (4, 3, 5, 5), None, 0, None, "larger than the padded input"),
+    ("conv2d_bias", (2, 3, 2, 8), (4, 3, 3, 3), None, 0, None, "larger than the padded input"),
+    ("conv2d_relu", (2, 3, 1, 1), (4, 3, 3, 3), None, 0, None, "larger than the padded input"),
+    ("conv2d_relu", (3, 8, 8), (4, 3, 3, 3), None, 0, None, "input must be a 4-D tensor"),
+    ("conv2d_bias", (2, 3, 8, 8), (4, 3, 3), None, 0, None, "weight must be a 4-D tensor"),
+    ("conv2d_relu", (2, 3, 8, 8), (4, 3, 3, 3), None, -1, None, "padding must be >= 0"),
+    ("conv2d_relu", (2, 3, 8, 8), (4, 3, 3, 3), None, 0, (torch.float32, torch.float64, None), "same dtype"),
+    ("conv2d_bias", (2, 3, 8, 8), (4, 3, 3, 3), (4,), 0, (torch.float32, torch.float32, torch.float64),
+     "same dtype"),
+    (UP, (2, 3, 4, 4), (4, 3, 2, 2), None, 0, None, "weight must have shape"),
+    (UP, (2, 3, 4, 4), (3, 4, 3, 3), None, 0, None, "weight must have shape"),
+    (UP, (2, 3, 4, 4), (3, 4, 2, 1), None, 0, None, "weight must have shape"),
+    (UP, (2, 3, 4, 4), (3, 4, 2), None, 0, None, "weight must be a 4-D tensor"),
+    (UP, (3, 4, 4), (3, 4, 2, 2), None, 0, None, "input must be a 4-D tensor"),
+    (UP, (2, 3, 4, 4), (3, 4, 2, 2), (3,), 0, None, "bias must have shape"),
+    (UP, (2, 3, 4, 4), (3, 4, 2, 2), None, 0, (torch.float64, torch.float32, None), "same dtype"),
+]
+
+
+@pytest.mark.parametrize("op,in_shape,w_shape,b_shape,padding,dtypes,message", BAD_INPUTS,
+                         ids=[f"{c[0]}-{c[-1]}-{i}" for i, c in enumerate(BAD_INPUTS)])
+def test_bad_input_raises(op, in_shape, w_shape, b_shape, padding, dtypes, message):
+    x_dtype, w_dtype, b_dtype = dtypes or (torch.float32, torch.float32, torch.float32)
+    x = torch.randn(in_shape, dtype=x_dtype)
+    w = torch.randn(w_shape, dtype=w_dtype)
+    b = None if b_shape is None else torch.randn(b_shape, dtype=b_dtype or torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        call(op, x, w, b, padding)
+
+
+def test_backward_ops_check_grad_out_shape():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        torch.ops.unet_ext._conv2d_backward(torch.randn(2, 4, 8, 8), x, w, None, 0, [True, True, True])
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        torch.ops.unet_ext._conv_transpose2x2_backward(torch.randn(2, 4, 8, 8), x, torch.randn(3, 4, 2, 2),
+                                                       [True, True, True])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", list(OPS))
+def test_mixed_devices_raise(op):
+    in_shape, w_shape, padding = SMALL[op]
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    x, w, b = torch.randn(in_shape, device="cuda"), torch.randn(w_shape), torch.randn(c_out)
+    with pytest.raises(RuntimeError, match="same device"):
+        call(op, x, w, None, padding)
+    with pytest.raises(RuntimeError, match="same device"):
+        call(op, x, w.cuda(), b, padding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("op,case", [("conv2d_relu", CONV_CASES[10]), ("conv2d_bias", CONV_CASES[10]),
+                                     (UP, UP_CASES[6])], ids=["conv2d_relu", "conv2d_bias", UP])
+def test_cpu_deterministic(dtype, op, case):
+    # Several row blocks per image, split over the threads: wgrad/bias partial sums must be
+    # added in a fixed order, so two runs agree bit for bit.
+    in_shape, w_shape = case[0], case[1]
+    padding = case[2] if len(case) > 2 else 0
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(in_shape, generator=gen).to(dtype)
+    w = (torch.randn(w_shape, generator=gen) * 0.05).to(dtype)
+    c_out = w_shape[1] if op == UP else w_shape[0]
+    b = torch.randn(c_out, generator=gen).to(dtype)
+    grad_out = None
+    runs = []
+    for _ in range(2):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        out = call(op, xs, ws, bs, padding)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+        runs.append((out.detach(), *torch.autograd.grad(out, (xs, ws, bs), grad_out)))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)

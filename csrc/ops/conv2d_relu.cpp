@@ -2,6 +2,7 @@
 #include "conv_host.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include "common/checks.h"
 
@@ -31,6 +32,10 @@ at::MemoryFormat conv_memory_format(const at::Tensor& input) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor opmath_contiguous(const at::Tensor& t) {
+  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
 }
 
 ConvGeometry conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,

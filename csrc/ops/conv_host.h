@@ -24,5 +24,8 @@ ConvGeometry conv_transpose2x2_geometry(const char* op, const at::Tensor& input,
 // The memory format conv outputs (and gradients) use: channels_last iff the input is.
 at::MemoryFormat conv_memory_format(const at::Tensor& input);
 
+// t in its opmath dtype (float for 16-bit types), contiguous: weights and biases as the kernels read them.
+at::Tensor opmath_contiguous(const at::Tensor& t);
+
 }  // namespace conv
 }  // namespace unet_ext

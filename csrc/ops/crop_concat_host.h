@@ -3,6 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <utility>
 
 #include "crop_concat.h"
 
@@ -15,6 +19,19 @@ Geometry forward_geometry(const at::Tensor& skip, const at::Tensor& up, at::Tens
 // Validates the backward's arguments and allocates grad_skip, grad_up in grad_out's format.
 Geometry backward_geometry(const at::Tensor& grad_out, int64_t skip_channels, int64_t skip_height,
                            int64_t skip_width, at::Tensor& grad_skip, at::Tensor& grad_up);
+
+// A copy depends only on the element size: Fn<word_t>::run for 1, 2, 4 or 8-byte elements, so
+// one instantiation per size serves every dtype (CPU and CUDA kernels alike).
+template <template <typename> class Fn, typename... Args>
+void dispatch_element_size(int64_t element_size, Args&&... args) {
+  switch (element_size) {
+    case 1: return Fn<uint8_t>::run(std::forward<Args>(args)...);
+    case 2: return Fn<uint16_t>::run(std::forward<Args>(args)...);
+    case 4: return Fn<uint32_t>::run(std::forward<Args>(args)...);
+    case 8: return Fn<uint64_t>::run(std::forward<Args>(args)...);
+    default: TORCH_CHECK(false, "unet_ext.crop_concat: unsupported element size ", element_size);
+  }
+}
 
 }  // namespace crop_concat
 }  // namespace unet_ext

@@ -231,10 +231,6 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
   grad_bias.copy_(bias_partials.sum(0));
 }
 
-at::Tensor opmath_contiguous(const at::Tensor& t) {
-  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
-}
-
 at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.

@@ -165,10 +165,6 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
   }
 }
 
-at::Tensor opmath_contiguous(const at::Tensor& t) {
-  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
-}
-
 at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias) {
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.

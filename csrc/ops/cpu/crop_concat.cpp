@@ -100,17 +100,6 @@ void backward_impl(const Geometry& g, const at::Tensor& grad, at::Tensor& grad_s
   });
 }
 
-template <template <typename> class Fn, typename... Args>
-void dispatch_element_size(int64_t element_size, Args&&... args) {
-  switch (element_size) {
-    case 1: return Fn<uint8_t>::run(std::forward<Args>(args)...);
-    case 2: return Fn<uint16_t>::run(std::forward<Args>(args)...);
-    case 4: return Fn<uint32_t>::run(std::forward<Args>(args)...);
-    case 8: return Fn<uint64_t>::run(std::forward<Args>(args)...);
-    default: TORCH_CHECK(false, "unet_ext.crop_concat: unsupported element size ", element_size);
-  }
-}
-
 template <typename word_t>
 struct Forward {
   static void run(const Geometry& g, const at::Tensor& skip, const at::Tensor& up, at::Tensor& out) {

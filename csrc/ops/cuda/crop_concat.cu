@@ -130,17 +130,6 @@ struct Backward {
   }
 };
 
-template <template <typename> class Fn, typename... Args>
-void dispatch_element_size(int64_t element_size, Args&&... args) {
-  switch (element_size) {
-    case 1: return Fn<uint8_t>::run(std::forward<Args>(args)...);
-    case 2: return Fn<uint16_t>::run(std::forward<Args>(args)...);
-    case 4: return Fn<uint32_t>::run(std::forward<Args>(args)...);
-    case 8: return Fn<uint64_t>::run(std::forward<Args>(args)...);
-    default: TORCH_CHECK(false, "unet_ext.crop_concat: unsupported element size ", element_size);
-  }
-}
-
 at::Tensor crop_concat_cuda(const at::Tensor& skip, const at::Tensor& up) {
   const c10::cuda::CUDAGuard device_guard(skip.device());
   at::Tensor out;

@@ -110,7 +110,8 @@ def peak_bytes(fn, device):
 
 def time_interleaved(fns, device, budget_s=1.0, min_iters=10, max_iters=500, warmup=2):
     """Per-call times (ms) of each callable, called A,B,A,B... until min_iters rounds are done
-    and the budget is spent (or max_iters). CUDA: events around each call, after zeroing a
+    and the budget is spent (or max_iters; at least 3 rounds, and no more than min_iters' worth
+    past five budgets, for cases of seconds per call). CUDA: events around each call, after zeroing a
     256 MiB buffer so no call finds the previous one's data in L2; CPU: perf_counter."""
     names = list(fns)
     for _ in range(warmup):
@@ -120,7 +121,15 @@ def time_interleaved(fns, device, budget_s=1.0, min_iters=10, max_iters=500, war
     times = {name: [] for name in names}
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if device == "cuda" else None
     start, rounds = time.perf_counter(), 0
-    while rounds < min_iters or (rounds < max_iters and time.perf_counter() - start < budget_s):
+    def more():
+        elapsed = time.perf_counter() - start
+        if rounds < 3:
+            return True
+        if rounds < min_iters:  # heavy cases (whole layers on a CPU) stop at 3 rounds past 5 budgets
+            return elapsed < 5 * budget_s
+        return rounds < max_iters and elapsed < budget_s
+
+    while more():
         events = []
         for name in names:
             if flush is not None:

@@ -110,6 +110,22 @@ const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const sc
   return buffer;
 }
 
+// With few input channels (U-Net's first layer has one) a GEMM per tap has K = C_in, too
+// short to run well; gathering the shifted windows as rows of one [C_in*kh*kw, columns]
+// matrix (contiguous copies, cheap at this size) gives one GEMM with K = C_in*kh*kw instead.
+constexpr int64_t kFewChannels = 8;
+
+template <typename acc_t>
+void shifted_rows(const ConvGeometry& g, const BlockPlan& plan, const acc_t* win,
+                  int64_t channel_stride, int64_t columns, acc_t* rows) {
+  for (int64_t c = 0; c < g.in_channels; ++c)
+    for (int64_t ky = 0; ky < g.kernel_h; ++ky)
+      for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+        const acc_t* from = win + c * channel_stride + ky * plan.width + kx;
+        std::copy(from, from + columns, rows + ((c * g.kernel_h + ky) * g.kernel_w + kx) * columns);
+      }
+}
+
 // dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked]) + bias).
 // taps: [kh * kw][C_out][C_in] opmath weights, one GEMM operand per kernel tap.
 template <typename scalar_t>
@@ -122,17 +138,33 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
   const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t* weights = taps.const_data_ptr<acc_t>();
   const bool in_place = window_in_place<scalar_t>(g, mask);
+  std::vector<acc_t> few_weights;  // [C_out][(c, ky, kx)], for the few-channels path
+  if (g.in_channels <= kFewChannels) {
+    few_weights.resize(g.out_channels * g.taps());
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (int64_t c = 0; c < g.in_channels; ++c)
+        for (int64_t t = 0; t < g.kernel_h * g.kernel_w; ++t)
+          few_weights[co * g.taps() + c * g.kernel_h * g.kernel_w + t] = weights[(t * g.out_channels + co) * g.in_channels + c];
+  }
   at::parallel_for(0, g.batch * plan.blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
     const int64_t wide = plan.rows * plan.width;
     std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
     std::unique_ptr<acc_t[]> product(new acc_t[g.out_channels * wide]);
+    const bool few = g.in_channels <= kFewChannels;
+    std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
     for (int64_t b = b0; b < b1; ++b) {
       const Block blk = plan.block(b, g);
       int64_t channel_stride = 0;
       const acc_t* win = block_window(g, plan, src, mask, blk, window.get(), channel_stride);
       const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1), ld = blk.rows * plan.width;
+      if (few) {
+        // product[C_out, columns] = W[C_out, (c, ky, kx)] rows[(c, ky, kx), columns]
+        shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
+        cpu::gemm(g.out_channels, columns, g.taps(), few_weights.data(), g.taps(), rows_buffer.get(),
+                  columns, product.get(), ld, false);
+      }
       // product[C_out, columns] = sum over taps of W_tap[C_out, C_in] window_tap[C_in, columns]
-      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+      for (int64_t ky = 0; ky < g.kernel_h && !few; ++ky) {
         for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
           const int64_t tap = ky * g.kernel_w + kx;
           cpu::gemm(g.out_channels, columns, g.in_channels, weights + tap * tap_size, g.in_channels,
@@ -182,6 +214,10 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
     const int64_t wide = plan.rows * plan.width;
     std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
     std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
+    const bool few = g.in_channels <= kFewChannels;
+    std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
+    // The few-channels path sums in [(c, ky, kx)][C_out] order; moved into the tap order at the end.
+    std::unique_ptr<acc_t[]> few_sum(few ? new acc_t[g.taps() * g.out_channels]() : nullptr);
     acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();
     acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
     for (int64_t b = b0; b < b1; ++b) {
@@ -216,7 +252,13 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
         }
         bias_sum[co] += s;
       }
-      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+      if (few) {
+        // few_sum[(c, ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
+        shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
+        cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, m, g.out_channels,
+                  few_sum.get(), g.out_channels, true);
+      }
+      for (int64_t ky = 0; ky < g.kernel_h && !few; ++ky) {
         for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
           const int64_t tap = ky * g.kernel_w + kx;
           // weight_sum[tap][C_in, C_out] += window_tap[C_in, columns] masked_t[columns, C_out]
@@ -224,6 +266,12 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
                     m, g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
         }
       }
+    }
+    if (few) {
+      for (int64_t c = 0; c < g.in_channels; ++c)
+        for (int64_t t = 0; t < taps; ++t)
+          for (int64_t co = 0; co < g.out_channels; ++co)
+            weight_sum[(t * g.in_channels + c) * g.out_channels + co] += few_sum[(c * taps + t) * g.out_channels + co];
     }
     cpu::gemm_release();
   });

@@ -16,6 +16,9 @@ except ImportError as error:  # pragma: no cover - depends on the install
 
 from . import ops  # noqa: E402,F401
 from .ops import conv2d_bias, conv2d_relu, conv_transpose2x2, crop_concat, weighted_cross_entropy  # noqa: E402,F401
+from . import nn  # noqa: E402,F401
+from .model import UNet  # noqa: E402,F401
+from ._unet_shape import output_size, valid_input_size  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

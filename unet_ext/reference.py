@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d_relu", "conv2d_bias", "conv_transpose2x2", "centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
+__all__ = ["UNet", "conv2d_relu", "conv2d_bias", "conv_transpose2x2", "centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
 
 
 def conv2d_relu(input, weight, bias=None, padding: int = 0):
@@ -56,3 +56,48 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 def weighted_cross_entropy_unfused(logits, target, weight_map):
     """What users write without unet_ext: ``(F.cross_entropy(..., 'none') * w).mean()``."""
     return (F.cross_entropy(logits, target, reduction="none") * weight_map).mean()
+
+
+class _StockConvReLU(torch.nn.Conv2d):
+    """nn.Conv2d followed by a ReLU: the parameters are the Conv2d's own (weight, bias), so the
+    keys match unet_ext.nn.Conv2dReLU."""
+
+    def __init__(self, in_channels, out_channels, padding):
+        super().__init__(in_channels, out_channels, 3, padding=padding)
+        _he_init(self)
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def _he_init(module):
+    fan_in = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+    if isinstance(module, torch.nn.ConvTranspose2d):
+        fan_in = module.weight.shape[0]
+    torch.nn.init.normal_(module.weight, 0.0, (2.0 / fan_in) ** 0.5)
+    torch.nn.init.zeros_(module.bias)
+
+
+def _stock_up(in_channels, out_channels):
+    up = torch.nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+    _he_init(up)
+    return up
+
+
+def _stock_head(in_channels, out_channels):
+    head = torch.nn.Conv2d(in_channels, out_channels, 1)
+    _he_init(head)
+    return head
+
+
+def _stock_merge(skip, up):
+    return torch.cat([centre_crop(skip, up.shape[-2:]), up], dim=1)
+
+
+def UNet(in_channels=1, num_classes=2, base_channels=64, depth=4, padding="valid", dropout=0.0):
+    """unet_ext.UNet from stock torch.nn layers only (Conv2d, ConvTranspose2d, ReLU, MaxPool2d,
+    Dropout): the same state_dict keys and shapes, so weights move both ways."""
+    from .model import UNetBase
+    return UNetBase(in_channels, num_classes, base_channels, depth, padding, dropout,
+                    conv_relu=_StockConvReLU, up_conv=_stock_up, head=_stock_head,
+                    merge=_stock_merge)

@@ -1,0 +1,118 @@
+"""unet_ext.UNet: the 2015 U-Net (Ronneberger, Fischer, Brox) on the fused kernels, and the
+skeleton it shares with the stock-layer reference (unet_ext.reference.UNet): the same modules
+under the same names, so state_dicts move both ways. Levels: two 3x3 conv+ReLU each, 2x2
+max-pool down, 2x2 up-conv, skip merge (centre crop in "valid" mode, pad of the up-sampled
+map in "same" mode), two 3x3 conv+ReLU, 1x1 head.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import nn as fused
+from . import ops
+from ._unet_shape import check_input_size, output_size, valid_input_size
+
+__all__ = ["UNet"]
+
+PADDINGS = ("valid", "same")
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, conv_relu, in_channels, out_channels, padding):
+        super().__init__()
+        self.conv1 = conv_relu(in_channels, out_channels, padding)
+        self.conv2 = conv_relu(out_channels, out_channels, padding)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, conv_relu, up_conv, in_channels, out_channels, padding):
+        super().__init__()
+        self.up = up_conv(in_channels, out_channels)
+        self.conv1 = conv_relu(in_channels, out_channels, padding)
+        self.conv2 = conv_relu(out_channels, out_channels, padding)
+
+
+def pad_to(up, skip):
+    """Pads the up-sampled map to the skip's size ("same" mode with odd sizes)."""
+    dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
+    if dh or dw:
+        up = F.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+    return up
+
+
+class UNetBase(nn.Module):
+    """The network, given layer constructors: conv_relu(in, out, padding), up_conv(in, out),
+    head(in, out), and merge(skip, up) -> concatenation."""
+
+    def __init__(self, in_channels, num_classes, base_channels, depth, padding, dropout,
+                 conv_relu, up_conv, head, merge):
+        super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if depth < 1 or base_channels < 1 or in_channels < 1 or num_classes < 1:
+            raise ValueError("depth, base_channels, in_channels and num_classes must be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.base_channels, self.depth, self.padding = base_channels, depth, padding
+        conv_padding = 1 if padding == "same" else 0
+        channels = [base_channels * 2 ** i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList(
+            DoubleConv(conv_relu, c_in, c_out, conv_padding)
+            for c_in, c_out in zip([in_channels] + channels[:-1], channels))
+        self.dropout = nn.Dropout(dropout)  # end of the contracting path, as the paper
+        self.decoder = nn.ModuleList(
+            UpBlock(conv_relu, up_conv, channels[i + 1], channels[i], conv_padding)
+            for i in reversed(range(depth)))
+        self.head = head(channels[0], num_classes)
+        self._merge = merge
+
+    def output_size(self, size):
+        """Output height/width for an input of `size` (ValueError if it does not fit)."""
+        return output_size(size, self.depth, self.padding)
+
+    def valid_input_size(self, size):
+        """The smallest input size >= size that this network accepts."""
+        return valid_input_size(size, self.depth, self.padding)
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"UNet expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet expects {self.in_channels} input channels, got {x.shape[1]}")
+        for size in x.shape[-2:]:
+            check_input_size(int(size), self.depth, self.padding)
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x)
+            if level < self.depth:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        x = self.dropout(x)
+        for block, skip in zip(self.decoder, reversed(skips)):
+            up = block.up(x)
+            if self.padding == "same":
+                up = pad_to(up, skip)
+            x = block.conv2(block.conv1(self._merge(skip, up)))
+        return self.head(x)
+
+
+class UNet(UNetBase):
+    """The paper's U-Net on unet_ext's fused kernels; a drop-in nn.Module.
+
+    Defaults give the paper's network (31,030,658 parameters; 572x572 in, 388x388 out).
+    padding="same" keeps the input's size (any size >= 2**depth). dropout applies at the end of
+    the contracting path (the paper used 0.5 there). He initialisation.
+    """
+
+    def __init__(self, in_channels=1, num_classes=2, base_channels=64, depth=4, padding="valid",
+                 dropout=0.0):
+        super().__init__(
+            in_channels, num_classes, base_channels, depth, padding, dropout,
+            conv_relu=lambda i, o, p: fused.Conv2dReLU(i, o, 3, p),
+            up_conv=fused.UpConv2x2,
+            head=lambda i, o: fused.Conv2dBias(i, o, 1),
+            merge=ops.crop_concat)

@@ -213,6 +213,7 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
     const int thread = at::get_thread_num();
     const int64_t wide = plan.rows * plan.width;
     std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
+    std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
     std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
     const bool few = g.in_channels <= kFewChannels;
     std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
@@ -226,32 +227,32 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
       const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk,
                                       window.get(), channel_stride);
       const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
-      acc_t* m = masked_t.get();
-      std::fill(m, m + blk.rows * plan.width * g.out_channels, acc_t(0));
+      // masked[C_out, wide]: the block's gradient with the ReLU mask, zero in the extra
+      // columns; then transposed (tiled) into masked_t[wide, C_out] for the GEMMs.
+      acc_t* mk = masked.get();
+      const int64_t wide_block = blk.rows * plan.width;
       for (int64_t co = 0; co < g.out_channels; ++co) {
         acc_t s = 0;
         for (int64_t r = 0; r < blk.rows; ++r) {
           const int64_t offset = blk.n * out_image + co * out_plane + (blk.oh0 + r) * g.out_w;
           const scalar_t* gsrc = grad_out + offset;
           const scalar_t* msrc = mask ? mask + offset : nullptr;
-          acc_t* mrow = m + r * plan.width * g.out_channels + co;
+          acc_t* mrow = mk + co * wide_block + r * plan.width;
           if (msrc) {
             for (int64_t i = 0; i < g.out_w; ++i) {
               const acc_t v = static_cast<acc_t>(gsrc[i]), mv = static_cast<acc_t>(msrc[i]);
-              const acc_t kept = mv <= acc_t(0) ? acc_t(0) : v;
-              mrow[i * g.out_channels] = kept;
-              s += kept;
+              mrow[i] = mv <= acc_t(0) ? acc_t(0) : v;
             }
           } else {
-            for (int64_t i = 0; i < g.out_w; ++i) {
-              const acc_t v = static_cast<acc_t>(gsrc[i]);
-              mrow[i * g.out_channels] = v;
-              s += v;
-            }
+            for (int64_t i = 0; i < g.out_w; ++i) mrow[i] = static_cast<acc_t>(gsrc[i]);
           }
+          for (int64_t i = 0; i < g.out_w; ++i) s += mrow[i];
+          std::fill(mrow + g.out_w, mrow + plan.width, acc_t(0));
         }
         bias_sum[co] += s;
       }
+      acc_t* m = masked_t.get();
+      cpu::transpose(mk, g.out_channels, wide_block, m);
       if (few) {
         // few_sum[(c, ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
         shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());

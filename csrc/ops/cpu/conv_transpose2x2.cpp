@@ -121,9 +121,8 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
         const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
         acc_t s = 0;
         for (int64_t dy = 0; dy < 2; ++dy) {
-          const int64_t pe = up_phase(co, dy, 0), po = up_phase(co, dy, 1);
-          acc_t* even = G + pe * pixels;
-          acc_t* odd = G + po * pixels;
+          acc_t* even = G + up_phase(co, dy, 0) * pixels;
+          acc_t* odd = G + up_phase(co, dy, 1) * pixels;
           for (int64_t r = 0; r < block_rows; ++r) {
             const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
             for (int64_t w = 0; w < g.in_w; ++w) {
@@ -133,15 +132,10 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
               s += e + o;
             }
           }
-          if (GT) {
-            for (int64_t i = 0; i < pixels; ++i) {
-              GT[i * phases + pe] = even[i];
-              GT[i * phases + po] = odd[i];
-            }
-          }
         }
         if (bias_sum) bias_sum[co] += s;
       }
+      if (GT) cpu::transpose(G, phases, pixels, GT);
       if (grad_input) {
         // dx[C_in, pixels] = W[C_in, 4 C_out] G[4 C_out, pixels]
         cpu::gemm(g.in_channels, pixels, phases, weights, phases, G, pixels, dx.get(), pixels, false);

@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
+
 namespace unet_ext {
 namespace cpu {
 
@@ -57,6 +59,21 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, 
                  int64_t ldb, double* c, int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
   gemm_with_mm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+// dst[cols, rows] = src[rows, cols]^T in 16x16 tiles: both sides stay within a few cache lines
+// per tile (a plain loop writes one new line per element on one side).
+template <typename T>
+void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
+    }
+  }
 }
 
 // Call at the end of each parallel task that used gemm (frees the brgemm's per-thread state).

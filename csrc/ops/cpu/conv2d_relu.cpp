@@ -44,12 +44,16 @@ struct BlockPlan {
   }
 };
 
+// Up to this many input channels, one GEMM over shifted rows (see shifted_rows) beats a GEMM per tap.
+constexpr int64_t kFewChannels = 8;
+
 // Rows per block: window plus product near kBlockBytes (half of a 1 MiB L2), at least one row.
 constexpr int64_t kBlockBytes = int64_t{1} << 19;
 BlockPlan plan_blocks(const ConvGeometry& g, int64_t element_size) {
   BlockPlan plan;
   plan.width = g.out_w + g.kernel_w - 1;
-  const int64_t per_row = (g.in_channels + g.out_channels) * plan.width * element_size;
+  int64_t per_row = (g.in_channels + g.out_channels) * plan.width * element_size;
+  if (g.in_channels <= kFewChannels) per_row += g.taps() * plan.width * element_size;  // shifted rows
   plan.rows = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, per_row), 1, std::max<int64_t>(1, g.out_h));
   plan.blocks_per_image = (g.out_h + plan.rows - 1) / plan.rows;
   return plan;
@@ -113,7 +117,6 @@ const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const sc
 // With few input channels (U-Net's first layer has one) a GEMM per tap has K = C_in, too
 // short to run well; gathering the shifted windows as rows of one [C_in*kh*kw, columns]
 // matrix (contiguous copies, cheap at this size) gives one GEMM with K = C_in*kh*kw instead.
-constexpr int64_t kFewChannels = 8;
 
 template <typename acc_t>
 void shifted_rows(const ConvGeometry& g, const BlockPlan& plan, const acc_t* win,

@@ -283,6 +283,53 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
   grad_bias.copy_(bias_partials.sum(0));
 }
 
+// Weight repacking with tiled transposes (a permuted at::contiguous of the 512-channel
+// weights takes longer than the convolution of U-Net's 22x22 bottom map).
+// Forward taps [kh*kw][C_out][C_in] from weight [C_out][C_in][kh][kw].
+at::Tensor forward_taps(const at::Tensor& weight) {
+  const at::Tensor w = opmath_contiguous(weight);
+  const int64_t taps = w.size(2) * w.size(3);
+  at::Tensor out = at::empty({w.size(2), w.size(3), w.size(0), w.size(1)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "forward_taps", [&] {
+    cpu::transpose(w.const_data_ptr<scalar_t>(), w.size(0) * w.size(1), taps, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// dgrad taps [kh*kw][C_in][C_out]: tap t holds W[:, :, kh*kw - 1 - t] (the flipped kernel), transposed.
+at::Tensor dgrad_taps(const at::Tensor& weight) {
+  const at::Tensor w = opmath_contiguous(weight);
+  const int64_t c_out = w.size(0), c_in = w.size(1), taps = w.size(2) * w.size(3);
+  at::Tensor by_input = at::empty({c_in * taps, c_out}, w.options());  // [(ci, t)][co]
+  at::Tensor out = at::empty({w.size(2), w.size(3), c_in, c_out}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "dgrad_taps", [&] {
+    cpu::transpose(w.const_data_ptr<scalar_t>(), c_out, c_in * taps, by_input.mutable_data_ptr<scalar_t>());
+    const scalar_t* src = by_input.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t ci = 0; ci < c_in; ++ci)
+      for (int64_t t = 0; t < taps; ++t)
+        std::copy(src + (ci * taps + t) * c_out, src + (ci * taps + t + 1) * c_out,
+                  dst + ((taps - 1 - t) * c_in + ci) * c_out);
+  });
+  return out;
+}
+
+// grad_weight [C_out][C_in][kh][kw] from the wgrad taps [kh*kw][C_in][C_out].
+at::Tensor weight_from_taps(const at::Tensor& grad_taps) {
+  const int64_t kh = grad_taps.size(0), kw = grad_taps.size(1), c_in = grad_taps.size(2),
+                c_out = grad_taps.size(3), taps = kh * kw;
+  at::Tensor by_tap = at::empty({taps, c_out, c_in}, grad_taps.options());
+  at::Tensor out = at::empty({c_out, c_in, kh, kw}, grad_taps.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_taps.scalar_type(), "weight_from_taps", [&] {
+    const scalar_t* src = grad_taps.const_data_ptr<scalar_t>();
+    scalar_t* mid = by_tap.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < taps; ++t)
+      cpu::transpose(src + t * c_in * c_out, c_in, c_out, mid + t * c_out * c_in);
+    cpu::transpose(static_cast<const scalar_t*>(mid), taps, c_out * c_in, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.
@@ -292,7 +339,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
-    const at::Tensor taps = opmath_contiguous(weight.permute({2, 3, 0, 1}));  // [kh][kw][C_out][C_in]
+    const at::Tensor taps = forward_taps(weight);  // [kh][kw][C_out][C_in]
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cpu", [&] {
       convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), nullptr, taps, bias_acc,
@@ -342,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                                       : at::zeros(input.sizes(), input.options());
     if (grad_input.numel() > 0 && grad_out.numel() > 0) {
       // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx], as taps.
-      const at::Tensor flipped = opmath_contiguous(weight.flip({2, 3}).permute({2, 3, 1, 0}));
+      const at::Tensor flipped = dgrad_taps(weight);
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cpu", [&] {
         convolve<scalar_t>(dgrad_geometry(g), grad_out.const_data_ptr<scalar_t>(),
                            masked ? output.const_data_ptr<scalar_t>() : nullptr, flipped,
@@ -362,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                                    grad_taps, bias_acc);
       });
     }
-    if (output_mask[1]) grad_weight = grad_taps.permute({3, 2, 0, 1}).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+    if (output_mask[1]) grad_weight = weight_from_taps(grad_taps).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());
   }
   return {grad_input, grad_weight, grad_bias};

@@ -10,6 +10,9 @@
 namespace unet_ext {
 namespace conv {
 
+// Whether the CUTLASS kernels take this problem: 16-bit float, 8-aligned channels, int sizes, sm_80+.
+bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype);
+
 // The channels_last output [relu](conv(input, weight) + bias), or an undefined tensor when the
 // problem is outside the fast path (dtype, alignment, 32-bit sizes); the caller then falls back.
 // bias may be undefined. Launches on the current stream of the current (guarded) device.
@@ -19,6 +22,10 @@ at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input
 // grad_input (channels_last) = the dgrad convolution of `grad` (grad_out with the ReLU mask
 // already applied, N x C_out x H_out x W_out) with weight, or undefined outside the fast path.
 at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight);
+
+// grad_weight as fp32 (C_out, C_in, kh, kw) in channels_last memory (KRSC) = sum over pixels of
+// `grad` (masked) x input, deterministic (serial split-K), or undefined outside the fast path.
+at::Tensor conv2d_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input);
 
 }  // namespace conv
 }  // namespace unet_ext

@@ -1,9 +1,8 @@
-// conv2d_relu / conv2d_bias / _conv2d_backward on CUDA. float16/bfloat16 forwards with 8-aligned
-// channels run CUTLASS's tensor-core implicit GEMM (conv2d_cutlass.cu, NHWC); everything else
-// runs the generic direct kernels here on NCHW-contiguous tensors, accumulating in opmath:
-// one thread per output pixel (a block shares one (n, c_out) plane, so weights are uniform
-// loads); dgrad is the same kernel on the masked gradient with the flipped, transposed weight;
-// wgrad and grad_bias give one block per weight element, reduced in a fixed order (no atomics).
+// conv2d_relu / conv2d_bias / _conv2d_backward on CUDA. float16/bfloat16 with 8-aligned channels
+// run CUTLASS tensor-core implicit GEMMs (conv2d_cutlass.cu, NHWC) for fprop, dgrad and wgrad;
+// the rest runs generic direct kernels on NCHW-contiguous tensors in opmath: one thread per output
+// pixel (dgrad: the same kernel on the masked gradient and the flipped, transposed weight), and
+// one block per weight/bias element for wgrad, reduced in a fixed order (no atomics).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -231,11 +230,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
 
+  bool dgrad_done = false, wgrad_done = false;
+#ifdef UNET_EXT_WITH_CUTLASS
+  // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last (where() keeps a
+  // masked-off NaN/inf gradient out, which a multiply by the mask would not).
+  if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_fits(g, input_arg.scalar_type()) &&
+      grad_out_arg.scalar_type() == input_arg.scalar_type()) {
+    at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
+    if (masked) grad = at::where(output_arg->gt(0), grad, 0);
+    if (output_mask[0]) {
+      if (at::Tensor dx = conv2d_dgrad_cutlass(g, grad, weight); dx.defined()) {
+        grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();
+        dgrad_done = true;
+      }
+    }
+    if (output_mask[1]) {
+      if (at::Tensor dw = conv2d_wgrad_cutlass(g, grad, input_arg); dw.defined()) {
+        grad_weight = dw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+        wgrad_done = true;
+      }
+    }
+  }
+#endif
+  if ((!output_mask[0] || dgrad_done) && (!output_mask[1] || wgrad_done) && !output_mask[2]) {
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor input = input_arg.contiguous();
   const at::Tensor grad_out = grad_out_arg.to(input.scalar_type()).contiguous();
   const at::Tensor output = masked ? output_arg->to(input.scalar_type()).contiguous() : at::Tensor();
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  if (output_mask[0]) {
+  if (output_mask[0] && !dgrad_done) {
     // Every element is written by the dgrad convolution, unless grad_out is empty (C_out = 0).
     grad_input = grad_out.numel() > 0 ? at::empty(input.sizes(), input.options())
                                       : at::zeros(input.sizes(), input.options());
@@ -253,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     }
     if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
   }
-  if (output_mask[1]) {
+  if (output_mask[1] && !wgrad_done) {
     // Every element is written (a sum over zero pixels is 0), so empty() is enough.
     at::Tensor acc = at::empty(weight.sizes(), acc_options);
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cuda", [&] {

@@ -230,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
 
-  bool dgrad_done = false, wgrad_done = false;
+  bool dgrad_done = false, wgrad_done = false, bgrad_done = false;
 #ifdef UNET_EXT_WITH_CUTLASS
   // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last (where() keeps a
   // masked-off NaN/inf gradient out, which a multiply by the mask would not).
@@ -250,9 +250,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
         wgrad_done = true;
       }
     }
+    if (output_mask[2] && (dgrad_done || wgrad_done)) {
+      // From the masked gradient already at hand, so that the generic path's NCHW copies are
+      // skipped; ATen's CUDA sum reduces in a fixed order (torch lists it as deterministic).
+      grad_bias = grad.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type());
+      bgrad_done = true;
+    }
   }
 #endif
-  if ((!output_mask[0] || dgrad_done) && (!output_mask[1] || wgrad_done) && !output_mask[2]) {
+  if ((!output_mask[0] || dgrad_done) && (!output_mask[1] || wgrad_done) && (!output_mask[2] || bgrad_done)) {
     return {grad_input, grad_weight, grad_bias};
   }
   const at::Tensor input = input_arg.contiguous();
@@ -289,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     });
     grad_weight = acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
   }
-  if (output_mask[2]) {
+  if (output_mask[2] && !bgrad_done) {
     at::Tensor acc = at::empty({g.out_channels}, acc_options);
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_bgrad_cuda", [&] {
       if (masked) {

@@ -98,5 +98,8 @@ def test_cutlass_conv_kernels_use_tensor_cores():
         if not conv:
             pytest.skip("built without CUTLASS (nvidia-cutlass not installed or UNET_EXT_CUTLASS=0)")
         for section in conv:
-            assert re.search(r"\bHMMA\.16816\.F32", section), \
-                f"{arch}: CUTLASS conv kernel without HMMA: {section.split(chr(10), 1)[0][:200]}"
+            name = section.split("\n", 1)[0]
+            assert re.search(r"\bHMMA\.16816\.F32", section), f"{arch}: CUTLASS conv kernel without HMMA: {name[:200]}"
+            if "LinearCombinationRelu" in name:
+                # torch.relu keeps NaN: the epilogue's max must be the NaN-propagating one.
+                assert "FMNMX.NAN" in section, f"{arch}: ReLU epilogue drops NaN: {name[:200]}"

@@ -2,7 +2,8 @@
 
 CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
 Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, DEBUG=1,
-UNET_EXT_WERROR=1 (warnings, spills included, are errors: what CI uses), CUDA_HOME.
+UNET_EXT_WERROR=1 (warnings, spills included, are errors: what CI uses), CUDA_HOME,
+UNET_EXT_CUTLASS=0 (leave out the CUTLASS tensor-core conv path even when nvidia-cutlass is installed).
 """
 import glob
 import os
@@ -64,6 +65,18 @@ def pip_cuda_include_dirs():
     return dirs
 
 
+def cutlass_include_dir():
+    """CUTLASS headers from the nvidia-cutlass wheel (cutlass_library/source/include), or None."""
+    if os.environ.get("UNET_EXT_CUTLASS", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return path if os.path.exists(os.path.join(path, "cutlass", "cutlass.h")) else None
+
+
 force_cuda = flag("FORCE_CUDA")
 cuda_home = find_cuda_home()
 if cuda_home:
@@ -97,9 +110,17 @@ nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
 nvcc_flags += ["--expt-relaxed-constexpr", "-Xptxas=--warn-on-spills"]
 if werror:
     nvcc_flags += ["-Werror", "all-warnings", "-Xcompiler=-Werror"]
+cutlass_dir = cutlass_include_dir() if with_cuda else None
+if cutlass_dir:
+    # nvcc only (the .cpp files never see CUTLASS); -isystem keeps -Werror to our own code.
+    nvcc_flags += ["-isystem", cutlass_dir, "-DUNET_EXT_WITH_CUTLASS"]
+else:
+    # The tensor-core conv path needs the CUTLASS headers; without them the generic kernels serve.
+    cuda_sources = [s for s in cuda_sources if not s.endswith("_cutlass.cu")]
 
 print(f"unet_ext: torch {torch.__version__}, CUDA kernels: "
       f"{'ON, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', toolkit ' + cuda_home if with_cuda else 'OFF (CPU-only build)'}"
+      f"{', CUTLASS ' + cutlass_dir if cutlass_dir else (', no CUTLASS' if with_cuda else '')}"
       f"{', warnings are errors' if werror else ''}", flush=True)
 
 common = dict(

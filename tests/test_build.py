@@ -1,6 +1,7 @@
 """What the build put into unet_ext._C, checked without a GPU: the CUDA kernels of every op are
-compiled for sm_80 and sm_90, use no local memory (no register spills, no stack arrays), and the
-copy kernels use 128-bit loads and stores. Skips on a CPU-only build or without cuobjdump."""
+compiled for sm_80 and sm_90, use no local memory (no register spills, no stack arrays), the
+copy kernels use 128-bit loads and stores, and the CUTLASS conv kernels (when built) run on tensor
+cores (HMMA) in both cubins. Skips on a CPU-only build or without cuobjdump."""
 import os
 import re
 import shutil
@@ -12,7 +13,8 @@ import torch
 import unet_ext
 
 CUDA_OPS = ["crop_concat", "_crop_concat_backward", "_weighted_cross_entropy_forward",
-            "_weighted_cross_entropy_backward"]
+            "_weighted_cross_entropy_backward", "conv2d_relu", "conv2d_bias", "_conv2d_backward",
+            "conv_transpose2x2", "_conv_transpose2x2_backward"]
 
 
 def _cuobjdump():
@@ -75,3 +77,29 @@ def test_crop_concat_copies_use_128_bit_accesses():
     crop = "\n".join(s for s in sections if "crop_concat" in s.split("\n", 1)[0])
     assert crop, "no crop_concat kernels in the SASS"
     assert "LDG.E.128" in crop and "STG.E.128" in crop
+
+
+def _sass_by_arch():
+    """{"sm_80": sass, "sm_90": sass}: cuobjdump prints one "code for sm_XX" block per cubin."""
+    blocks = re.split(r"\n\s*code for (sm_\d+a?)\s*\n", _dump("--dump-sass"))
+    by_arch = {}
+    for arch, text in zip(blocks[1::2], blocks[2::2]):
+        by_arch[arch.rstrip("a")] = by_arch.get(arch.rstrip("a"), "") + text
+    return by_arch
+
+
+@needs_cuda_build
+def test_cutlass_conv_kernels_use_tensor_cores():
+    by_arch = _sass_by_arch()
+    for arch in ("sm_80", "sm_90"):
+        assert arch in by_arch, f"no {arch} SASS"
+        sections = re.split(r"\n\s*Function : ", by_arch[arch])
+        conv = [s for s in sections if "ImplicitGemmConvolution" in s.split("\n", 1)[0]]
+        if not conv:
+            pytest.skip("built without CUTLASS (nvidia-cutlass not installed or UNET_EXT_CUTLASS=0)")
+        for section in conv:
+            name = section.split("\n", 1)[0]
+            assert re.search(r"\bHMMA\.16816\.F32", section), f"{arch}: CUTLASS conv kernel without HMMA: {name[:200]}"
+            if "LinearCombinationRelu" in name:
+                # torch.relu keeps NaN: the epilogue's max must be the NaN-propagating one.
+                assert "FMNMX.NAN" in section, f"{arch}: ReLU epilogue drops NaN: {name[:200]}"

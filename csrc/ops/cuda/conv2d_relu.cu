@@ -1,0 +1,320 @@
+// conv2d_relu / conv2d_bias / _conv2d_backward on CUDA. float16/bfloat16 with 8-aligned channels
+// run CUTLASS tensor-core implicit GEMMs (conv2d_cutlass.cu, NHWC) for fprop, dgrad and wgrad;
+// the rest runs generic direct kernels on NCHW-contiguous tensors in opmath: one thread per output
+// pixel (dgrad: the same kernel on the masked gradient and the flipped, transposed weight), and
+// one block per weight/bias element for wgrad, reduced in a fixed order (no atomics).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/dispatch.h"
+#include "../conv_host.h"
+#include "block_sum.cuh"
+#ifdef UNET_EXT_WITH_CUTLASS
+#include "conv2d_cutlass.h"
+#endif
+
+namespace unet_ext {
+namespace conv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kReduceThreads = 256;
+// An explicit minimum of resident blocks: with a bare __launch_bounds__(256), CUDA 13's ptxas
+// caps these kernels at 40 registers and the float64 ones spill; 2 blocks allow up to 128.
+constexpr int kMinBlocks = 2;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
+
+// dst[n, co, oh, ow] = [relu](bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] *
+// src[n, ci, oh + ky - pad_h, ow + kx - pad_w]), src read as 0 outside the image and, when
+// kMasked, where mask <= 0 (mask = the forward output: dgrad of ReLU). Padding may be negative
+// (dgrad with padding > k - 1): it is only an offset between output and input rows.
+template <typename scalar_t, bool kRelu, bool kMasked>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
+                   const scalar_t* __restrict__ mask, const at::opmath_type<scalar_t>* __restrict__ weight,
+                   const at::opmath_type<scalar_t>* __restrict__ bias, scalar_t* __restrict__ dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  const int64_t planes = g.batch * g.out_channels, kernel = g.kernel_h * g.kernel_w;
+  for (int64_t nc = blockIdx.y; nc < planes; nc += gridDim.y) {
+    const int64_t n = nc / g.out_channels, co = nc - n * g.out_channels;
+    const acc_t* w = weight + co * g.in_channels * kernel;
+    const int64_t image = n * g.in_channels * in_plane;
+    const acc_t shift = bias != nullptr ? bias[co] : acc_t(0);
+    for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < plane;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t oh = p / g.out_w, ow = p - oh * g.out_w;
+      // Taps that read inside the image: ih = oh + ky - pad_h in [0, in_h), same for columns.
+      const int64_t ky0 = std::max<int64_t>(0, g.pad_h - oh);
+      const int64_t ky1 = std::min<int64_t>(g.kernel_h, g.in_h + g.pad_h - oh);
+      const int64_t kx0 = std::max<int64_t>(0, g.pad_w - ow);
+      const int64_t kx1 = std::min<int64_t>(g.kernel_w, g.in_w + g.pad_w - ow);
+      acc_t acc = acc_t(0);
+      for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+        const acc_t* wc = w + ci * kernel;
+        for (int64_t ky = ky0; ky < ky1; ++ky) {
+          // Index of input column 0 of this row: ow - pad_w + kx >= 0 for kx >= kx0.
+          const int64_t row = image + (ci * g.in_h + oh + ky - g.pad_h) * g.in_w + ow - g.pad_w;
+          for (int64_t kx = kx0; kx < kx1; ++kx) {
+            acc_t v = static_cast<acc_t>(src[row + kx]);
+            if constexpr (kMasked) {
+              // Not `v * (m > 0)`: a masked-off NaN/inf gradient must give 0, not NaN.
+              if (!(static_cast<acc_t>(mask[row + kx]) > acc_t(0))) v = acc_t(0);
+            }
+            acc += v * wc[ky * g.kernel_w + kx];
+          }
+        }
+      }
+      acc += shift;
+      if constexpr (kRelu) acc = acc < acc_t(0) ? acc_t(0) : acc;  // keeps NaN, as torch.relu
+      dst[nc * plane + p] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+// grad_weight[co, ci, ky, kx] = sum_{n, oh, ow} gm[n, co, oh, ow] * x[n, ci, oh+ky-pad, ow+kx-pad]
+// and (kBias) grad_bias[co] = sum gm[n, co, :, :], gm = grad_out masked by output > 0 when
+// kMasked. One block per element (grid-stride); warps take (n, oh) rows, lanes columns; the
+// sum's order depends only on the shapes, so results are bit-identical run to run.
+template <typename scalar_t, bool kMasked, bool kBias>
+__global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
+conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
+                  const scalar_t* __restrict__ grad, const scalar_t* __restrict__ mask,
+                  at::opmath_type<scalar_t>* __restrict__ result, int64_t elements) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shared[kReduceThreads / 32];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  constexpr int kWarps = kReduceThreads / 32;
+  const int64_t out_plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  for (int64_t e = blockIdx.x; e < elements; e += gridDim.x) {
+    int64_t co = e, ci = 0, ky = 0, kx = 0;
+    if constexpr (!kBias) {
+      kx = e % g.kernel_w;
+      int64_t t = e / g.kernel_w;
+      ky = t % g.kernel_h;
+      t /= g.kernel_h;
+      ci = t % g.in_channels;
+      co = t / g.in_channels;
+    }
+    // Output rows/columns whose tap (ky, kx) reads inside the image (all of them for the bias).
+    const int64_t oh0 = kBias ? 0 : std::clamp<int64_t>(g.pad_h - ky, 0, g.out_h);
+    const int64_t oh1 = kBias ? g.out_h : std::clamp<int64_t>(g.in_h + g.pad_h - ky, oh0, g.out_h);
+    const int64_t ow0 = kBias ? 0 : g.first_valid_col(kx);
+    const int64_t ow1 = kBias ? g.out_w : g.last_valid_col(kx);
+    const int64_t rows = oh1 - oh0;
+    acc_t acc = acc_t(0);
+    for (int64_t r = warp; r < g.batch * rows; r += kWarps) {
+      const int64_t n = r / rows, oh = oh0 + (r - n * rows);
+      const int64_t grow = (n * g.out_channels + co) * out_plane + oh * g.out_w;
+      const int64_t xrow = (n * g.in_channels + ci) * in_plane + (oh + ky - g.pad_h) * g.in_w + kx - g.pad_w;
+      for (int64_t ow = ow0 + lane; ow < ow1; ow += 32) {
+        acc_t gv = static_cast<acc_t>(grad[grow + ow]);
+        if constexpr (kMasked) {
+          if (!(static_cast<acc_t>(mask[grow + ow]) > acc_t(0))) gv = acc_t(0);
+        }
+        if constexpr (kBias) {
+          acc += gv;
+        } else {
+          acc += gv * static_cast<acc_t>(input[xrow + ow]);
+        }
+      }
+    }
+    const acc_t total = block_sum<acc_t, kReduceThreads>(acc, shared);
+    if (threadIdx.x == 0) result[e] = total;
+  }
+}
+
+template <typename scalar_t, bool kRelu, bool kMasked>
+void launch_direct(const ConvGeometry& g, const at::Tensor& src, const at::Tensor& mask,
+                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = g.out_h * g.out_w;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((plane + kThreads - 1) / kThreads, kMaxGridY)),
+                  static_cast<unsigned>(std::min<int64_t>(g.batch * g.out_channels, kMaxGridY)));
+  conv_direct_kernel<scalar_t, kRelu, kMasked><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, src.const_data_ptr<scalar_t>(), kMasked ? mask.const_data_ptr<scalar_t>() : nullptr,
+      weight.const_data_ptr<acc_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+      dst.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kMasked, bool kBias>
+void launch_wgrad(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& grad,
+                  const at::Tensor& mask, at::Tensor& result) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t elements = result.numel();
+  if (elements == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min(elements, kMaxBlocks));
+  conv_wgrad_kernel<scalar_t, kMasked, kBias><<<blocks, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      g, kBias ? nullptr : input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+      kMasked ? mask.const_data_ptr<scalar_t>() : nullptr, result.mutable_data_ptr<acc_t>(), elements);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor opmath_contiguous(const at::Tensor& t) {
+  return t.to(at::toOpMathType(t.scalar_type())).contiguous();
+}
+
+at::Tensor conv2d_forward_cuda(const char* op, const at::Tensor& input_arg, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
+  // The copies and casts below may see tensors that require grad: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
+  const auto format = conv_memory_format(input_arg);
+  const at::Tensor bias_arg = bias.has_value() && bias->defined() ? *bias : at::Tensor();
+  if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
+    return at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options().memory_format(format));
+  }
+#ifdef UNET_EXT_WITH_CUTLASS
+  // Tensor cores when the problem fits CUTLASS's constraints; its output is channels_last.
+  if (at::Tensor fast = conv2d_forward_cutlass(g, input_arg, weight, bias_arg, relu); fast.defined()) {
+    return format == at::MemoryFormat::ChannelsLast ? fast : fast.contiguous();
+  }
+#endif
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor w = opmath_contiguous(weight);
+  const at::Tensor b = bias_arg.defined() ? opmath_contiguous(bias_arg) : at::Tensor();
+  UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cuda", [&] {
+    if (relu) {
+      launch_direct<scalar_t, true, false>(g, input, at::Tensor(), w, b, output);
+    } else {
+      launch_direct<scalar_t, false, false>(g, input, at::Tensor(), w, b, output);
+    }
+  });
+  return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+}
+
+at::Tensor conv2d_relu_cuda(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t padding) {
+  return conv2d_forward_cuda("unet_ext.conv2d_relu", input, weight, bias, padding, true);
+}
+
+at::Tensor conv2d_bias_cuda(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t padding) {
+  return conv2d_forward_cuda("unet_ext.conv2d_bias", input, weight, bias, padding, false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
+    const at::Tensor& grad_out_arg, const at::Tensor& input_arg, const at::Tensor& weight,
+    const std::optional<at::Tensor>& output_arg, int64_t padding, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "unet_ext._conv2d_backward";
+  // The copies and casts below may see tensors that require grad: keep autograd out of them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
+  const ConvGeometry g = conv2d_geometry(op, input_arg, weight, std::nullopt, padding);
+  UNET_CHECK_SAME_DEVICE(op, input_arg, grad_out_arg);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());
+  const bool masked = output_arg.has_value() && output_arg->defined();
+  if (masked) {
+    UNET_CHECK_SAME_DEVICE(op, input_arg, (*output_arg));
+    TORCH_CHECK(output_arg->sizes().equals(out_shape), op, ": output must have shape ",
+                at::IntArrayRef(out_shape), ", got ", output_arg->sizes());
+  }
+  const auto format = conv_memory_format(input_arg);
+  at::Tensor grad_input = at::empty({0}, input_arg.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, weight.options());
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
+
+  bool dgrad_done = false, wgrad_done = false, bgrad_done = false;
+#ifdef UNET_EXT_WITH_CUTLASS
+  // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last (where() keeps a
+  // masked-off NaN/inf gradient out, which a multiply by the mask would not).
+  if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_fits(g, input_arg.scalar_type()) &&
+      grad_out_arg.scalar_type() == input_arg.scalar_type()) {
+    at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
+    if (masked) grad = at::where(output_arg->gt(0), grad, 0);
+    if (output_mask[0]) {
+      if (at::Tensor dx = conv2d_dgrad_cutlass(g, grad, weight); dx.defined()) {
+        grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();
+        dgrad_done = true;
+      }
+    }
+    if (output_mask[1]) {
+      if (at::Tensor dw = conv2d_wgrad_cutlass(g, grad, input_arg); dw.defined()) {
+        grad_weight = dw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+        wgrad_done = true;
+      }
+    }
+    if (output_mask[2] && (dgrad_done || wgrad_done)) {
+      // From the masked gradient already at hand, so that the generic path's NCHW copies are
+      // skipped; ATen's CUDA sum reduces in a fixed order (torch lists it as deterministic).
+      grad_bias = grad.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type());
+      bgrad_done = true;
+    }
+  }
+#endif
+  if ((!output_mask[0] || dgrad_done) && (!output_mask[1] || wgrad_done) && (!output_mask[2] || bgrad_done)) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor grad_out = grad_out_arg.to(input.scalar_type()).contiguous();
+  const at::Tensor output = masked ? output_arg->to(input.scalar_type()).contiguous() : at::Tensor();
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  if (output_mask[0] && !dgrad_done) {
+    // Every element is written by the dgrad convolution, unless grad_out is empty (C_out = 0).
+    grad_input = grad_out.numel() > 0 ? at::empty(input.sizes(), input.options())
+                                      : at::zeros(input.sizes(), input.options());
+    if (grad_input.numel() > 0 && grad_out.numel() > 0) {
+      // W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx]: dgrad as a forward convolution.
+      const at::Tensor flipped = opmath_contiguous(weight.flip({2, 3}).transpose(0, 1));
+      const ConvGeometry d = dgrad_geometry(g);
+      UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cuda", [&] {
+        if (masked) {
+          launch_direct<scalar_t, false, true>(d, grad_out, output, flipped, at::Tensor(), grad_input);
+        } else {
+          launch_direct<scalar_t, false, false>(d, grad_out, at::Tensor(), flipped, at::Tensor(), grad_input);
+        }
+      });
+    }
+    if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
+  }
+  if (output_mask[1] && !wgrad_done) {
+    // Every element is written (a sum over zero pixels is 0), so empty() is enough.
+    at::Tensor acc = at::empty(weight.sizes(), acc_options);
+    UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cuda", [&] {
+      if (masked) {
+        launch_wgrad<scalar_t, true, false>(g, input, grad_out, output, acc);
+      } else {
+        launch_wgrad<scalar_t, false, false>(g, input, grad_out, output, acc);
+      }
+    });
+    grad_weight = acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+  }
+  if (output_mask[2] && !bgrad_done) {
+    at::Tensor acc = at::empty({g.out_channels}, acc_options);
+    UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_bgrad_cuda", [&] {
+      if (masked) {
+        launch_wgrad<scalar_t, true, true>(g, input, grad_out, output, acc);
+      } else {
+        launch_wgrad<scalar_t, false, true>(g, input, grad_out, output, acc);
+      }
+    });
+    grad_bias = acc.to(weight.scalar_type());
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace conv
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, CUDA, m) {
+  m.impl("conv2d_relu", &unet_ext::conv::conv2d_relu_cuda);
+  m.impl("conv2d_bias", &unet_ext::conv::conv2d_bias_cuda);
+  m.impl("_conv2d_backward", &unet_ext::conv::conv2d_backward_cuda);
+}

@@ -1,0 +1,169 @@
+"""CUDA conv kernels (conv2d_relu, conv2d_bias, conv_transpose2x2 and their backward ops) against a
+float64 reference: every dtype, both memory formats, the CUTLASS tensor-core shapes (16-bit,
+channels multiple of 8) and the generic ones, padding > k - 1, empty tensors, NaN through the
+ReLU, run-to-run determinism of the weight gradients, no host synchronisation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unet_ext  # noqa: F401  (registers the ops)
+from unet_ext import reference
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _assert_close(ours, stock, ref, dtype):
+    """float64/float32: absolute tolerance; 16-bit: at most twice stock PyTorch's error + slack."""
+    if dtype in (torch.float64, torch.float32):
+        tol = 1e-9 if dtype == torch.float64 else 2e-4
+        assert _err(ours, ref) <= tol * max(1.0, ref.abs().max().item())
+    else:
+        assert _err(ours, ref) <= 2 * _err(stock, ref) + 1e-2 * max(1.0, ref.abs().max().item())
+
+
+def _conv_case(shape, dtype, channels_last, with_bias=True):
+    n, c_in, c_out, h, w, k, padding = shape
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(c_out, c_in, k, k, generator=gen, dtype=torch.float64) / (c_in * k * k) ** 0.5
+    b64 = torch.randn(c_out, generator=gen, dtype=torch.float64) if with_bias else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def dev(t):
+        return None if t is None else t.to(dtype).cuda().contiguous(memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
+
+    return x64, w64, b64, dev(x64), dev(w64), dev(b64)
+
+
+SHAPES = [
+    (2, 16, 32, 12, 10, 3, 1),   # CUTLASS-eligible in 16-bit
+    (1, 8, 8, 7, 9, 3, 0),       # CUTLASS-eligible, valid convolution
+    (2, 3, 5, 9, 8, 3, 1),       # generic (channels not multiples of 8)
+    (1, 8, 16, 5, 6, 1, 0),      # 1x1 head
+    (1, 4, 8, 4, 5, 3, 4),       # padding > k - 1: the dgrad geometry has negative padding
+    (1, 16, 8, 6, 6, 5, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv2d_forward_backward(dtype, channels_last, relu, shape):
+    x64, w64, b64, x, w, b = _conv_case(shape, dtype, channels_last)
+    padding = shape[-1]
+    op = torch.ops.unet_ext.conv2d_relu if relu else torch.ops.unet_ext.conv2d_bias
+    out = op(x, w, b, padding)
+    ref = F.conv2d(x64, w64, b64, padding=padding)
+    ref = torch.relu(ref) if relu else ref
+    stock = F.conv2d(x, w, b, padding=padding)
+    stock = torch.relu(stock) if relu else stock
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _assert_close(out.cpu(), stock.cpu(), ref, dtype)
+
+    grad64 = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = grad64.to(dtype).cuda()
+    gi, gw, gb = torch.ops.unet_ext._conv2d_backward(grad, x, w, out if relu else None, padding, [True, True, True])
+    # Reference gradients through the same mask (our output > 0), in float64.
+    mask = (out.double().cpu() > 0) if relu else torch.ones_like(ref, dtype=torch.bool)
+    gm = torch.where(mask, grad64, 0)
+    ref_gi = torch.nn.grad.conv2d_input(x64.shape, w64, gm, padding=padding)
+    ref_gw = torch.nn.grad.conv2d_weight(x64, w64.shape, gm, padding=padding)
+    stock_gi = torch.nn.grad.conv2d_input(x.shape, w, torch.where(mask.cuda(), grad, 0), padding=padding)
+    stock_gw = torch.nn.grad.conv2d_weight(x, w.shape, torch.where(mask.cuda(), grad, 0), padding=padding)
+    _assert_close(gi.cpu(), stock_gi.cpu(), ref_gi, dtype)
+    _assert_close(gw.cpu(), stock_gw.cpu(), ref_gw, dtype)
+    _assert_close(gb.cpu(), gm.sum((0, 2, 3)).to(dtype), gm.sum((0, 2, 3)), dtype)
+    assert gi.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_conv2d_wgrad_is_deterministic(dtype):
+    _, _, _, x, w, b = _conv_case((4, 16, 32, 40, 40, 3, 1), dtype, True)
+    out = torch.ops.unet_ext.conv2d_relu(x, w, b, 1)
+    grad = torch.randn_like(out)
+    first = torch.ops.unet_ext._conv2d_backward(grad, x, w, out, 1, [True, True, True])
+    for _ in range(3):
+        again = torch.ops.unet_ext._conv2d_backward(grad, x, w, out, 1, [True, True, True])
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_conv2d_relu_keeps_nan_and_masks_it_in_backward(dtype):
+    _, _, _, x, w, b = _conv_case((1, 8, 8, 6, 6, 3, 1), dtype, True)
+    x[0, :, 2, 2] = float("nan")
+    out = torch.ops.unet_ext.conv2d_relu(x, w, b, 1)
+    # A direct float64 CPU convolution: NaN reaches exactly the outputs whose window holds it
+    # (a Winograd/FFT cuDNN algorithm could spread it further).
+    ref = torch.relu(F.conv2d(x.double().cpu(), w.double().cpu(), b.double().cpu(), padding=1))
+    assert torch.equal(out.isnan().cpu(), ref.isnan())
+    grad = torch.full_like(out, float("nan"))
+    gi, _, _ = torch.ops.unet_ext._conv2d_backward(grad, x, w, torch.zeros_like(out), 1, [True, False, False])
+    assert torch.equal(gi, torch.zeros_like(gi))  # all masked off: NaN gradients must not leak
+
+
+def test_conv2d_empty_tensors():
+    x = torch.randn(0, 8, 5, 5, device="cuda")
+    w = torch.randn(8, 8, 3, 3, device="cuda")
+    out = torch.ops.unet_ext.conv2d_relu(x, w, None, 1)
+    assert out.shape == (0, 8, 5, 5)
+    gi, gw, gb = torch.ops.unet_ext._conv2d_backward(out, x, w, out, 1, [True, True, True])
+    assert gi.shape == x.shape and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8, device="cuda"))
+    # C_in = 0: the output is relu(bias).
+    x0 = torch.randn(2, 0, 4, 4, device="cuda")
+    b = torch.randn(3, device="cuda")
+    out = torch.ops.unet_ext.conv2d_relu(x0, torch.randn(3, 0, 3, 3, device="cuda"), b, 1)
+    assert torch.equal(out, torch.relu(b).view(1, 3, 1, 1).expand(2, 3, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 7), (1, 16, 8, 6, 6), (2, 1, 1, 1, 1)])
+def test_conv_transpose2x2_forward_backward(dtype, channels_last, shape):
+    n, c_in, c_out, h, w_ = shape
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(c_in, c_out, 2, 2, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x64.to(dtype).cuda().contiguous(memory_format=fmt)
+    w = w64.to(dtype).cuda()
+    b = b64.to(dtype).cuda()
+    out = torch.ops.unet_ext.conv_transpose2x2(x, w, b)
+    ref = reference.conv_transpose2x2(x64, w64, b64)
+    _assert_close(out.cpu(), F.conv_transpose2d(x, w, b, stride=2).cpu(), ref, dtype)
+    assert out.is_contiguous(memory_format=fmt)
+    grad64 = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gi, gw, gb = torch.ops.unet_ext._conv_transpose2x2_backward(grad64.to(dtype).cuda(), x, w, [True, True, True])
+    x64.requires_grad_()
+    w64.requires_grad_()
+    F.conv_transpose2d(x64, w64, None, stride=2).backward(grad64)
+    xs = x.detach().clone().requires_grad_()
+    ws = w.detach().clone().requires_grad_()
+    F.conv_transpose2d(xs, ws, None, stride=2).backward(grad64.to(dtype).cuda())
+    _assert_close(gi.cpu(), xs.grad.cpu(), x64.grad, dtype)
+    _assert_close(gw.cpu(), ws.grad.cpu(), w64.grad, dtype)
+    _assert_close(gb.cpu(), grad64.sum((0, 2, 3)).to(dtype), grad64.sum((0, 2, 3)), dtype)
+
+
+def test_conv_ops_do_not_synchronize():
+    _, _, _, x, w, b = _conv_case((2, 16, 16, 12, 12, 3, 1), torch.float16, True)
+    xg = torch.randn(2, 5, 6, 6, device="cuda")
+    wg = torch.randn(5, 3, 2, 2, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = torch.ops.unet_ext.conv2d_relu(x, w, b, 1)
+        torch.ops.unet_ext._conv2d_backward(torch.ones_like(out), x, w, out, 1, [True, True, True])
+        up = torch.ops.unet_ext.conv_transpose2x2(xg, wg, None)
+        torch.ops.unet_ext._conv_transpose2x2_backward(torch.ones_like(up), xg, wg, [True, True, True])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

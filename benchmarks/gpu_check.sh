@@ -58,7 +58,7 @@ versions() {
 step versions versions
 
 if [ -d wheels ]; then
-  step cutlass python -m pip install --no-index --find-links wheels nvidia-cutlass
+  step cutlass python -m pip install --no-index --no-deps --find-links wheels nvidia-cutlass
 else
   record cutlass "SKIP (no wheels/ folder)" 0
 fi

@@ -31,6 +31,18 @@ if [ -n "$missing" ]; then
   fi
 fi
 
+# CUTLASS headers (the nvidia-cutlass wheel) for the tensor-core conv kernels, when CUDA
+# kernels will be built; wheels/ (scripts/fetch_wheels.sh) serves machines without internet.
+wants_cuda=$("$PYTHON" -c "import os, torch; print(int(os.environ.get('FORCE_CUDA', '0') == '1' or torch.cuda.is_available()))")
+if [ "$wants_cuda" = 1 ] && ! "$PYTHON" -c "import cutlass_library" 2>/dev/null; then
+  echo "setup: installing nvidia-cutlass" >&2
+  if [ -d wheels ]; then
+    pip_install --no-index --find-links wheels --no-deps nvidia-cutlass || pip_install --no-deps nvidia-cutlass
+  else
+    pip_install --no-deps nvidia-cutlass
+  fi
+fi
+
 echo "setup: building unet_ext (FORCE_CUDA=${FORCE_CUDA:-0})" >&2
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$PYTHON" -c "import unet_ext; print('setup: unet_ext ready:', unet_ext.build_info())"

@@ -68,8 +68,9 @@ conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
           for (int64_t kx = kx0; kx < kx1; ++kx) {
             acc_t v = static_cast<acc_t>(src[row + kx]);
             if constexpr (kMasked) {
-              // Not `v * (m > 0)`: a masked-off NaN/inf gradient must give 0, not NaN.
-              if (!(static_cast<acc_t>(mask[row + kx]) > acc_t(0))) v = acc_t(0);
+              // A select, not `v * (m > 0)`: a masked-off NaN/inf gradient gives 0; a NaN
+              // output passes the gradient (torch's threshold_backward zeroes where out <= 0).
+              if (static_cast<acc_t>(mask[row + kx]) <= acc_t(0)) v = acc_t(0);
             }
             acc += v * wc[ky * g.kernel_w + kx];
           }
@@ -83,7 +84,7 @@ conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
 }
 
 // grad_weight[co, ci, ky, kx] = sum_{n, oh, ow} gm[n, co, oh, ow] * x[n, ci, oh+ky-pad, ow+kx-pad]
-// and (kBias) grad_bias[co] = sum gm[n, co, :, :], gm = grad_out masked by output > 0 when
+// and (kBias) grad_bias[co] = sum gm[n, co, :, :], gm = grad_out zeroed where output <= 0 when
 // kMasked. One block per element (grid-stride); warps take (n, oh) rows, lanes columns; the
 // sum's order depends only on the shapes, so results are bit-identical run to run.
 template <typename scalar_t, bool kMasked, bool kBias>
@@ -120,7 +121,7 @@ conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
       for (int64_t ow = ow0 + lane; ow < ow1; ow += 32) {
         acc_t gv = static_cast<acc_t>(grad[grow + ow]);
         if constexpr (kMasked) {
-          if (!(static_cast<acc_t>(mask[grow + ow]) > acc_t(0))) gv = acc_t(0);
+          if (static_cast<acc_t>(mask[grow + ow]) <= acc_t(0)) gv = acc_t(0);
         }
         if constexpr (kBias) {
           acc += gv;
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_fits(g, input_arg.scalar_type()) &&
       grad_out_arg.scalar_type() == input_arg.scalar_type()) {
     at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
-    if (masked) grad = at::where(output_arg->gt(0), grad, 0);
+    if (masked) grad = at::where(output_arg->le(0), 0, grad);
     if (output_mask[0]) {
       if (at::Tensor dx = conv2d_dgrad_cutlass(g, grad, weight); dx.defined()) {
         grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Puts the wheels a GPU machine without internet needs into wheels/ (gitignored): carry that
+# folder to the machine, and scripts/setup.sh / benchmarks/gpu_check.sh install from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip download --quiet --no-deps -d wheels nvidia-cutlass==4.2.0.0
+ls -l wheels

@@ -1,0 +1,99 @@
+"""Whole-model benchmark: unet_ext.UNet against the stock-layer reference (unet_ext.reference.UNet)
+with the same weights, eager (and torch.compile of the reference on CUDA), interleaved. Training
+step = forward, weighted loss, backward, SGD step; inference = forward under no_grad. CPU: base 32
+at 316x316 batch 2 (training) and the paper's network at 572x572 batch 1 (inference); CUDA: the
+paper's network at 572x572, batch 1 and 8, fp32 and bf16 autocast, channels_last. TFLOP/s count
+the convolutions (300.9 GFLOP per 572 tile forward for the paper's net; training counts 3x).
+"""
+import torch
+
+import unet_ext
+from unet_ext import reference
+
+try:
+    from .harness import OURS, Case, run_cases
+except ImportError:  # run as a script
+    from harness import OURS, Case, run_cases
+
+
+def forward_flops(model, size):
+    """Multiply-adds x 2 of every convolution of `model` for a size x size input (batch 1)."""
+    flops, depth, same = 0, model.depth, model.padding == "same"
+    sizes = []
+    s = size
+    for level, block in enumerate(model.encoder):
+        for conv in (block.conv1, block.conv2):
+            s = s if same else s - 2
+            flops += 2 * conv.weight.numel() * s * s
+        sizes.append(s)
+        if level < depth:
+            s //= 2
+    for block in model.decoder:
+        flops += 2 * block.up.weight.numel() * s * s  # each input pixel: C_in x C_out x 4
+        s *= 2
+        for conv in (block.conv1, block.conv2):
+            s = s if same else s - 2
+            flops += 2 * conv.weight.numel() * s * s
+    flops += 2 * model.head.weight.numel() * s * s
+    return flops
+
+
+def _case(device, base, size, batch, train, dtype, autocast, with_compile):
+    def make():
+        torch.manual_seed(0)
+        ours = unet_ext.UNet(base_channels=base).to(device)
+        stock = reference.UNet(base_channels=base).to(device)
+        stock.load_state_dict(ours.state_dict())
+        fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
+        models = {OURS: ours.to(memory_format=fmt), "stock": stock.to(memory_format=fmt)}
+        if with_compile:
+            models["compile(stock)"] = torch.compile(stock)
+        x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
+        out = ours.output_size(size)
+        target = torch.randint(0, 2, (batch, out, out), device=device)
+        weight = torch.rand(batch, out, out, device=device) + 0.5
+        losses = {OURS: unet_ext.weighted_cross_entropy}
+        optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6, momentum=0.99) for name, m in models.items()}
+
+        def run(name):
+            model = models[name]
+            loss_fn = losses.get(name, reference.weighted_cross_entropy_unfused)
+            with torch.autocast(device, dtype=dtype, enabled=autocast):
+                if not train:
+                    with torch.no_grad():
+                        return model(x).float()
+                loss = loss_fn(model(x).float(), target, weight)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            return loss.detach()
+        return {name: (lambda name=name: run(name)) for name in models}
+
+    probe = unet_ext.UNet(base_channels=base)
+    flops = forward_flops(probe, size) * batch * (3 if train else 1)
+    label = f"UNet base {base} {size}x{size} b{batch}"
+    # Training steps move the weights: outputs agree only loosely (and each impl steps its own copy).
+    tol = dict(rtol=0.1, atol=0.1) if train or autocast else dict(rtol=1e-3, atol=1e-3)
+    return Case(op="unet " + ("train step" if train else "inference"), shape=label,
+                dtype=("bf16 autocast" if autocast else "float32"),
+                layout="channels_last" if device == "cuda" else "contiguous",
+                mode="train" if train else "forward", make=make, bytes_moved=0, tol=tol,
+                flops=flops, no_memory=("compile(stock)",))
+
+
+def cases(device, quick=False):
+    if device == "cpu":
+        result = [_case("cpu", 32, 316, 2, True, torch.float32, False, False)]
+        if not quick:
+            result.append(_case("cpu", 64, 572, 1, False, torch.float32, False, False))
+        return result
+    result = []
+    for batch in ((1,) if quick else (1, 8)):
+        for autocast in (True, False):
+            for train in (True, False):
+                result.append(_case("cuda", 64, 572, batch, train, torch.bfloat16, autocast, not quick))
+    return result
+
+
+def run(device, quick=False, **timing):
+    return run_cases(cases(device, quick), device, **timing)

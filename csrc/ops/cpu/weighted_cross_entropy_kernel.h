@@ -76,19 +76,29 @@ struct LogitsBuffer {
 constexpr int32_t kIgnored = -1, kBad = -2;
 inline bool load_classes(const Geometry& g, const int64_t* target, int64_t n, int64_t s0,
                          int64_t len, int32_t* cls, int64_t* first_bad) {
-  bool bad = false;
   const int64_t* src = target + n * g.target_n + s0 * g.target_s;
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t t = src[j * g.target_s];
-    const bool ignored = is_ignored(t, g.ignore_index);
-    const bool valid = in_range(t, g.classes);
+  const int64_t step = g.target_s, ignore_index = g.ignore_index, classes = g.classes;
+  // Branch-free with an OR-reduced flag, so it vectorises; the bad value is looked up after.
+  int32_t any_bad = 0;
+  auto classify = [&](int64_t j, int64_t t) {
+    const bool ignored = is_ignored(t, ignore_index);
+    const bool valid = in_range(t, classes);
     cls[j] = ignored ? kIgnored : (valid ? static_cast<int32_t>(t) : kBad);
-    if (!ignored && !valid) {
-      bad = true;
-      *first_bad = t;
+    any_bad |= static_cast<int32_t>(!ignored && !valid);
+  };
+  if (step == 1) {
+    for (int64_t j = 0; j < len; ++j) classify(j, src[j]);
+  } else {
+    for (int64_t j = 0; j < len; ++j) classify(j, src[j * step]);
+  }
+  if (!any_bad) return false;
+  for (int64_t j = 0; j < len; ++j) {
+    if (cls[j] == kBad) {
+      *first_bad = src[j * step];
+      break;
     }
   }
-  return bad;
+  return true;
 }
 
 // lse[j] = logsumexp over classes of buf[:, j], two passes (max, then sum of exp).
@@ -112,15 +122,13 @@ void block_logsumexp(int64_t classes, int64_t len, int64_t block, const acc_t* b
   for (int64_t j = 0; j < len; ++j) lse[j] = mx[j] + vm::vlog(sum[j]);
 }
 
-// Per-pixel factor w * class_weight[t] (0 for ignored or bad pixels) and the target's logit.
+// Per-pixel factor w * class_weight[t] (0 for ignored or bad pixels) and, if picked is given,
+// the target's logit.
 template <typename acc_t>
 void block_weights(const Geometry& g, const acc_t* weight_map, const acc_t* class_weight,
                    int64_t n, int64_t s0, int64_t len, int64_t block, const int32_t* cls,
                    const acc_t* buf, acc_t* factor, acc_t* class_factor, acc_t* picked) {
-  for (int64_t j = 0; j < len; ++j) {
-    picked[j] = acc_t(0);
-    class_factor[j] = cls[j] >= 0 ? acc_t(1) : acc_t(0);
-  }
+  for (int64_t j = 0; j < len; ++j) class_factor[j] = cls[j] >= 0 ? acc_t(1) : acc_t(0);
   if (class_weight) {
     for (int64_t j = 0; j < len; ++j) {  // unconditional (clamped) gather, then select
       const int32_t k = cls[j] >= 0 ? cls[j] : 0;
@@ -129,7 +137,9 @@ void block_weights(const Geometry& g, const acc_t* weight_map, const acc_t* clas
     }
   }
   // Select the target's logit class by class: branch-free, so it vectorises (C is small in U-Net).
-  for (int32_t c = 0; c < g.classes; ++c) {  // int32 c: an int64 compare would not vectorise
+  // The backward needs no picked logit (picked == nullptr).
+  if (picked) std::fill(picked, picked + len, acc_t(0));
+  for (int32_t c = 0; c < g.classes && picked; ++c) {  // int32 c: an int64 compare would not vectorise
     const acc_t* row = buf + c * block;
     for (int64_t j = 0; j < len; ++j) {
       // Both loads before the select: GCC turns `p = cond ? v : p` into a scalar masked store.
@@ -247,7 +257,7 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
   BadTarget bad;
 
   at::parallel_for(0, num_blocks, grain_blocks(g.classes, block), [&](int64_t b0, int64_t b1) {
-    acc_t coef[kMaxBlock], class_factor[kMaxBlock], picked[kMaxBlock], row_out[kMaxBlock];
+    acc_t coef[kMaxBlock], class_factor[kMaxBlock], row_out[kMaxBlock];
     LogitsBuffer<acc_t> scratch(g.classes * block);
     acc_t* buf = scratch.data();
     int32_t cls[kMaxBlock];
@@ -257,7 +267,8 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
       int64_t bad_value = 0;
       if (load_classes(g, target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
       gather_logits(g, logits, n, s0, len, block, buf);
-      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, coef, class_factor, picked);
+      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, coef, class_factor,
+                    static_cast<acc_t*>(nullptr));
       if (grad_map) {
         const scalar_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
         for (int64_t j = 0; j < len; ++j) coef[j] *= static_cast<acc_t>(up[j * g.grad_s]);
@@ -269,12 +280,15 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
       // (a NaN logit there gives NaN, as in stock PyTorch's log_softmax backward).
       for (int32_t c = 0; c < g.classes; ++c) {
         const acc_t* row = buf + c * block;
+        scalar_t* out = dst + n * gs.n + c * gs.c + s0 * gs.s;
+        // Unit stride in the gradient's own dtype: written in place, no staging row.
+        acc_t* direct = (gs.s == 1 && std::is_same_v<scalar_t, acc_t>) ? reinterpret_cast<acc_t*>(out) : row_out;
         for (int64_t j = 0; j < len; ++j) {
           // Arithmetic, not selects, so every lane computes (GCC's masked form does not vectorise).
           const acc_t onehot = cls[j] == c ? acc_t(1) : acc_t(0);
-          row_out[j] = coef[j] * (vm::vexp(row[j] - lse[j]) - onehot);
+          direct[j] = coef[j] * (vm::vexp(row[j] - lse[j]) - onehot);
         }
-        scalar_t* out = dst + n * gs.n + c * gs.c + s0 * gs.s;
+        if (direct != row_out) continue;
         if (gs.s == 1) {
           for (int64_t j = 0; j < len; ++j) out[j] = static_cast<scalar_t>(row_out[j]);
         } else {

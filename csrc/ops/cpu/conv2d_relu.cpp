@@ -49,12 +49,20 @@ constexpr int64_t kFewChannels = 8;
 
 // Rows per block: window plus product near kBlockBytes (half of a 1 MiB L2), at least one row.
 constexpr int64_t kBlockBytes = int64_t{1} << 19;
+constexpr int64_t kMinColumns = 512, kMaxChannelBlock = 256;
 BlockPlan plan_blocks(const ConvGeometry& g, int64_t element_size) {
   BlockPlan plan;
   plan.width = g.out_w + g.kernel_w - 1;
-  int64_t per_row = (g.in_channels + g.out_channels) * plan.width * element_size;
+  // Output channels are split over tasks when they are many (see convolve), so count at most
+  // kMaxChannelBlock of them; and keep at least kMinColumns columns, or the deep layers' large
+  // weights would be streamed once per handful of pixels.
+  int64_t per_row = (g.in_channels + std::min(g.out_channels, kMaxChannelBlock)) * plan.width * element_size;
   if (g.in_channels <= kFewChannels) per_row += g.taps() * plan.width * element_size;  // shifted rows
-  plan.rows = std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(1, per_row), 1, std::max<int64_t>(1, g.out_h));
+  const int64_t min_rows = (kMinColumns + plan.width - 1) / plan.width;
+  plan.rows = std::clamp<int64_t>(std::max(kBlockBytes / std::max<int64_t>(1, per_row), min_rows), 1,
+                                  std::max<int64_t>(1, g.out_h));
+  plan.blocks_per_image = (g.out_h + plan.rows - 1) / plan.rows;
+  plan.rows = (g.out_h + plan.blocks_per_image - 1) / plan.blocks_per_image;  // equal blocks: balanced tasks
   plan.blocks_per_image = (g.out_h + plan.rows - 1) / plan.rows;
   return plan;
 }
@@ -66,16 +74,17 @@ bool window_in_place(const ConvGeometry& g, const void* mask) {
          std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 }
 
-// window[c][i][x] = src[c][oh0 - pad_h + i][x - pad_w] (masked by mask > 0), 0 outside.
+// window[c - c_begin][i][x] = src[c][oh0 - pad_h + i][x - pad_w] for c in [c_begin, c_end)
+// (zero where mask <= 0), 0 outside the input.
 template <typename scalar_t, typename acc_t>
 void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
-                 const scalar_t* mask, const Block& blk, acc_t* window) {
+                 const scalar_t* mask, const Block& blk, int64_t c_begin, int64_t c_end, acc_t* window) {
   const int64_t window_rows = plan.window_rows(blk.rows, g), width = plan.width;
   const int64_t lo = std::clamp<int64_t>(g.pad_w, 0, width);
   const int64_t hi = std::clamp<int64_t>(g.in_w + g.pad_w, lo, width);
-  for (int64_t c = 0; c < g.in_channels; ++c) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
     for (int64_t i = 0; i < window_rows; ++i) {
-      acc_t* d = window + (c * window_rows + i) * width;
+      acc_t* d = window + ((c - c_begin) * window_rows + i) * width;
       const int64_t ih = blk.oh0 - g.pad_h + i;
       if (ih < 0 || ih >= g.in_h) {
         std::fill(d, d + width, acc_t(0));
@@ -99,17 +108,19 @@ void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* s
   }
 }
 
-// The window of a block: in place, or loaded into `buffer`. Sets the channel stride.
+// The window of a block (channels [c_begin, c_end)): in place, or loaded into `buffer`. Sets
+// the channel stride.
 template <typename scalar_t, typename acc_t>
 const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
-                          const scalar_t* mask, const Block& blk, acc_t* buffer,
-                          int64_t& channel_stride) {
+                          const scalar_t* mask, const Block& blk, int64_t c_begin, int64_t c_end,
+                          acc_t* buffer, int64_t& channel_stride) {
   const int64_t image = g.in_channels * g.in_h * g.in_w;
   if (window_in_place<scalar_t>(g, mask)) {
     channel_stride = g.in_h * g.in_w;
-    return reinterpret_cast<const acc_t*>(src + blk.n * image + blk.oh0 * g.in_w);
+    return reinterpret_cast<const acc_t*>(src + blk.n * image + c_begin * channel_stride + blk.oh0 * g.in_w);
   }
-  load_window(g, plan, src + blk.n * image, mask ? mask + blk.n * image : nullptr, blk, buffer);
+  load_window(g, plan, src + blk.n * image, mask ? mask + blk.n * image : nullptr, blk, c_begin,
+              c_end, buffer);
   channel_stride = plan.window_rows(blk.rows, g) * plan.width;
   return buffer;
 }
@@ -149,36 +160,56 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
         for (int64_t t = 0; t < g.kernel_h * g.kernel_w; ++t)
           few_weights[co * g.taps() + c * g.kernel_h * g.kernel_w + t] = weights[(t * g.out_channels + co) * g.in_channels + c];
   }
-  at::parallel_for(0, g.batch * plan.blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+  // Tasks are (block, output-channel block): the channels are split when the row blocks alone
+  // cannot keep the threads busy (the deep layers: large weights, few pixels). A task's window
+  // is reused by the next task of the same block.
+  const int64_t row_tasks = g.batch * plan.blocks_per_image;
+  const int64_t threads = at::get_num_threads();
+  int64_t co_block = g.out_channels;
+  if (row_tasks < 2 * threads && g.out_channels >= 32) {
+    const int64_t split = std::min<int64_t>((2 * threads + row_tasks - 1) / row_tasks, g.out_channels / 16);
+    co_block = ((g.out_channels + split - 1) / split + 15) / 16 * 16;
+  }
+  co_block = std::min(co_block, std::max<int64_t>(kMaxChannelBlock, (g.out_channels + 1) / 2 / 16 * 16));
+  const int64_t co_blocks = (g.out_channels + co_block - 1) / co_block;
+  at::parallel_for(0, row_tasks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
     const int64_t wide = plan.rows * plan.width;
     std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
-    std::unique_ptr<acc_t[]> product(new acc_t[g.out_channels * wide]);
+    std::unique_ptr<acc_t[]> product(new acc_t[co_block * wide]);
     const bool few = g.in_channels <= kFewChannels;
     std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
-    for (int64_t b = b0; b < b1; ++b) {
+    int64_t loaded = -1;  // block whose window (and shifted rows) this thread holds
+    const acc_t* win = nullptr;
+    int64_t channel_stride = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / co_blocks, co0 = (t % co_blocks) * co_block;
+      const int64_t co_count = std::min(co_block, g.out_channels - co0);
       const Block blk = plan.block(b, g);
-      int64_t channel_stride = 0;
-      const acc_t* win = block_window(g, plan, src, mask, blk, window.get(), channel_stride);
       const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1), ld = blk.rows * plan.width;
-      if (few) {
-        // product[C_out, columns] = W[C_out, (c, ky, kx)] rows[(c, ky, kx), columns]
-        shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
-        cpu::gemm(g.out_channels, columns, g.taps(), few_weights.data(), g.taps(), rows_buffer.get(),
-                  columns, product.get(), ld, false);
+      if (b != loaded) {
+        win = block_window(g, plan, src, mask, blk, 0, g.in_channels, window.get(), channel_stride);
+        if (few) shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
+        loaded = b;
       }
-      // product[C_out, columns] = sum over taps of W_tap[C_out, C_in] window_tap[C_in, columns]
+      if (few) {
+        // product[co, columns] = W[co, (c, ky, kx)] rows[(c, ky, kx), columns]
+        cpu::gemm(co_count, columns, g.taps(), few_weights.data() + co0 * g.taps(), g.taps(),
+                  rows_buffer.get(), columns, product.get(), ld, false);
+      }
+      // product[co, columns] = sum over taps of W_tap[co, C_in] window_tap[C_in, columns]
       for (int64_t ky = 0; ky < g.kernel_h && !few; ++ky) {
         for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
           const int64_t tap = ky * g.kernel_w + kx;
-          cpu::gemm(g.out_channels, columns, g.in_channels, weights + tap * tap_size, g.in_channels,
-                    win + ky * plan.width + kx, channel_stride, product.get(), ld, tap > 0);
+          cpu::gemm(co_count, columns, g.in_channels, weights + tap * tap_size + co0 * g.in_channels,
+                    g.in_channels, win + ky * plan.width + kx, channel_stride, product.get(), ld, tap > 0);
         }
       }
       scalar_t* d = dst + blk.n * dst_image + blk.oh0 * g.out_w;
-      for (int64_t co = 0; co < g.out_channels; ++co) {
+      for (int64_t k = 0; k < co_count; ++k) {
+        const int64_t co = co0 + k;
         const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
         for (int64_t r = 0; r < blk.rows; ++r) {
-          const acc_t* row = product.get() + co * ld + r * plan.width;
+          const acc_t* row = product.get() + k * ld + r * plan.width;
           scalar_t* out_row = d + co * dst_plane + r * g.out_w;
           if (relu) {
             // v < 0 ? 0 : v keeps NaN, as torch.relu does.
@@ -196,87 +227,114 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
   });
 }
 
-// grad_weight as [kh * kw][C_in][C_out] and grad_bias [C_out] (opmath), block by block over
-// the forward's blocks: per tap, window_tap[C_in, columns] x masked_t[columns, C_out], where
-// masked_t is the block's gradient with the ReLU mask applied, transposed and widened (zero
-// in the extra columns). One partial sum per thread, added in thread order.
+// masked_t[wide, C_out]: a block's gradient, zero where the forward output is <= 0 and in the
+// extra (wide) columns, transposed for the wgrad GEMMs; bias_sum[co] += its column sums.
+template <typename scalar_t, typename acc_t>
+void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* grad_out,
+                     const scalar_t* mask, const Block& blk, acc_t* masked, acc_t* masked_t,
+                     acc_t* bias_sum) {
+  const int64_t out_plane = g.out_h * g.out_w, out_image = g.out_channels * out_plane;
+  const int64_t wide_block = blk.rows * plan.width;
+  for (int64_t co = 0; co < g.out_channels; ++co) {
+    acc_t s = 0;
+    for (int64_t r = 0; r < blk.rows; ++r) {
+      const int64_t offset = blk.n * out_image + co * out_plane + (blk.oh0 + r) * g.out_w;
+      const scalar_t* gsrc = grad_out + offset;
+      const scalar_t* msrc = mask ? mask + offset : nullptr;
+      acc_t* mrow = masked + co * wide_block + r * plan.width;
+      if (msrc) {
+        for (int64_t i = 0; i < g.out_w; ++i) {
+          const acc_t v = static_cast<acc_t>(gsrc[i]), mv = static_cast<acc_t>(msrc[i]);
+          mrow[i] = mv <= acc_t(0) ? acc_t(0) : v;
+        }
+      } else {
+        for (int64_t i = 0; i < g.out_w; ++i) mrow[i] = static_cast<acc_t>(gsrc[i]);
+      }
+      for (int64_t i = 0; i < g.out_w; ++i) s += mrow[i];
+      std::fill(mrow + g.out_w, mrow + plan.width, acc_t(0));
+    }
+    if (bias_sum) bias_sum[co] += s;
+  }
+  cpu::transpose(static_cast<const acc_t*>(masked), g.out_channels, wide_block, masked_t);
+}
+
+// grad_taps [kh * kw][C_in][C_out] (zero on entry) and grad_bias [C_out] (opmath): per block and
+// tap, window_tap[C_in, columns] x masked_t[columns, C_out]. Each task owns a block of input
+// channels (rows of every tap's slab) and walks all images and blocks in order: deterministic,
+// no partial sums. Few input channels: one GEMM over shifted rows per block, with one partial
+// sum per thread, added in thread order.
 template <typename scalar_t>
 void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar_t* grad_out,
                       const scalar_t* mask, at::Tensor& grad_taps, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
-  const int64_t out_plane = g.out_h * g.out_w, out_image = g.out_channels * out_plane;
   const int64_t tap_size = g.in_channels * g.out_channels, taps = g.kernel_h * g.kernel_w;
-  const int threads = at::get_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const int64_t num_blocks = g.batch * plan.blocks_per_image, wide = plan.rows * plan.width;
+  const bool in_place = window_in_place<scalar_t>(g, nullptr);
+  acc_t* dw = grad_taps.mutable_data_ptr<acc_t>();
+  acc_t* db = grad_bias.mutable_data_ptr<acc_t>();
+
+  if (g.in_channels > kFewChannels) {
+    const int64_t per_task = (g.in_channels + 2 * threads - 1) / (2 * threads);
+    const int64_t ci_block = std::max<int64_t>(32, (per_task + 15) / 16 * 16);
+    const int64_t ci_blocks = (g.in_channels + ci_block - 1) / ci_block;
+    at::parallel_for(0, ci_blocks, 1, [&](int64_t c0, int64_t c1) {
+      std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[ci_block * plan.window_rows(plan.rows, g) * plan.width]);
+      std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
+      std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
+      for (int64_t cb = c0; cb < c1; ++cb) {
+        const int64_t ci0 = cb * ci_block, ci_count = std::min(ci_block, g.in_channels - ci0);
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          const Block blk = plan.block(b, g);
+          int64_t channel_stride = 0;
+          const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk,
+                                          ci0, ci0 + ci_count, window.get(), channel_stride);
+          masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), cb == 0 ? db : nullptr);
+          const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const int64_t ky = tap / g.kernel_w, kx = tap % g.kernel_w;
+            // dw[tap][ci0.., C_out] += window_tap[ci0.., columns] masked_t[columns, C_out]
+            cpu::gemm(ci_count, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
+                      masked_t.get(), g.out_channels, dw + tap * tap_size + ci0 * g.out_channels,
+                      g.out_channels, true);
+          }
+        }
+      }
+      cpu::gemm_release();
+    });
+    return;
+  }
+
   const auto acc_options = grad_taps.options();
   at::Tensor weight_partials = at::zeros({threads, taps * tap_size}, acc_options);
   at::Tensor bias_partials = at::zeros({threads, g.out_channels}, acc_options);
-  const bool in_place = window_in_place<scalar_t>(g, nullptr);
-  at::parallel_for(0, g.batch * plan.blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int thread = at::get_thread_num();
-    const int64_t wide = plan.rows * plan.width;
     std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
     std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
     std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
-    const bool few = g.in_channels <= kFewChannels;
-    std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
-    // The few-channels path sums in [(c, ky, kx)][C_out] order; moved into the tap order at the end.
-    std::unique_ptr<acc_t[]> few_sum(few ? new acc_t[g.taps() * g.out_channels]() : nullptr);
+    std::unique_ptr<acc_t[]> rows_buffer(new acc_t[g.taps() * wide]);
+    // Sums in [(c, ky, kx)][C_out] order; moved into the tap order at the end.
+    std::unique_ptr<acc_t[]> few_sum(new acc_t[g.taps() * g.out_channels]());
     acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();
     acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
     for (int64_t b = b0; b < b1; ++b) {
       const Block blk = plan.block(b, g);
       int64_t channel_stride = 0;
-      const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk,
-                                      window.get(), channel_stride);
+      const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk, 0,
+                                      g.in_channels, window.get(), channel_stride);
       const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
-      // masked[C_out, wide]: the block's gradient with the ReLU mask, zero in the extra
-      // columns; then transposed (tiled) into masked_t[wide, C_out] for the GEMMs.
-      acc_t* mk = masked.get();
-      const int64_t wide_block = blk.rows * plan.width;
-      for (int64_t co = 0; co < g.out_channels; ++co) {
-        acc_t s = 0;
-        for (int64_t r = 0; r < blk.rows; ++r) {
-          const int64_t offset = blk.n * out_image + co * out_plane + (blk.oh0 + r) * g.out_w;
-          const scalar_t* gsrc = grad_out + offset;
-          const scalar_t* msrc = mask ? mask + offset : nullptr;
-          acc_t* mrow = mk + co * wide_block + r * plan.width;
-          if (msrc) {
-            for (int64_t i = 0; i < g.out_w; ++i) {
-              const acc_t v = static_cast<acc_t>(gsrc[i]), mv = static_cast<acc_t>(msrc[i]);
-              mrow[i] = mv <= acc_t(0) ? acc_t(0) : v;
-            }
-          } else {
-            for (int64_t i = 0; i < g.out_w; ++i) mrow[i] = static_cast<acc_t>(gsrc[i]);
-          }
-          for (int64_t i = 0; i < g.out_w; ++i) s += mrow[i];
-          std::fill(mrow + g.out_w, mrow + plan.width, acc_t(0));
-        }
-        bias_sum[co] += s;
-      }
-      acc_t* m = masked_t.get();
-      cpu::transpose(mk, g.out_channels, wide_block, m);
-      if (few) {
-        // few_sum[(c, ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
-        shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
-        cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, m, g.out_channels,
-                  few_sum.get(), g.out_channels, true);
-      }
-      for (int64_t ky = 0; ky < g.kernel_h && !few; ++ky) {
-        for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
-          const int64_t tap = ky * g.kernel_w + kx;
-          // weight_sum[tap][C_in, C_out] += window_tap[C_in, columns] masked_t[columns, C_out]
-          cpu::gemm(g.in_channels, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
-                    m, g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
-        }
-      }
+      masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
+      // few_sum[(c, ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
+      shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
+      cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
+                g.out_channels, few_sum.get(), g.out_channels, true);
     }
-    if (few) {
-      for (int64_t c = 0; c < g.in_channels; ++c)
-        for (int64_t t = 0; t < taps; ++t)
-          for (int64_t co = 0; co < g.out_channels; ++co)
-            weight_sum[(t * g.in_channels + c) * g.out_channels + co] += few_sum[(c * taps + t) * g.out_channels + co];
-    }
+    for (int64_t c = 0; c < g.in_channels; ++c)
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t co = 0; co < g.out_channels; ++co)
+          weight_sum[(t * g.in_channels + c) * g.out_channels + co] += few_sum[(c * taps + t) * g.out_channels + co];
     cpu::gemm_release();
   });
   grad_taps.copy_(weight_partials.sum(0).view(grad_taps.sizes()));

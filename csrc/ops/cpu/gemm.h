@@ -41,6 +41,12 @@ void gemm_with_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, cons
   }
 }
 
+#ifndef UNET_GEMM_BLOCK_M
+#define UNET_GEMM_BLOCK_M 128
+#define UNET_GEMM_BLOCK_N 256
+#define UNET_GEMM_BLOCK_K 256
+#endif
+
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
@@ -49,7 +55,27 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     return;
   }
   if (float_brgemm_available()) {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+    // brgemm is a micro-kernel without cache blocking of its own: with U-Net's 512-1024 channel
+    // layers, B would be re-read from L3 for every panel of A. Blocks of kBlockK x kBlockN keep B
+    // in L2 while the M panels go by.
+    // Blocks split each dimension evenly (a 512 + 26 split would run a whole A panel for 26 columns).
+    const auto even = [](int64_t size, int64_t target) {
+      const int64_t parts = (size + target - 1) / target;
+      return (size + parts - 1) / parts;
+    };
+    const int64_t block_m = even(m, UNET_GEMM_BLOCK_M), block_n = even(n, UNET_GEMM_BLOCK_N);
+    const int64_t block_k = even(k, UNET_GEMM_BLOCK_K);
+    for (int64_t n0 = 0; n0 < n; n0 += block_n) {
+      const int64_t nb = std::min(block_n, n - n0);
+      for (int64_t k0 = 0; k0 < k; k0 += block_k) {
+        const int64_t kb = std::min(block_k, k - k0);
+        for (int64_t m0 = 0; m0 < m; m0 += block_m) {
+          const int64_t mb = std::min(block_m, m - m0);
+          at::native::cpublas::brgemm(mb, nb, kb, lda, ldb, ldc, accumulate || k0 > 0,
+                                      a + m0 * lda + k0, b + k0 * ldb + n0, c + m0 * ldc + n0, false);
+        }
+      }
+    }
   } else {
     gemm_with_mm(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
   }

@@ -72,7 +72,7 @@ def _case(op, batch, c_in, c_out, size, dtype, layout, mode, device, with_compil
         return {name: (lambda f=f: torch.autograd.grad(f(x, w, b), leaves, grad)) for name, f in impls.items()}
 
     low = dtype in (torch.float16, torch.bfloat16)
-    tol = dict(rtol=5e-2, atol=5e-2) if low else dict(rtol=1e-3, atol=1e-3)
+    tol = dict(rtol=5e-2, atol_rel=5e-2) if low else dict(rtol=1e-3, atol_rel=1e-5)
     return Case(op=op, shape=f"{batch}x{c_in}x{size}x{size}->{c_out}", dtype=str(dtype).replace("torch.", ""),
                 layout=layout, mode=mode, make=make, bytes_moved=bytes_moved, tol=tol,
                 flops=flops, no_memory=("compile(stock)",))

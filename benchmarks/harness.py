@@ -162,7 +162,13 @@ def _check(outputs, tol):
             theirs = tree_leaves(out)
             assert len(theirs) == len(ours), f"{len(theirs)} results, ours has {len(ours)}"
             for a, b in zip(ours, theirs):
-                torch.testing.assert_close(a.float(), b.float(), **tol)
+                a, b = a.float(), b.float()
+                rule = dict(tol)
+                # atol_rel: an absolute tolerance relative to the largest |value| (fp32 sums over
+                # 10^5 pixels: elements near 0 after cancellation differ by ~1e-6 of the scale).
+                if "atol_rel" in rule:
+                    rule["atol"] = rule.pop("atol_rel") * (a.abs().max().item() if a.numel() else 0.0)
+                torch.testing.assert_close(a, b, **rule)
             verdict[name] = "ok"
         except (AssertionError, ValueError) as error:
             verdict[name] = "MISMATCH: " + str(error).strip().splitlines()[0]

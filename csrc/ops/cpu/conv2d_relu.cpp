@@ -47,6 +47,14 @@ struct BlockPlan {
 // Up to this many input channels, one GEMM over shifted rows (see shifted_rows) beats a GEMM per tap.
 constexpr int64_t kFewChannels = 8;
 
+// One GEMM over shifted rows (K = C_in*kh*kw, see shifted_rows) instead of one GEMM per tap: with
+// few input channels (K = C_in is too short), and where the weights outweigh the image (U-Net's
+// deep layers): the weights are then used as they are stored, [C_out][C_in*kh*kw], with no
+// per-call repacking, in one long-K GEMM.
+bool use_shifted_rows(const ConvGeometry& g) {
+  return g.in_channels <= kFewChannels || g.kernel_h * g.kernel_w * g.out_channels > g.in_h * g.in_w;
+}
+
 // Rows per block: window plus product near kBlockBytes (half of a 1 MiB L2), at least one row.
 constexpr int64_t kBlockBytes = int64_t{1} << 19;
 constexpr int64_t kMinColumns = 512, kMaxChannelBlock = 256;
@@ -57,7 +65,7 @@ BlockPlan plan_blocks(const ConvGeometry& g, int64_t element_size) {
   // kMaxChannelBlock of them; and keep at least kMinColumns columns, or the deep layers' large
   // weights would be streamed once per handful of pixels.
   int64_t per_row = (g.in_channels + std::min(g.out_channels, kMaxChannelBlock)) * plan.width * element_size;
-  if (g.in_channels <= kFewChannels) per_row += g.taps() * plan.width * element_size;  // shifted rows
+  if (use_shifted_rows(g)) per_row += g.taps() * plan.width * element_size;
   const int64_t min_rows = (kMinColumns + plan.width - 1) / plan.width;
   plan.rows = std::clamp<int64_t>(std::max(kBlockBytes / std::max<int64_t>(1, per_row), min_rows), 1,
                                   std::max<int64_t>(1, g.out_h));
@@ -125,14 +133,13 @@ const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const sc
   return buffer;
 }
 
-// With few input channels (U-Net's first layer has one) a GEMM per tap has K = C_in, too
-// short to run well; gathering the shifted windows as rows of one [C_in*kh*kw, columns]
-// matrix (contiguous copies, cheap at this size) gives one GEMM with K = C_in*kh*kw instead.
+// rows[(c, ky, kx), columns]: the window shifted by each tap, as rows of one GEMM operand
+// (contiguous copies; see use_shifted_rows).
 
 template <typename acc_t>
 void shifted_rows(const ConvGeometry& g, const BlockPlan& plan, const acc_t* win,
-                  int64_t channel_stride, int64_t columns, acc_t* rows) {
-  for (int64_t c = 0; c < g.in_channels; ++c)
+                  int64_t channel_stride, int64_t channels, int64_t columns, acc_t* rows) {
+  for (int64_t c = 0; c < channels; ++c)
     for (int64_t ky = 0; ky < g.kernel_h; ++ky)
       for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
         const acc_t* from = win + c * channel_stride + ky * plan.width + kx;
@@ -140,8 +147,8 @@ void shifted_rows(const ConvGeometry& g, const BlockPlan& plan, const acc_t* win
       }
 }
 
-// dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked]) + bias).
-// taps: [kh * kw][C_out][C_in] opmath weights, one GEMM operand per kernel tap.
+// dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked]) + bias). weights (opmath):
+// [C_out][C_in*kh*kw] as stored when use_shifted_rows(g), else taps [kh*kw][C_out][C_in].
 template <typename scalar_t>
 void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
               const at::Tensor& taps, const at::Tensor& bias, bool relu, scalar_t* dst) {
@@ -152,32 +159,27 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
   const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t* weights = taps.const_data_ptr<acc_t>();
   const bool in_place = window_in_place<scalar_t>(g, mask);
-  std::vector<acc_t> few_weights;  // [C_out][(c, ky, kx)], for the few-channels path
-  if (g.in_channels <= kFewChannels) {
-    few_weights.resize(g.out_channels * g.taps());
-    for (int64_t co = 0; co < g.out_channels; ++co)
-      for (int64_t c = 0; c < g.in_channels; ++c)
-        for (int64_t t = 0; t < g.kernel_h * g.kernel_w; ++t)
-          few_weights[co * g.taps() + c * g.kernel_h * g.kernel_w + t] = weights[(t * g.out_channels + co) * g.in_channels + c];
-  }
+  const bool shifted = use_shifted_rows(g);
   // Tasks are (block, output-channel block): the channels are split when the row blocks alone
   // cannot keep the threads busy (the deep layers: large weights, few pixels). A task's window
   // is reused by the next task of the same block.
   const int64_t row_tasks = g.batch * plan.blocks_per_image;
   const int64_t threads = at::get_num_threads();
+  // Deep layers (one long-K GEMM per block) run their blocks in turn and let the BLAS use the
+  // threads: its own partitioning of a big GEMM beats ours of few, large tasks.
+  const bool blas_threads = shifted && g.in_channels > kFewChannels;
   int64_t co_block = g.out_channels;
-  if (row_tasks < 2 * threads && g.out_channels >= 32) {
+  if (!blas_threads && row_tasks < 2 * threads && g.out_channels >= 32) {
     const int64_t split = std::min<int64_t>((2 * threads + row_tasks - 1) / row_tasks, g.out_channels / 16);
     co_block = ((g.out_channels + split - 1) / split + 15) / 16 * 16;
   }
   co_block = std::min(co_block, std::max<int64_t>(kMaxChannelBlock, (g.out_channels + 1) / 2 / 16 * 16));
   const int64_t co_blocks = (g.out_channels + co_block - 1) / co_block;
-  at::parallel_for(0, row_tasks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
+  const auto run_tasks = [&](int64_t t0, int64_t t1) {
     const int64_t wide = plan.rows * plan.width;
-    std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
-    std::unique_ptr<acc_t[]> product(new acc_t[co_block * wide]);
-    const bool few = g.in_channels <= kFewChannels;
-    std::unique_ptr<acc_t[]> rows_buffer(few ? new acc_t[g.taps() * wide] : nullptr);
+    acc_t* window = in_place ? nullptr : cpu::scratch<acc_t>(0, g.in_channels * plan.window_rows(plan.rows, g) * plan.width);
+    acc_t* product = cpu::scratch<acc_t>(1, co_block * wide);
+    acc_t* rows_buffer = shifted ? cpu::scratch<acc_t>(2, g.taps() * wide) : nullptr;
     int64_t loaded = -1;  // block whose window (and shifted rows) this thread holds
     const acc_t* win = nullptr;
     int64_t channel_stride = 0;
@@ -187,21 +189,21 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
       const Block blk = plan.block(b, g);
       const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1), ld = blk.rows * plan.width;
       if (b != loaded) {
-        win = block_window(g, plan, src, mask, blk, 0, g.in_channels, window.get(), channel_stride);
-        if (few) shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
+        win = block_window(g, plan, src, mask, blk, 0, g.in_channels, window, channel_stride);
+        if (shifted) shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer);
         loaded = b;
       }
-      if (few) {
+      if (shifted) {
         // product[co, columns] = W[co, (c, ky, kx)] rows[(c, ky, kx), columns]
-        cpu::gemm(co_count, columns, g.taps(), few_weights.data() + co0 * g.taps(), g.taps(),
-                  rows_buffer.get(), columns, product.get(), ld, false);
+        cpu::gemm(co_count, columns, g.taps(), weights + co0 * g.taps(), g.taps(),
+                  rows_buffer, columns, product, ld, false);
       }
       // product[co, columns] = sum over taps of W_tap[co, C_in] window_tap[C_in, columns]
-      for (int64_t ky = 0; ky < g.kernel_h && !few; ++ky) {
+      for (int64_t ky = 0; ky < g.kernel_h && !shifted; ++ky) {
         for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
           const int64_t tap = ky * g.kernel_w + kx;
           cpu::gemm(co_count, columns, g.in_channels, weights + tap * tap_size + co0 * g.in_channels,
-                    g.in_channels, win + ky * plan.width + kx, channel_stride, product.get(), ld, tap > 0);
+                    g.in_channels, win + ky * plan.width + kx, channel_stride, product, ld, tap > 0);
         }
       }
       scalar_t* d = dst + blk.n * dst_image + blk.oh0 * g.out_w;
@@ -209,7 +211,7 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
         const int64_t co = co0 + k;
         const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
         for (int64_t r = 0; r < blk.rows; ++r) {
-          const acc_t* row = product.get() + k * ld + r * plan.width;
+          const acc_t* row = product + k * ld + r * plan.width;
           scalar_t* out_row = d + co * dst_plane + r * g.out_w;
           if (relu) {
             // v < 0 ? 0 : v keeps NaN, as torch.relu does.
@@ -224,7 +226,12 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
       }
     }
     cpu::gemm_release();
-  });
+  };
+  if (blas_threads) {
+    run_tasks(0, row_tasks * co_blocks);
+  } else {
+    at::parallel_for(0, row_tasks * co_blocks, 1, run_tasks);
+  }
 }
 
 // masked_t[wide, C_out]: a block's gradient, zero where the forward output is <= 0 and in the
@@ -258,21 +265,27 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
   cpu::transpose(static_cast<const acc_t*>(masked), g.out_channels, wide_block, masked_t);
 }
 
-// grad_taps [kh * kw][C_in][C_out] (zero on entry) and grad_bias [C_out] (opmath): per block and
-// tap, window_tap[C_in, columns] x masked_t[columns, C_out]. Each task owns a block of input
-// channels (rows of every tap's slab) and walks all images and blocks in order: deterministic,
-// no partial sums. Few input channels: one GEMM over shifted rows per block, with one partial
-// sum per thread, added in thread order.
+// grad_weight [C_out][C_in][kh][kw] and grad_bias [C_out] (opmath, zero on entry), from the
+// input windows and the masked gradient (masked_t) of the forward's blocks. With more than a
+// few input channels each task owns a block of input channels and walks all images and blocks
+// in order (deterministic, no partial sums): one GEMM per tap, window_tap x masked_t, into
+// taps-ordered sums [kh*kw][C_in][C_out]; or, where use_shifted_rows, one GEMM over the shifted
+// rows into [(c, ky, kx)][C_out]. Few input channels: per-thread partials of the shifted-rows
+// GEMM, added in thread order. Either way the sums are transposed into grad_weight at the end.
 template <typename scalar_t>
 void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar_t* grad_out,
-                      const scalar_t* mask, at::Tensor& grad_taps, at::Tensor& grad_bias) {
+                      const scalar_t* mask, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
   const int64_t tap_size = g.in_channels * g.out_channels, taps = g.kernel_h * g.kernel_w;
   const int64_t threads = at::get_num_threads();
   const int64_t num_blocks = g.batch * plan.blocks_per_image, wide = plan.rows * plan.width;
   const bool in_place = window_in_place<scalar_t>(g, nullptr);
-  acc_t* dw = grad_taps.mutable_data_ptr<acc_t>();
+  const bool shifted = use_shifted_rows(g);
+  const auto acc_options = grad_weight.options();
+  // [(c, ky, kx)][C_out] when shifted, else [kh*kw][C_in][C_out].
+  at::Tensor sums = at::zeros({taps * tap_size}, acc_options);
+  acc_t* dw = sums.mutable_data_ptr<acc_t>();
   acc_t* db = grad_bias.mutable_data_ptr<acc_t>();
 
   if (g.in_channels > kFewChannels) {
@@ -283,6 +296,7 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
       std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[ci_block * plan.window_rows(plan.rows, g) * plan.width]);
       std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
       std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
+      std::unique_ptr<acc_t[]> rows_buffer(shifted ? new acc_t[ci_block * taps * wide] : nullptr);
       for (int64_t cb = c0; cb < c1; ++cb) {
         const int64_t ci0 = cb * ci_block, ci_count = std::min(ci_block, g.in_channels - ci0);
         for (int64_t b = 0; b < num_blocks; ++b) {
@@ -292,6 +306,14 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
                                           ci0, ci0 + ci_count, window.get(), channel_stride);
           masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), cb == 0 ? db : nullptr);
           const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
+          if (shifted) {
+            // dw[(ci0.., ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
+            shifted_rows(g, plan, win, channel_stride, ci_count, columns, rows_buffer.get());
+            cpu::gemm(ci_count * taps, g.out_channels, columns, rows_buffer.get(), columns,
+                      masked_t.get(), g.out_channels, dw + ci0 * taps * g.out_channels,
+                      g.out_channels, true);
+            continue;
+          }
           for (int64_t tap = 0; tap < taps; ++tap) {
             const int64_t ky = tap / g.kernel_w, kx = tap % g.kernel_w;
             // dw[tap][ci0.., C_out] += window_tap[ci0.., columns] masked_t[columns, C_out]
@@ -303,42 +325,42 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
       }
       cpu::gemm_release();
     });
-    return;
+  } else {
+    at::Tensor weight_partials = at::zeros({threads, taps * tap_size}, acc_options);
+    at::Tensor bias_partials = at::zeros({threads, g.out_channels}, acc_options);
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int thread = at::get_thread_num();
+      std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
+      std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
+      std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
+      std::unique_ptr<acc_t[]> rows_buffer(new acc_t[g.taps() * wide]);
+      acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();  // [(c, ky, kx)][C_out]
+      acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
+      for (int64_t b = b0; b < b1; ++b) {
+        const Block blk = plan.block(b, g);
+        int64_t channel_stride = 0;
+        const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk, 0,
+                                        g.in_channels, window.get(), channel_stride);
+        const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
+        masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
+        shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer.get());
+        cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
+                  g.out_channels, weight_sum, g.out_channels, true);
+      }
+      cpu::gemm_release();
+    });
+    sums.copy_(weight_partials.sum(0));
+    grad_bias.copy_(bias_partials.sum(0));
   }
-
-  const auto acc_options = grad_taps.options();
-  at::Tensor weight_partials = at::zeros({threads, taps * tap_size}, acc_options);
-  at::Tensor bias_partials = at::zeros({threads, g.out_channels}, acc_options);
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int thread = at::get_thread_num();
-    std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
-    std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
-    std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
-    std::unique_ptr<acc_t[]> rows_buffer(new acc_t[g.taps() * wide]);
-    // Sums in [(c, ky, kx)][C_out] order; moved into the tap order at the end.
-    std::unique_ptr<acc_t[]> few_sum(new acc_t[g.taps() * g.out_channels]());
-    acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();
-    acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
-    for (int64_t b = b0; b < b1; ++b) {
-      const Block blk = plan.block(b, g);
-      int64_t channel_stride = 0;
-      const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk, 0,
-                                      g.in_channels, window.get(), channel_stride);
-      const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
-      masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
-      // few_sum[(c, ky, kx), C_out] += rows[(c, ky, kx), columns] masked_t[columns, C_out]
-      shifted_rows(g, plan, win, channel_stride, columns, rows_buffer.get());
-      cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
-                g.out_channels, few_sum.get(), g.out_channels, true);
-    }
-    for (int64_t c = 0; c < g.in_channels; ++c)
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t co = 0; co < g.out_channels; ++co)
-          weight_sum[(t * g.in_channels + c) * g.out_channels + co] += few_sum[(c * taps + t) * g.out_channels + co];
-    cpu::gemm_release();
-  });
-  grad_taps.copy_(weight_partials.sum(0).view(grad_taps.sizes()));
-  grad_bias.copy_(bias_partials.sum(0));
+  acc_t* out = grad_weight.mutable_data_ptr<acc_t>();
+  if (shifted) {  // [(c, ky, kx)][C_out] -> [C_out][(c, ky, kx)]
+    cpu::transpose(static_cast<const acc_t*>(dw), g.taps(), g.out_channels, out);
+  } else {  // [kh*kw][C_in][C_out] -> [C_out][C_in][kh*kw]
+    std::vector<acc_t> by_tap(taps * tap_size);  // [kh*kw][C_out][C_in]
+    for (int64_t t = 0; t < taps; ++t)
+      cpu::transpose(static_cast<const acc_t*>(dw) + t * tap_size, g.in_channels, g.out_channels, by_tap.data() + t * tap_size);
+    cpu::transpose(static_cast<const acc_t*>(by_tap.data()), taps, tap_size, out);
+  }
 }
 
 // Weight repacking with tiled transposes (a permuted at::contiguous of the 512-channel
@@ -372,18 +394,23 @@ at::Tensor dgrad_taps(const at::Tensor& weight) {
   return out;
 }
 
-// grad_weight [C_out][C_in][kh][kw] from the wgrad taps [kh*kw][C_in][C_out].
-at::Tensor weight_from_taps(const at::Tensor& grad_taps) {
-  const int64_t kh = grad_taps.size(0), kw = grad_taps.size(1), c_in = grad_taps.size(2),
-                c_out = grad_taps.size(3), taps = kh * kw;
-  at::Tensor by_tap = at::empty({taps, c_out, c_in}, grad_taps.options());
-  at::Tensor out = at::empty({c_out, c_in, kh, kw}, grad_taps.options());
-  AT_DISPATCH_FLOATING_TYPES(grad_taps.scalar_type(), "weight_from_taps", [&] {
-    const scalar_t* src = grad_taps.const_data_ptr<scalar_t>();
-    scalar_t* mid = by_tap.mutable_data_ptr<scalar_t>();
-    for (int64_t t = 0; t < taps; ++t)
-      cpu::transpose(src + t * c_in * c_out, c_in, c_out, mid + t * c_out * c_in);
-    cpu::transpose(static_cast<const scalar_t*>(mid), taps, c_out * c_in, out.mutable_data_ptr<scalar_t>());
+// dgrad weight as stored for the shifted-rows GEMM: [C_in][C_out][kh*kw], W'[ci][co][t] =
+// W[co][ci][kh*kw - 1 - t].
+at::Tensor dgrad_matrix(const at::Tensor& weight) {
+  const at::Tensor w = opmath_contiguous(weight);
+  const int64_t c_out = w.size(0), c_in = w.size(1), taps = w.size(2) * w.size(3);
+  at::Tensor by_input = at::empty({c_in * taps, c_out}, w.options());  // [(ci, t)][co]
+  at::Tensor out = at::empty({c_in, c_out, w.size(2), w.size(3)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "dgrad_matrix", [&] {
+    cpu::transpose(w.const_data_ptr<scalar_t>(), c_out, c_in * taps, by_input.mutable_data_ptr<scalar_t>());
+    std::vector<scalar_t> block(c_out * taps);  // [co][t] of one ci
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t ci = 0; ci < c_in; ++ci) {
+      cpu::transpose(by_input.const_data_ptr<scalar_t>() + ci * taps * c_out, taps, c_out, block.data());
+      for (int64_t co = 0; co < c_out; ++co)
+        for (int64_t t = 0; t < taps; ++t)
+          dst[(ci * c_out + co) * taps + t] = block[co * taps + taps - 1 - t];
+    }
   });
   return out;
 }
@@ -397,7 +424,8 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
-    const at::Tensor taps = forward_taps(weight);  // [kh][kw][C_out][C_in]
+    // As stored ([C_out][C_in*kh*kw]) for the shifted-rows GEMM, else repacked per tap.
+    const at::Tensor taps = use_shifted_rows(g) ? opmath_contiguous(weight) : forward_taps(weight);
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cpu", [&] {
       convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), nullptr, taps, bias_acc,
@@ -446,8 +474,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     grad_input = grad_out.numel() > 0 ? at::empty(input.sizes(), input.options())
                                       : at::zeros(input.sizes(), input.options());
     if (grad_input.numel() > 0 && grad_out.numel() > 0) {
-      // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx], as taps.
-      const at::Tensor flipped = dgrad_taps(weight);
+      // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx].
+      const at::Tensor flipped = use_shifted_rows(dgrad_geometry(g)) ? dgrad_matrix(weight) : dgrad_taps(weight);
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cpu", [&] {
         convolve<scalar_t>(dgrad_geometry(g), grad_out.const_data_ptr<scalar_t>(),
                            masked ? output.const_data_ptr<scalar_t>() : nullptr, flipped,
@@ -457,17 +485,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
   }
   if (output_mask[1] || output_mask[2]) {
-    at::Tensor grad_taps = at::zeros({g.kernel_h, g.kernel_w, g.in_channels, g.out_channels}, acc_options);
+    at::Tensor grad_weight_acc = at::zeros(weight.sizes(), acc_options);
     at::Tensor bias_acc = at::zeros({g.out_channels}, acc_options);
     if (grad_out.numel() > 0) {
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cpu", [&] {
         weight_gradients<scalar_t>(g, input.const_data_ptr<scalar_t>(),
                                    grad_out.const_data_ptr<scalar_t>(),
                                    masked ? output.const_data_ptr<scalar_t>() : nullptr,
-                                   grad_taps, bias_acc);
+                                   grad_weight_acc, bias_acc);
       });
     }
-    if (output_mask[1]) grad_weight = weight_from_taps(grad_taps).to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+    if (output_mask[1]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());
   }
   return {grad_input, grad_weight, grad_bias};

@@ -8,6 +8,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace unet_ext {
 namespace cpu {
@@ -46,6 +47,10 @@ void gemm_with_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, cons
 #define UNET_GEMM_BLOCK_N 256
 #define UNET_GEMM_BLOCK_K 256
 #endif
+#ifndef UNET_GEMM_BRGEMM_MAX_K
+#define UNET_GEMM_BRGEMM_MAX_K 256
+#define UNET_GEMM_BRGEMM_MAX_M 256
+#endif
 
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
@@ -54,7 +59,9 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     if (!accumulate) for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
     return;
   }
-  if (float_brgemm_available()) {
+  // Large operands go to MKL, which packs them for its cache blocking; the micro-kernel serves the
+  // per-block GEMMs of the wide, shallow layers without packing cost.
+  if (float_brgemm_available() && k <= UNET_GEMM_BRGEMM_MAX_K && m <= UNET_GEMM_BRGEMM_MAX_M) {
     // brgemm is a micro-kernel without cache blocking of its own: with U-Net's 512-1024 channel
     // layers, B would be re-read from L3 for every panel of A. Blocks of kBlockK x kBlockN keep B
     // in L2 while the M panels go by.
@@ -100,6 +107,20 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
         for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
     }
   }
+}
+
+// Per-thread scratch that outlives the call: a fresh multi-MiB buffer per call costs a page fault
+// per 4 KiB here (U-Net's deep layers gather ~30 MiB of shifted rows per block). Grows, never
+// shrinks; `slot` tells apart the buffers one task holds at once. Contents are undefined.
+template <typename T>
+T* scratch(int slot, int64_t size) {
+  thread_local std::vector<T> buffers[4];
+  std::vector<T>& buffer = buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < size) {
+    buffer = std::vector<T>();  // free first: old and new are not needed at once
+    buffer.resize(size);
+  }
+  return buffer.data();
 }
 
 // Call at the end of each parallel task that used gemm (frees the brgemm's per-thread state).

@@ -168,6 +168,15 @@ def _check(outputs, tol):
                 # 10^5 pixels: elements near 0 after cancellation differ by ~1e-6 of the scale).
                 if "atol_rel" in rule:
                     rule["atol"] = rule.pop("atol_rel") * (a.abs().max().item() if a.numel() else 0.0)
+                # flips: the fraction of elements allowed outside the tolerance (a ReLU output
+                # within rounding of 0 lands on either side, and its pixel's gradient with it).
+                flips = rule.pop("flips", 0.0)
+                if flips and a.numel():
+                    far = ~torch.isclose(a, b, rtol=rule["rtol"], atol=rule["atol"], equal_nan=True)
+                    assert far.float().mean().item() <= flips, (
+                        f"{int(far.sum())} of {a.numel()} elements differ beyond rtol={rule['rtol']}, "
+                        f"atol={rule['atol']:.2e} (allowed: {flips:.1%})")
+                    continue
                 torch.testing.assert_close(a, b, **rule)
             verdict[name] = "ok"
         except (AssertionError, ValueError) as error:

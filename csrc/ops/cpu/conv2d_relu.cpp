@@ -46,13 +46,14 @@ struct BlockPlan {
 
 // Up to this many input channels, one GEMM over shifted rows (see shifted_rows) beats a GEMM per tap.
 constexpr int64_t kFewChannels = 8;
+constexpr int64_t kMaxPartialElements = int64_t{1} << 22;  // per-thread wgrad partials, all threads
 
 // One GEMM over shifted rows (K = C_in*kh*kw, see shifted_rows) instead of one GEMM per tap: with
 // few input channels (K = C_in is too short), and where the weights outweigh the image (U-Net's
 // deep layers): the weights are then used as they are stored, [C_out][C_in*kh*kw], with no
 // per-call repacking, in one long-K GEMM.
 bool use_shifted_rows(const ConvGeometry& g) {
-  return g.in_channels <= kFewChannels || g.kernel_h * g.kernel_w * g.out_channels > g.in_h * g.in_w;
+  return g.in_channels <= kFewChannels || g.kernel_h * g.kernel_w * g.out_channels > 2 * g.in_h * g.in_w;
 }
 
 // Rows per block: window plus product near kBlockBytes (half of a 1 MiB L2), at least one row.
@@ -270,8 +271,8 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
 // few input channels each task owns a block of input channels and walks all images and blocks
 // in order (deterministic, no partial sums): one GEMM per tap, window_tap x masked_t, into
 // taps-ordered sums [kh*kw][C_in][C_out]; or, where use_shifted_rows, one GEMM over the shifted
-// rows into [(c, ky, kx)][C_out]. Few input channels: per-thread partials of the shifted-rows
-// GEMM, added in thread order. Either way the sums are transposed into grad_weight at the end.
+// rows into [(c, ky, kx)][C_out]. Small weights: per-thread partials of the same GEMMs over the
+// blocks, added in thread order. Either way the sums are transposed into grad_weight at the end.
 template <typename scalar_t>
 void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar_t* grad_out,
                       const scalar_t* mask, at::Tensor& grad_weight, at::Tensor& grad_bias) {
@@ -288,7 +289,10 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
   acc_t* dw = sums.mutable_data_ptr<acc_t>();
   acc_t* db = grad_bias.mutable_data_ptr<acc_t>();
 
-  if (g.in_channels > kFewChannels) {
+  // Per-thread partial sums while they are small (they cost threads x weights of zeroing and
+  // adding); the deep layers' weights (up to 37 MB) are split by input channel instead.
+  const bool partials = threads * taps * tap_size <= kMaxPartialElements || g.in_channels <= kFewChannels;
+  if (!partials) {
     const int64_t per_task = (g.in_channels + 2 * threads - 1) / (2 * threads);
     const int64_t ci_block = std::max<int64_t>(32, (per_task + 15) / 16 * 16);
     const int64_t ci_blocks = (g.in_channels + ci_block - 1) / ci_block;
@@ -333,8 +337,8 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
       std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
       std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
       std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
-      std::unique_ptr<acc_t[]> rows_buffer(new acc_t[g.taps() * wide]);
-      acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();  // [(c, ky, kx)][C_out]
+      std::unique_ptr<acc_t[]> rows_buffer(shifted ? new acc_t[g.taps() * wide] : nullptr);
+      acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();  // the layout of `sums`
       acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
       for (int64_t b = b0; b < b1; ++b) {
         const Block blk = plan.block(b, g);
@@ -343,9 +347,17 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
                                         g.in_channels, window.get(), channel_stride);
         const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
         masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
-        shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer.get());
-        cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
-                  g.out_channels, weight_sum, g.out_channels, true);
+        if (shifted) {
+          shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer.get());
+          cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
+                    g.out_channels, weight_sum, g.out_channels, true);
+          continue;
+        }
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          const int64_t ky = tap / g.kernel_w, kx = tap % g.kernel_w;
+          cpu::gemm(g.in_channels, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
+                    masked_t.get(), g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
+        }
       }
       cpu::gemm_release();
     });

@@ -42,15 +42,10 @@ void gemm_with_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, cons
   }
 }
 
-#ifndef UNET_GEMM_BLOCK_M
-#define UNET_GEMM_BLOCK_M 128
-#define UNET_GEMM_BLOCK_N 256
-#define UNET_GEMM_BLOCK_K 256
-#endif
-#ifndef UNET_GEMM_BRGEMM_MAX_K
-#define UNET_GEMM_BRGEMM_MAX_K 256
-#define UNET_GEMM_BRGEMM_MAX_M 256
-#endif
+// Up to these sizes the micro-kernel (it does no cache blocking of its own: blocked here above
+// kBrgemmPlain elements of A) beats MKL; the deep layers' long-K GEMMs (K = 9 * C_in up to 9216)
+// go to MKL, which packs its operands.
+constexpr int64_t kBrgemmMaxK = 2048, kBrgemmMaxM = 2048, kBrgemmPlain = 256 * 512;
 
 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float* c, int64_t ldc, bool accumulate) {
@@ -59,19 +54,18 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
     if (!accumulate) for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
     return;
   }
-  // Large operands go to MKL, which packs them for its cache blocking; the micro-kernel serves the
-  // per-block GEMMs of the wide, shallow layers without packing cost.
-  if (float_brgemm_available() && k <= UNET_GEMM_BRGEMM_MAX_K && m <= UNET_GEMM_BRGEMM_MAX_M) {
-    // brgemm is a micro-kernel without cache blocking of its own: with U-Net's 512-1024 channel
-    // layers, B would be re-read from L3 for every panel of A. Blocks of kBlockK x kBlockN keep B
-    // in L2 while the M panels go by.
-    // Blocks split each dimension evenly (a 512 + 26 split would run a whole A panel for 26 columns).
+  if (float_brgemm_available() && k <= kBrgemmMaxK && m <= kBrgemmMaxM) {
+    if (m * k <= kBrgemmPlain) {
+      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+      return;
+    }
+    // Larger A (512-channel layers): blocks of B stay in L2 while the M panels go by; blocks split
+    // each dimension evenly (a 512 + 26 split would run a whole A panel for 26 columns).
     const auto even = [](int64_t size, int64_t target) {
       const int64_t parts = (size + target - 1) / target;
       return (size + parts - 1) / parts;
     };
-    const int64_t block_m = even(m, UNET_GEMM_BLOCK_M), block_n = even(n, UNET_GEMM_BLOCK_N);
-    const int64_t block_k = even(k, UNET_GEMM_BLOCK_K);
+    const int64_t block_m = even(m, 128), block_n = even(n, 256), block_k = even(k, 256);
     for (int64_t n0 = 0; n0 < n; n0 += block_n) {
       const int64_t nb = std::min(block_n, n - n0);
       for (int64_t k0 = 0; k0 < k; k0 += block_k) {

@@ -74,7 +74,7 @@ def _case(op, batch, c_in, c_out, size, dtype, layout, mode, device, with_compil
     low = dtype in (torch.float16, torch.bfloat16)
     tol = dict(rtol=5e-2, atol_rel=5e-2) if low else dict(rtol=1e-3, atol_rel=1e-5)
     if backward and not up:
-        tol["flips"] = 0.01  # ReLU-boundary pixels (see harness._check); the tests check the mask exactly
+        tol["flips"] = 0.05  # ReLU-boundary pixels (one flip moves a whole row of grad_weight) (see harness._check); the tests check the mask exactly
     return Case(op=op, shape=f"{batch}x{c_in}x{size}x{size}->{c_out}", dtype=str(dtype).replace("torch.", ""),
                 layout=layout, mode=mode, make=make, bytes_moved=bytes_moved, tol=tol,
                 flops=flops, no_memory=("compile(stock)",))

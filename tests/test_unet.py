@@ -124,3 +124,17 @@ def test_compile_fullgraph_training_step():
     step(ours, x).backward()
     for g, p in zip(got, ours.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = unet_ext.UNet(base_channels=4, depth=2).double()
+    saved = unet_ext.UNet(base_channels=4, depth=2, checkpointing=True).double()
+    saved.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 44, 44, dtype=torch.float64)
+    grads = []
+    for model in (plain, saved):
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

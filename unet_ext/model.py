@@ -7,6 +7,7 @@ map in "same" mode), two 3x3 conv+ReLU, 1x1 head.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import nn as fused
 from . import ops
@@ -48,8 +49,10 @@ class UNetBase(nn.Module):
     head(in, out), and merge(skip, up) -> concatenation."""
 
     def __init__(self, in_channels, num_classes, base_channels, depth, padding, dropout,
-                 conv_relu, up_conv, head, merge):
+                 conv_relu, up_conv, head, merge, checkpointing=False):
         super().__init__()
+        # Recompute each level's activations in the backward instead of keeping them (large tiles).
+        self.checkpointing = checkpointing
         if padding not in PADDINGS:
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
         if depth < 1 or base_channels < 1 or in_channels < 1 or num_classes < 1:
@@ -85,9 +88,14 @@ class UNetBase(nn.Module):
             raise ValueError(f"UNet expects {self.in_channels} input channels, got {x.shape[1]}")
         for size in x.shape[-2:]:
             check_input_size(int(size), self.depth, self.padding)
+        recompute = self.checkpointing and torch.is_grad_enabled()
+
+        def run(fn, *args):
+            return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
+
         skips = []
         for level, block in enumerate(self.encoder):
-            x = block(x)
+            x = run(block, x)
             if level < self.depth:
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
@@ -96,7 +104,7 @@ class UNetBase(nn.Module):
             up = block.up(x)
             if self.padding == "same":
                 up = pad_to(up, skip)
-            x = block.conv2(block.conv1(self._merge(skip, up)))
+            x = run(lambda s, u, b=block: b.conv2(b.conv1(self._merge(s, u))), skip, up)
         return self.head(x)
 
 
@@ -105,14 +113,15 @@ class UNet(UNetBase):
 
     Defaults give the paper's network (31,030,658 parameters; 572x572 in, 388x388 out).
     padding="same" keeps the input's size (any size >= 2**depth). dropout applies at the end of
-    the contracting path (the paper used 0.5 there). He initialisation.
+    the contracting path (the paper used 0.5 there). He initialisation. checkpointing=True
+    recomputes each level's activations during the backward (less memory for large tiles).
     """
 
     def __init__(self, in_channels=1, num_classes=2, base_channels=64, depth=4, padding="valid",
-                 dropout=0.0):
+                 dropout=0.0, checkpointing=False):
         super().__init__(
             in_channels, num_classes, base_channels, depth, padding, dropout,
             conv_relu=lambda i, o, p: fused.Conv2dReLU(i, o, 3, p),
             up_conv=fused.UpConv2x2,
             head=lambda i, o: fused.Conv2dBias(i, o, 1),
-            merge=ops.crop_concat)
+            merge=ops.crop_concat, checkpointing=checkpointing)

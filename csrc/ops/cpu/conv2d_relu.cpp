@@ -407,22 +407,22 @@ at::Tensor dgrad_taps(const at::Tensor& weight) {
 }
 
 // dgrad weight as stored for the shifted-rows GEMM: [C_in][C_out][kh*kw], W'[ci][co][t] =
-// W[co][ci][kh*kw - 1 - t].
+// W[co][ci][kh*kw - 1 - t]; parallel over ci (37 MB for the 1024-channel layers).
 at::Tensor dgrad_matrix(const at::Tensor& weight) {
   const at::Tensor w = opmath_contiguous(weight);
   const int64_t c_out = w.size(0), c_in = w.size(1), taps = w.size(2) * w.size(3);
-  at::Tensor by_input = at::empty({c_in * taps, c_out}, w.options());  // [(ci, t)][co]
   at::Tensor out = at::empty({c_in, c_out, w.size(2), w.size(3)}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "dgrad_matrix", [&] {
-    cpu::transpose(w.const_data_ptr<scalar_t>(), c_out, c_in * taps, by_input.mutable_data_ptr<scalar_t>());
-    std::vector<scalar_t> block(c_out * taps);  // [co][t] of one ci
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t ci = 0; ci < c_in; ++ci) {
-      cpu::transpose(by_input.const_data_ptr<scalar_t>() + ci * taps * c_out, taps, c_out, block.data());
-      for (int64_t co = 0; co < c_out; ++co)
-        for (int64_t t = 0; t < taps; ++t)
-          dst[(ci * c_out + co) * taps + t] = block[co * taps + taps - 1 - t];
-    }
+    at::parallel_for(0, c_in, 1, [&](int64_t ci0, int64_t ci1) {
+      for (int64_t ci = ci0; ci < ci1; ++ci)
+        for (int64_t co = 0; co < c_out; ++co) {
+          const scalar_t* from = src + (co * c_in + ci) * taps;
+          scalar_t* to = dst + (ci * c_out + co) * taps;
+          for (int64_t t = 0; t < taps; ++t) to[t] = from[taps - 1 - t];
+        }
+    });
   });
   return out;
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
@@ -90,17 +91,23 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, 
 
 // dst[cols, rows] = src[rows, cols]^T in 16x16 tiles: both sides stay within a few cache lines
 // per tile (a plain loop writes one new line per element on one side).
+// Parallel over row tiles when large (the deep layers' 37 MB weights); serial inside a parallel
+// region, as every at::parallel_for is.
 template <typename T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
   constexpr int64_t kTile = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-    const int64_t i1 = std::min(rows, i0 + kTile);
-    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-      const int64_t j1 = std::min(cols, j0 + kTile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, kTile * cols));
+  at::parallel_for(0, row_tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t i0 = t0 * kTile; i0 < std::min(rows, t1 * kTile); i0 += kTile) {
+      const int64_t i1 = std::min(rows, i0 + kTile);
+      for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+        const int64_t j1 = std::min(cols, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
+      }
     }
-  }
+  });
 }
 
 // Per-thread scratch that outlives the call: a fresh multi-MiB buffer per call costs a page fault

@@ -169,7 +169,12 @@ at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& 
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
     // Rows (co, dy, dx) of W^T: weight (C_in, C_out, 2, 2) -> [C_out * 4, C_in].
-    const at::Tensor weight_rows = opmath_contiguous(weight.reshape({g.in_channels, 4 * g.out_channels}).t());
+    const at::Tensor w = opmath_contiguous(weight);
+    at::Tensor weight_rows = at::empty({4 * g.out_channels, g.in_channels}, w.options());
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "up_weight_rows", [&] {
+      cpu::transpose(w.const_data_ptr<scalar_t>(), g.in_channels, 4 * g.out_channels,
+                     weight_rows.mutable_data_ptr<scalar_t>());  // tiled, parallel: 8 MB at 1024 -> 512
+    });
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
     if (g.in_channels == 0) {
       output.copy_(bias_acc.defined() ? bias_acc.view({1, -1, 1, 1}).expand_as(output) : at::zeros_like(output));

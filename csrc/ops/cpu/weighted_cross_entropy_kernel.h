@@ -176,17 +176,37 @@ double sum_in_lanes(const acc_t* values, int64_t len) {
   return total;
 }
 
+// What both passes read: the block decomposition and the input pointers.
+template <typename scalar_t>
+struct KernelInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  explicit KernelInputs(const Prepared& p)
+      : g(p.geometry),
+        block(block_pixels(g.classes)),
+        blocks_per_sample((g.pixels + block - 1) / block),
+        num_blocks(g.batch * blocks_per_sample),
+        logits(p.logits.const_data_ptr<scalar_t>()),
+        target(p.target.const_data_ptr<int64_t>()),
+        weight_map(g.has_weight_map ? p.weight_map.const_data_ptr<acc_t>() : nullptr),
+        class_weight(g.has_class_weight ? p.class_weight.const_data_ptr<acc_t>() : nullptr) {}
+  const Geometry g;
+  const int64_t block, blocks_per_sample, num_blocks;
+  const scalar_t* logits;
+  const int64_t* target;
+  const acc_t* weight_map;
+  const acc_t* class_weight;
+};
+
 template <typename scalar_t>
 void forward_kernel(const Prepared& p, ForwardOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry g = p.geometry;
-  const int64_t block = block_pixels(g.classes);
-  const int64_t blocks_per_sample = (g.pixels + block - 1) / block;
-  const int64_t num_blocks = g.batch * blocks_per_sample;
-  const scalar_t* logits = p.logits.const_data_ptr<scalar_t>();
-  const int64_t* target = p.target.const_data_ptr<int64_t>();
-  const acc_t* weight_map = g.has_weight_map ? p.weight_map.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* class_weight = g.has_class_weight ? p.class_weight.const_data_ptr<acc_t>() : nullptr;
+  const KernelInputs<scalar_t> in(p);
+  const Geometry& g = in.g;
+  const int64_t block = in.block, blocks_per_sample = in.blocks_per_sample, num_blocks = in.num_blocks;
+  const scalar_t* logits = in.logits;
+  const int64_t* target = in.target;
+  const acc_t* weight_map = in.weight_map;
+  const acc_t* class_weight = in.class_weight;
   scalar_t* loss_map = g.reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* lse_out = out.logsumexp.mutable_data_ptr<acc_t>();
   std::vector<double> block_loss(num_blocks, 0.0), block_weight(num_blocks, 0.0);
@@ -237,14 +257,13 @@ template <typename scalar_t>
 void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::Tensor& logsumexp,
                      const at::Tensor& total_weight, at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Geometry g = p.geometry;
-  const int64_t block = block_pixels(g.classes);
-  const int64_t blocks_per_sample = (g.pixels + block - 1) / block;
-  const int64_t num_blocks = g.batch * blocks_per_sample;
-  const scalar_t* logits = p.logits.const_data_ptr<scalar_t>();
-  const int64_t* target = p.target.const_data_ptr<int64_t>();
-  const acc_t* weight_map = g.has_weight_map ? p.weight_map.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* class_weight = g.has_class_weight ? p.class_weight.const_data_ptr<acc_t>() : nullptr;
+  const KernelInputs<scalar_t> in(p);
+  const Geometry& g = in.g;
+  const int64_t block = in.block, blocks_per_sample = in.blocks_per_sample, num_blocks = in.num_blocks;
+  const scalar_t* logits = in.logits;
+  const int64_t* target = in.target;
+  const acc_t* weight_map = in.weight_map;
+  const acc_t* class_weight = in.class_weight;
   const acc_t* lse_in = logsumexp.const_data_ptr<acc_t>();
   const scalar_t* grad_map = g.reduction == kNone ? grad_loss.const_data_ptr<scalar_t>() : nullptr;
   acc_t grad_scalar = acc_t(0);

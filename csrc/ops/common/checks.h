@@ -20,7 +20,3 @@
 #define UNET_CHECK_SAME_DEVICE(op, a, b)                                                     \
   TORCH_CHECK((a).device() == (b).device(), op, ": ", #a, " and ", #b,                       \
               " must be on the same device, got ", (a).device(), " and ", (b).device())
-
-#define UNET_CHECK_DEVICE_TYPE(op, t, type)                                                  \
-  TORCH_CHECK((t).device().type() == (type), op, ": ", #t, " must be a ", type,              \
-              " tensor, got a tensor on ", (t).device())

@@ -1,11 +1,13 @@
-// conv2d_relu / conv2d_bias on the CPU: blocked implicit GEMM without im2col. A task takes a
-// block of output rows of one image; each kernel tap is one GEMM (oneDNN's brgemm for float)
-// on the block's input window read in place (or padded into an L2-sized per-thread buffer),
-// and bias + ReLU (+ the cast) are applied while the product is in cache.
+// conv2d_relu / conv2d_bias on the CPU: blocked implicit GEMM. A task takes a block of output
+// rows of one image (and, for wide layers, a block of output channels). Each kernel tap is one
+// GEMM (oneDNN's brgemm for float) on the block's input window read in place or padded into a
+// per-thread buffer; with few input channels or large weights (the deep layers) it is one
+// long-K GEMM over the shifted windows instead, with the weights as stored (use_shifted_rows).
+// Bias + ReLU (+ the cast) are applied while the product is in cache.
 // Backward: dgrad is the same convolution of the masked gradient (zero where output <= 0, applied
-// while loading the window) with the flipped weight; wgrad and the bias grad accumulate per
-// thread over the forward's blocks and are summed in a fixed order. Kernels read NCHW;
-// channels_last inputs are converted and the results returned channels_last.
+// while loading the window) with the flipped weight; wgrad and the bias grad are summed in a
+// fixed order (per-thread partials, or input-channel blocks owned by one task). Kernels read
+// NCHW; channels_last inputs are converted and the results returned channels_last.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

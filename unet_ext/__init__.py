@@ -19,6 +19,7 @@ from .ops import conv2d_bias, conv2d_relu, conv_transpose2x2, crop_concat, weigh
 from . import nn  # noqa: E402,F401
 from .model import UNet  # noqa: E402,F401
 from ._unet_shape import output_size, valid_input_size  # noqa: E402,F401
+from .weight_map import weight_map  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,7 @@ from . import nn  # noqa: E402,F401
 from .model import UNet  # noqa: E402,F401
 from ._unet_shape import output_size, valid_input_size  # noqa: E402,F401
 from .weight_map import weight_map  # noqa: E402,F401
+from .tiling import predict_tiled  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

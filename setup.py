@@ -145,6 +145,6 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["numpy", "tqdm"],
+    install_requires=["numpy", "tqdm", "scipy", "tifffile", "pillow", "matplotlib"],
     entry_points={"console_scripts": ["unet-ext=unet_ext.__main__:main"]},
 )

@@ -13,11 +13,13 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "setup: installing torch==2.14.1" >&2
   pip_install torch==2.14.1
 fi
-# Build and test dependencies; a local wheels/ folder serves machines without internet.
-deps=(ninja numpy tqdm matplotlib pytest)
+# Build, test and workflow dependencies (module:pip name); a local wheels/ folder serves machines
+# without internet.
+deps=(ninja:ninja numpy:numpy tqdm:tqdm matplotlib:matplotlib pytest:pytest scipy:scipy
+      tifffile:tifffile PIL:pillow)
 missing=$("$PYTHON" - "${deps[@]}" <<'PY'
 import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+print(" ".join(d.split(":")[1] for d in sys.argv[1:] if importlib.util.find_spec(d.split(":")[0]) is None))
 PY
 )
 if [ -n "$missing" ]; then
@@ -28,6 +30,16 @@ if [ -n "$missing" ]; then
   else
     # shellcheck disable=SC2086
     pip_install $missing
+  fi
+fi
+# The default training data: the 512x512 nuclei image shipped in the stardist wheel (only its
+# data files are used, so none of its dependencies).
+if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('stardist') is None)"; then
+  echo "setup: installing stardist (data files only, --no-deps)" >&2
+  if [ -d wheels ]; then
+    pip_install --no-index --find-links wheels --no-deps stardist || pip_install --no-deps stardist || true
+  else
+    pip_install --no-deps stardist || echo "setup: stardist not installed: unet-ext train needs a data folder" >&2
   fi
 fi
 

@@ -1,9 +1,8 @@
 """The ``unet-ext`` command (also ``python -m unet_ext``): ``info`` says what this build contains
 and what it runs on; ``bench`` runs the repository's benchmarks/ (a source checkout only).
-Subcommands are entries of COMMANDS (``train``/``predict`` will join them). Bad usage prints one
-line and exits 2.
+``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py).
+Subcommands are entries of COMMANDS. Bad usage prints one line and exits 2.
 """
-import argparse
 import os
 import platform
 import re
@@ -11,13 +10,7 @@ import shutil
 import subprocess
 import sys
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line (argparse would print the whole usage first)
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(EXIT_USAGE)
+from ._cli import EXIT_USAGE, Parser
 
 
 def _cpu_flags():
@@ -111,15 +104,31 @@ def bench(args):
     return run.main(args.rest, prog="unet-ext bench")
 
 
+def train(args):
+    from . import train as command
+
+    return command.main(args.rest, prog="unet-ext train")
+
+
+def predict(args):
+    from . import predict as command
+
+    return command.main(args.rest, prog="unet-ext predict")
+
+
 # name -> (help, takes the remaining arguments itself, function)
 COMMANDS = {
+    "train": ("train a U-Net (default: the bundled nuclei image; see `unet-ext train --help`)",
+              True, train),
+    "predict": ("segment images of any size with a checkpoint (see `unet-ext predict --help`)",
+                True, predict),
     "info": ("print what this build contains and the device it runs on", False, info),
     "bench": ("run the op benchmarks (options: see `unet-ext bench --help`)", True, bench),
 }
 
 
 def main(argv=None):
-    parser = _Parser(prog="unet-ext", description="unet_ext: fused U-Net ops for PyTorch")
+    parser = Parser(prog="unet-ext", description="unet_ext: fused U-Net ops for PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (help_text, passes_rest, _) in COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=not passes_rest)

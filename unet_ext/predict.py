@@ -1,0 +1,151 @@
+"""`unet-ext predict CKPT IMAGE... -o OUT`: overlap-tile segmentation of images of any size with a
+checkpoint from `unet-ext train` (it carries the model config, so nothing else is needed).
+Per image it writes the class map (<stem>_seg), optionally the foreground probability
+(<stem>_prob, float32 TIFF) and instance labels from connected components (<stem>_instances);
+with --labels it scores the result (foreground IoU, Dice, instance F1 at IoU 0.5).
+"""
+import os
+
+import numpy as np
+import torch
+
+from ._cli import Parser, UsageError, run
+from ._unet_shape import check_input_size, output_size, valid_input_size
+
+__all__ = ["main", "build_parser", "load_model", "default_tile_size"]
+
+
+def build_parser(prog="unet-ext predict"):
+    p = Parser(prog=prog, description=__doc__.split("\n")[0].strip("`"))
+    p.add_argument("checkpoint", help="a checkpoint written by `unet-ext train`")
+    p.add_argument("images", nargs="+", help="TIFF or PNG images (2-D, or with a channel axis)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="ground-truth instance masks, one per image, to score the prediction")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="input tile size (default: fits the image, at most 572)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast dtype")
+    p.add_argument("--format", choices=("tif", "png"), default="tif",
+                   help="format of the class map and instance labels")
+    p.add_argument("--prob", action="store_true", help="also write the foreground probability")
+    p.add_argument("--instances", action="store_true",
+                   help="also write instance labels (connected components of the foreground)")
+    p.add_argument("--min-size", type=int, default=15,
+                   help="drop instances smaller than this (pixels)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None, prog="unet-ext predict"):
+    args = build_parser(prog).parse_args(argv)
+    return run(prog, predict, args)
+
+
+def load_model(path, device="cpu"):
+    """The UNet of a `unet-ext train` checkpoint, in eval mode, and the checkpoint."""
+    from . import UNet
+    from .train import MODEL_KEYS, load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
+    if not config or any(k not in config for k in MODEL_KEYS):
+        raise UsageError(f"{path} is not a unet-ext training checkpoint (no model_config)")
+    model = UNet(**{k: config[k] for k in MODEL_KEYS})
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as error:
+        raise UsageError(f"{path}: weights do not match its model_config: "
+                         f"{str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), checkpoint
+
+
+def default_tile_size(model, height, width):
+    """The smallest tile that covers the image (plus the valid-mode margin), at most the paper's
+    572 (larger tiles save little and cost memory)."""
+    cap = valid_input_size(572, model.depth, model.padding)
+    if model.padding == "same":
+        step = 2 ** model.depth
+        return min(cap, -(-max(height, width, step) // step) * step)
+    margin = cap - output_size(cap, model.depth, "valid")
+    return valid_input_size(min(max(height, width) + margin, cap), model.depth, "valid")
+
+
+def _write(path, array):
+    from .data import write_image
+
+    write_image(path, array)
+
+
+def predict(args):
+    from .data import normalize, read_image
+    from .metrics import dice, foreground_iou, instance_f1, instances
+    from .tiling import predict_tiled
+    from .train import _device
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.labels is not None and len(args.labels) != len(args.images):
+        raise UsageError(f"--labels takes one mask per image: {len(args.images)} image(s), "
+                         f"{len(args.labels)} mask(s)")
+    for path in args.images + (args.labels or []):
+        if not os.path.isfile(path):
+            raise UsageError(f"file not found: {path}")
+    device = _device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    autocast = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    model, _ = load_model(args.checkpoint, device)
+    if args.tile_size is not None:
+        try:
+            check_input_size(args.tile_size, model.depth, model.padding)
+        except ValueError as error:
+            raise UsageError(f"--tile-size: {error}") from None
+        if model.padding == "same" and args.tile_size % 2 ** model.depth:
+            raise UsageError(f"--tile-size must be a multiple of {2 ** model.depth} for this "
+                             "same-padding model")
+    os.makedirs(args.out, exist_ok=True)
+
+    for index, path in enumerate(args.images):
+        try:
+            image = normalize(read_image(path))
+        except ValueError as error:
+            raise UsageError(f"cannot read {path}: {error}") from None
+        if image.shape[0] != model.in_channels:
+            raise UsageError(f"{path} has {image.shape[0]} channel(s); the model takes "
+                             f"{model.in_channels}")
+        height, width = image.shape[-2:]
+        tile = args.tile_size or default_tile_size(model, height, width)
+        logits = predict_tiled(model, torch.from_numpy(image), tile_size=tile,
+                               batch_size=args.batch_size, autocast=autocast,
+                               progress=False if args.no_progress else None)
+        classes = logits.argmax(0).numpy().astype(np.uint8)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        _write(os.path.join(args.out, f"{stem}_seg.{args.format}"), classes)
+        written = [f"{stem}_seg.{args.format}"]
+        if args.prob:
+            prob = torch.softmax(logits.float(), 0)[1].numpy()
+            _write(os.path.join(args.out, f"{stem}_prob.tif"), prob.astype(np.float32))
+            written.append(f"{stem}_prob.tif")
+        labels_pred = instances(classes == 1, args.min_size)
+        if args.instances:
+            dtype = np.uint16 if labels_pred.max() < 2 ** 16 else np.uint32
+            if args.format == "png" and dtype != np.uint16:
+                raise UsageError(f"{path}: {labels_pred.max()} instances do not fit a 16-bit PNG; "
+                                 "use --format tif")
+            _write(os.path.join(args.out, f"{stem}_instances.{args.format}"),
+                   labels_pred.astype(dtype))
+            written.append(f"{stem}_instances.{args.format}")
+        line = (f"{path}: {height}x{width}, tile {tile}, {int(labels_pred.max())} instances -> "
+                f"{', '.join(written)}")
+        if args.labels is not None:
+            truth = read_image(args.labels[index])
+            if truth.shape != (height, width):
+                raise UsageError(f"mask {args.labels[index]} is {truth.shape}, image {path} is "
+                                 f"{(height, width)}")
+            f1 = instance_f1(labels_pred, truth)
+            line += (f"; IoU {foreground_iou(classes, truth):.3f}, Dice {dice(classes, truth):.3f}, "
+                     f"instance F1@0.5 {f1['f1']:.3f} ({f1['tp']} TP, {f1['fp']} FP, {f1['fn']} FN)")
+        print(line)
+    return 0

@@ -9,6 +9,17 @@ HAS_CUDA = torch.cuda.is_available() and unet_ext.build_info()["cuda_kernels"]
 DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 as float32: torch (and so our CUTLASS path, which follows
+    torch.backends.cudnn.allow_tf32) would otherwise run float32 convolutions as TF32 on
+    Ampere and later. Tests of the TF32 path turn it on themselves."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device and the CUDA kernels")
     for item in items:

@@ -92,6 +92,7 @@ def _sass_by_arch():
 def test_cutlass_conv_kernels_use_tensor_cores():
     by_arch = _sass_by_arch()
     for arch in ("sm_80", "sm_90"):
+        found_tf32 = False
         assert arch in by_arch, f"no {arch} SASS"
         sections = re.split(r"\n\s*Function : ", by_arch[arch])
         conv = [s for s in sections if "ImplicitGemmConvolution" in s.split("\n", 1)[0]]
@@ -99,7 +100,13 @@ def test_cutlass_conv_kernels_use_tensor_cores():
             pytest.skip("built without CUTLASS (nvidia-cutlass not installed or UNET_EXT_CUTLASS=0)")
         for section in conv:
             name = section.split("\n", 1)[0]
-            assert re.search(r"\bHMMA\.16816\.F32", section), f"{arch}: CUTLASS conv kernel without HMMA: {name[:200]}"
+            # 16-bit: HMMA.16816.F32[.BF16]; float (TF32): HMMA.1688.F32.TF32.
+            assert re.search(r"\bHMMA\.(16816\.F32|1688\.F32\.TF32)", section), \
+                f"{arch}: CUTLASS conv kernel without HMMA: {name[:200]}"
+            if "GemmShapeILi128ELi64ELi16EE" in name:  # the TF32 (float) block tile
+                found_tf32 = True
+                assert "HMMA.1688.F32.TF32" in section, f"{arch}: float conv kernel not on TF32: {name[:200]}"
             if "LinearCombinationRelu" in name:
                 # torch.relu keeps NaN: the epilogue's max must be the NaN-propagating one.
                 assert "FMNMX.NAN" in section, f"{arch}: ReLU epilogue drops NaN: {name[:200]}"
+        assert found_tf32, f"{arch}: no TF32 (float) CUTLASS conv kernel"

@@ -167,3 +167,29 @@ def test_conv_ops_do_not_synchronize():
         torch.ops.unet_ext._conv_transpose2x2_backward(torch.ones_like(up), xg, wg, [True, True, True])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 32, 12, 10, 3, 1), (1, 8, 12, 9, 7, 3, 0), (1, 4, 8, 5, 6, 1, 0)])
+def test_conv2d_float32_runs_as_tf32_when_torch_allows_it(shape):
+    """With torch.backends.cudnn.allow_tf32 (torch's default) the float32 convolutions take the
+    TF32 tensor-core path, as cuDNN does: error within twice stock PyTorch's (also TF32)."""
+    torch.backends.cudnn.allow_tf32 = True  # the conftest fixture restores it
+    x64, w64, b64, x, w, b = _conv_case(shape, torch.float32, channels_last=True)
+    padding = shape[-1]
+    out = torch.ops.unet_ext.conv2d_relu(x, w, b, padding)
+    ref = torch.relu(F.conv2d(x64, w64, b64, padding=padding))
+    stock = torch.relu(F.conv2d(x, w, b, padding=padding))
+    assert _err(out.cpu(), ref) <= 2 * _err(stock.cpu(), ref) + 1e-3 * ref.abs().max().item()
+    grad = torch.randn(out.shape, device="cuda").contiguous(memory_format=torch.channels_last)
+    gi, gw, _ = torch.ops.unet_ext._conv2d_backward(grad, x, w, out, padding, [True, True, False])
+    gm = torch.where(out > 0, grad, 0)
+    stock_gi = torch.nn.grad.conv2d_input(x.shape, w, gm, padding=padding)
+    stock_gw = torch.nn.grad.conv2d_weight(x, w.shape, gm, padding=padding)
+    ref_gi = torch.nn.grad.conv2d_input(x64.shape, w64, gm.double().cpu(), padding=padding)
+    ref_gw = torch.nn.grad.conv2d_weight(x64, w64.shape, gm.double().cpu(), padding=padding)
+    for ours, stock_g, ref_g in ((gi, stock_gi, ref_gi), (gw, stock_gw, ref_gw)):
+        assert _err(ours.cpu(), ref_g) <= 2 * _err(stock_g.cpu(), ref_g) + 1e-3 * ref_g.abs().max().item()
+    # And exact float32 again once TF32 is off.
+    torch.backends.cudnn.allow_tf32 = False
+    exact = torch.ops.unet_ext.conv2d_relu(x, w, b, padding)
+    assert _err(exact.cpu(), ref) <= 2e-4 * max(1.0, ref.abs().max().item())

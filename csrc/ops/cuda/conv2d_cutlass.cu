@@ -2,7 +2,9 @@
 // runs too): NHWC activations, KRSC filters (= channels_last weight), fp32 accumulation. fprop's
 // bias is the epilogue's C operand broadcast with stride 0 (D = [relu](acc + bias), NaN kept);
 // dgrad/wgrad take the masked gradient; wgrad is fp32 with serial (ordered) split-K.
-// Eight instantiations: fprop {half, bf16} x {ReLU, identity}, dgrad and wgrad {half, bf16}.
+// Element types: half and bfloat16, and float as TF32 (the MMA rounds float operands to tf32)
+// when torch.backends.cudnn.allow_tf32 is set, as cuDNN does for stock convolutions. Twelve
+// instantiations: fprop {half, bf16, float} x {ReLU, identity}, dgrad and wgrad of each.
 #include "conv2d_cutlass.h"
 
 #include <ATen/ATen.h>
@@ -27,25 +29,41 @@ namespace unet_ext {
 namespace conv {
 namespace {
 
-// 128-bit accesses: 8 half/bfloat16 elements, so C_in and C_out must be multiples of 8.
-constexpr int kAlignment = 8;
+// 128-bit accesses: 8 half/bfloat16 or 4 float elements, so C_in and C_out must be multiples of that.
+template <typename element_t>
+constexpr int kAlignment = 128 / cutlass::sizeof_bits<element_t>::value;
+
+// Tiles. 16-bit: 128x128x32 blocks of 4 warps of 64x64, 3 stages (48 KiB of shared memory), the
+// standard Ampere f16 configuration, whose 64x64 fp32 warp accumulators fit without spills.
+// TF32: 128x64x16 blocks of 4 warps of 64x32 and the 16x8x8 MMA, 3 stages (36 KiB): float
+// operands take twice the registers, and this is CUTLASS's own TF32 conv configuration.
+template <typename element_t>
+struct Tiles {
+  using Block = cutlass::gemm::GemmShape<128, 128, 32>;
+  using Warp = cutlass::gemm::GemmShape<64, 64, 32>;
+  using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;
+};
+template <>
+struct Tiles<float> {
+  using Block = cutlass::gemm::GemmShape<128, 64, 16>;
+  using Warp = cutlass::gemm::GemmShape<64, 32, 16>;
+  using Instruction = cutlass::gemm::GemmShape<16, 8, 8>;
+};
 
 template <typename element_t, bool kRelu>
 struct Fprop {
   using Layout = cutlass::layout::TensorNHWC;
   // alpha * acc + C with C = the bias row (NoBetaScaling: no beta multiply on the bias).
   using EpilogueRelu = cutlass::epilogue::thread::LinearCombinationRelu<
-      element_t, kAlignment, float, float, cutlass::epilogue::thread::ScaleType::NoBetaScaling>;
+      element_t, kAlignment<element_t>, float, float, cutlass::epilogue::thread::ScaleType::NoBetaScaling>;
   using EpilogueIdentity = cutlass::epilogue::thread::LinearCombination<
-      element_t, kAlignment, float, float, cutlass::epilogue::thread::ScaleType::NoBetaScaling>;
+      element_t, kAlignment<element_t>, float, float, cutlass::epilogue::thread::ScaleType::NoBetaScaling>;
   using Epilogue = std::conditional_t<kRelu, EpilogueRelu, EpilogueIdentity>;
-  // 128x128x32 block tile of 4 warps of 64x64, 3 stages (48 KiB of shared memory): the
-  // standard Ampere f16 configuration, whose 64x64 fp32 warp accumulators fit without spills.
+  using T = Tiles<element_t>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dFprop<
       element_t, Layout, element_t, Layout, element_t, Layout, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
-      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue,
+      typename T::Block, typename T::Warp, typename T::Instruction, Epilogue,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, 3,
       cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
   using Operation = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
@@ -57,12 +75,12 @@ template <typename element_t>
 struct Dgrad {
   using Layout = cutlass::layout::TensorNHWC;
   using Epilogue = cutlass::epilogue::thread::LinearCombination<
-      element_t, kAlignment, float, float, cutlass::epilogue::thread::ScaleType::Nothing>;
+      element_t, kAlignment<element_t>, float, float, cutlass::epilogue::thread::ScaleType::Nothing>;
+  using T = Tiles<element_t>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dDgrad<
       element_t, Layout, element_t, Layout, element_t, Layout, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
-      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue,
+      typename T::Block, typename T::Warp, typename T::Instruction, Epilogue,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, 3,
       cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized,
       cutlass::conv::StrideSupport::kUnity>::Kernel;
@@ -77,11 +95,11 @@ template <typename element_t>
 struct Wgrad {
   using Layout = cutlass::layout::TensorNHWC;
   using Epilogue = cutlass::epilogue::thread::LinearCombination<float, 4, float, float>;
+  using T = Tiles<element_t>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dWgrad<
       element_t, Layout, element_t, Layout, float, Layout, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 32>, cutlass::gemm::GemmShape<64, 64, 32>,
-      cutlass::gemm::GemmShape<16, 8, 16>, Epilogue,
+      typename T::Block, typename T::Warp, typename T::Instruction, Epilogue,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, 3,
       cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
   using Operation = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
@@ -174,11 +192,14 @@ at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
 }
 
 // k-slices of the wgrad reduction: about 256 tiles in all (two waves on 132 SMs), each slice at
-// least 64 main-loop iterations of 32 pixels. Depends on the shapes only, not on the GPU, so
+// least 64 main-loop iterations (32 pixels each; 16 for TF32). Depends on the shapes only, not on the GPU, so
 // the summation order (and the result) is the same everywhere.
+template <typename element_t>
 int wgrad_slices(const ConvGeometry& g) {
-  const int64_t tiles = ((g.out_channels + 127) / 128) * ((g.in_channels * g.kernel_h * g.kernel_w + 127) / 128);
-  const int64_t iterations = (g.batch * g.out_h * g.out_w + 31) / 32;
+  using Block = typename Tiles<element_t>::Block;
+  const int64_t tiles = ((g.out_channels + Block::kM - 1) / Block::kM) *
+                        ((g.in_channels * g.kernel_h * g.kernel_w + Block::kN - 1) / Block::kN);
+  const int64_t iterations = (g.batch * g.out_h * g.out_w + Block::kK - 1) / Block::kK;
   const int64_t by_tiles = (256 + tiles - 1) / tiles;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(by_tiles, iterations / 64)));
 }
@@ -189,7 +210,7 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
   using Layout = cutlass::layout::TensorNHWC;
   const auto cl = at::MemoryFormat::ChannelsLast;
   auto problem = problem_of(g);
-  problem.split_k_slices = wgrad_slices(g);
+  problem.split_k_slices = wgrad_slices<element_t>(g);
   const at::Tensor dy = packed(grad, cl);   // NPQK
   const at::Tensor x = packed(input, cl);   // NHWC
   at::Tensor dw = at::empty({g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
@@ -206,11 +227,28 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
   return aligned16(dw) && launch<Op>(arguments, grad.options()) ? dw : at::Tensor();
 }
 
+// f(element_t{}) with the CUTLASS element type of a (fitting) dtype.
+template <typename F>
+at::Tensor dispatch_element(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kHalf: return f(cutlass::half_t{});
+    case at::kBFloat16: return f(cutlass::bfloat16_t{});
+    default: return f(float{});
+  }
+}
+
 }  // namespace
 
 bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  if (g.in_channels % kAlignment != 0 || g.out_channels % kAlignment != 0) return false;
+  int alignment = 0;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    alignment = kAlignment<cutlass::half_t>;
+  } else if (dtype == at::kFloat && at::globalContext().allowTF32CuDNN()) {
+    alignment = kAlignment<float>;  // TF32 only where stock convolutions would use it too
+  } else {
+    return false;
+  }
+  if (g.in_channels % alignment != 0 || g.out_channels % alignment != 0) return false;
   // Conv2dProblemSize holds ints; can_implement then bounds every tensor below 2^31 bytes.
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   // Empty problems (C_in = 0, an empty input row range) stay with the generic kernels.
@@ -226,24 +264,25 @@ bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
 at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input,
                                   const at::Tensor& weight, const at::Tensor& bias, bool relu) {
   if (!conv2d_cutlass_fits(g, input.scalar_type())) return at::Tensor();
-  if (input.scalar_type() == at::kHalf) {
-    return relu ? run_fprop<cutlass::half_t, true>(g, input, weight, bias)
-                : run_fprop<cutlass::half_t, false>(g, input, weight, bias);
-  }
-  return relu ? run_fprop<cutlass::bfloat16_t, true>(g, input, weight, bias)
-              : run_fprop<cutlass::bfloat16_t, false>(g, input, weight, bias);
+  return dispatch_element(input.scalar_type(), [&](auto element) {
+    using element_t = decltype(element);
+    return relu ? run_fprop<element_t, true>(g, input, weight, bias)
+                : run_fprop<element_t, false>(g, input, weight, bias);
+  });
 }
 
 at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
-  return grad.scalar_type() == at::kHalf ? run_dgrad<cutlass::half_t>(g, grad, weight)
-                                         : run_dgrad<cutlass::bfloat16_t>(g, grad, weight);
+  return dispatch_element(grad.scalar_type(), [&](auto element) {
+    return run_dgrad<decltype(element)>(g, grad, weight);
+  });
 }
 
 at::Tensor conv2d_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
-  return grad.scalar_type() == at::kHalf ? run_wgrad<cutlass::half_t>(g, grad, input)
-                                         : run_wgrad<cutlass::bfloat16_t>(g, grad, input);
+  return dispatch_element(grad.scalar_type(), [&](auto element) {
+    return run_wgrad<decltype(element)>(g, grad, input);
+  });
 }
 
 }  // namespace conv

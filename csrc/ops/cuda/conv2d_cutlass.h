@@ -1,6 +1,7 @@
 // The CUTLASS tensor-core path of conv2d_relu / conv2d_bias and their dgrad (conv2d_cutlass.cu), built only
 // when setup.py finds the nvidia-cutlass headers (it then defines UNET_EXT_WITH_CUTLASS).
-// float16/bfloat16, C_in and C_out multiples of 8, NHWC in and out, fp32 accumulation.
+// float16/bfloat16 (C_in and C_out multiples of 8) and float as TF32 when
+// torch.backends.cudnn.allow_tf32 is set (multiples of 4); NHWC in and out, fp32 accumulation.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,7 +11,8 @@
 namespace unet_ext {
 namespace conv {
 
-// Whether the CUTLASS kernels take this problem: 16-bit float, 8-aligned channels, int sizes, sm_80+.
+// Whether the CUTLASS kernels take this problem: 16-bit float (or float with TF32 allowed),
+// 128-bit aligned channel rows, int sizes, sm_80+.
 bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype);
 
 // The channels_last output [relu](conv(input, weight) + bias), or an undefined tensor when the

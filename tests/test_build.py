@@ -110,3 +110,5 @@ def test_cutlass_conv_kernels_use_tensor_cores():
                 # torch.relu keeps NaN: the epilogue's max must be the NaN-propagating one.
                 assert "FMNMX.NAN" in section, f"{arch}: ReLU epilogue drops NaN: {name[:200]}"
         assert found_tf32, f"{arch}: no TF32 (float) CUTLASS conv kernel"
+        # conv_transpose2x2's forward is CUTLASS's strided dgrad (conv_transpose2x2_cutlass.cu).
+        assert any("StridedDgrad" in s.split("\n", 1)[0] for s in conv), f"{arch}: no tensor-core up-conv"

@@ -126,7 +126,8 @@ def test_conv2d_empty_tensors():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 7), (1, 16, 8, 6, 6), (2, 1, 1, 1, 1)])
+# (1, 16, 8, ...) and (2, 32, 24, ...): tensor cores in 16-bit (CUTLASS); the others generic.
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 7), (1, 16, 8, 6, 6), (2, 32, 24, 9, 13), (2, 1, 1, 1, 1)])
 def test_conv_transpose2x2_forward_backward(dtype, channels_last, shape):
     n, c_in, c_out, h, w_ = shape
     gen = torch.Generator().manual_seed(0)
@@ -152,6 +153,32 @@ def test_conv_transpose2x2_forward_backward(dtype, channels_last, shape):
     _assert_close(gi.cpu(), xs.grad.cpu(), x64.grad, dtype)
     _assert_close(gw.cpu(), ws.grad.cpu(), w64.grad, dtype)
     _assert_close(gb.cpu(), grad64.sum((0, 2, 3)).to(dtype), grad64.sum((0, 2, 3)), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 8, 6, 6), (1, 32, 24, 9, 13)])
+def test_conv_transpose2x2_float32_runs_as_tf32_when_torch_allows_it(shape):
+    """With torch.backends.cudnn.allow_tf32 the float32 up-conv takes the TF32 tensor-core
+    path: forward and gradients within twice the error of stock PyTorch (cuDNN, also TF32)."""
+    torch.backends.cudnn.allow_tf32 = True  # the conftest fixture restores it
+    n, c_in, c_out, h, w_ = shape
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(n, c_in, h, w_, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(c_in, c_out, 2, 2, generator=gen, dtype=torch.float64) / c_in ** 0.5
+    b64 = torch.randn(c_out, generator=gen, dtype=torch.float64)
+    x, w, b = (t.float().cuda() for t in (x64, w64, b64))
+    out = torch.ops.unet_ext.conv_transpose2x2(x, w, b)
+    ref = reference.conv_transpose2x2(x64, w64, b64)
+    stock = F.conv_transpose2d(x, w, b, stride=2)
+    assert _err(out.cpu(), ref) <= 2 * _err(stock.cpu(), ref) + 1e-3 * ref.abs().max().item()
+    grad64 = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    gi, gw, _ = torch.ops.unet_ext._conv_transpose2x2_backward(grad64.float().cuda(), x, w, [True, True, False])
+    x64.requires_grad_()
+    w64.requires_grad_()
+    F.conv_transpose2d(x64, w64, None, stride=2).backward(grad64)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.conv_transpose2d(xs, ws, None, stride=2).backward(grad64.float().cuda())
+    for ours, stock_g, ref_g in ((gi, xs.grad, x64.grad), (gw, ws.grad, w64.grad)):
+        assert _err(ours.cpu(), ref_g) <= 2 * _err(stock_g.cpu(), ref_g) + 1e-3 * ref_g.abs().max().item()
 
 
 def test_conv_ops_do_not_synchronize():

@@ -1,4 +1,6 @@
-// conv_transpose2x2 / _conv_transpose2x2_backward on CUDA: generic kernels on NCHW-contiguous
+// conv_transpose2x2 / _conv_transpose2x2_backward on CUDA. Tensor cores (CUTLASS,
+// conv_transpose2x2_cutlass.cu) for float16/bfloat16 (and float as TF32 where torch allows it)
+// when the channels are 128-bit aligned; otherwise generic kernels on NCHW-contiguous
 // tensors (channels_last inputs are converted and the results returned channels_last, as on the
 // CPU), accumulating in opmath. Forward: one thread per output pixel; dgrad: one thread per input
 // pixel gathering its 2x2 gradient window; wgrad and grad_bias: one block per element, reduced
@@ -18,6 +20,9 @@
 #include "../common/dispatch.h"
 #include "../conv_host.h"
 #include "block_sum.cuh"
+#ifdef UNET_EXT_WITH_CUTLASS
+#include "conv_transpose2x2_cutlass.h"
+#endif
 
 namespace unet_ext {
 namespace conv {
@@ -150,6 +155,14 @@ at::Tensor conv_transpose2x2_cuda(const at::Tensor& input_arg, const at::Tensor&
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);
   const auto format = conv_memory_format(input_arg);
+#ifdef UNET_EXT_WITH_CUTLASS
+  {
+    const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
+    if (at::Tensor fast = conv_transpose2x2_forward_cutlass(g, input_arg, weight, b); fast.defined()) {
+      return format == at::MemoryFormat::ChannelsLast ? fast : fast.contiguous();
+    }
+  }
+#endif
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
@@ -184,6 +197,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cuda(
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
+#ifdef UNET_EXT_WITH_CUTLASS
+  if (grad_out_arg.scalar_type() == input_arg.scalar_type()) {
+    // Tensor cores for dgrad and wgrad (each falls back alone if CUTLASS declines the problem).
+    const at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
+    bool dgrad_done = !output_mask[0], wgrad_done = !output_mask[1];
+    if (output_mask[0]) {
+      if (at::Tensor dx = conv_transpose2x2_dgrad_cutlass(g, grad, weight); dx.defined()) {
+        grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();
+        dgrad_done = true;
+      }
+    }
+    if (output_mask[1]) {
+      if (at::Tensor dw = conv_transpose2x2_wgrad_cutlass(g, grad, input_arg, weight.scalar_type()); dw.defined()) {
+        grad_weight = dw;
+        wgrad_done = true;
+      }
+    }
+    if (dgrad_done && wgrad_done && (output_mask[0] || output_mask[1])) {
+      // ATen's CUDA sum reduces in a fixed order (torch lists it as deterministic).
+      if (output_mask[2]) grad_bias = grad.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type());
+      return {grad_input, grad_weight, grad_bias};
+    }
+  }
+#endif
   const at::Tensor input = input_arg.contiguous();
   const at::Tensor grad_out = grad_out_arg.to(input.scalar_type()).contiguous();
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));

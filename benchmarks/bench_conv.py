@@ -1,6 +1,7 @@
 """conv2d_relu and conv_transpose2x2 against stock PyTorch (F.conv2d + relu, F.conv_transpose2d;
 on CUDA also channels_last stock and torch.compile of it) at every layer shape of the paper's
-572x572 U-Net, forward and forward+backward. FLOPs: 2*N*C_out*H_out*W_out*C_in*kh*kw forward,
+572x572 U-Net, forward and forward+backward; conv2d_relu_concat (the decoder's first conv of each
+level) also against our own crop_concat + conv2d_relu. FLOPs: 2*N*C_out*H_out*W_out*C_in*kh*kw forward,
 3x with backward (2x where the input needs no gradient: the first layer). CPU runs batch 1 (the
 quick run: the issue's acceptance shapes only); CUDA batch 1 and 8 in bf16 and fp32.
 """
@@ -23,6 +24,8 @@ CONV_LAYERS = [(1, 64, 572), (64, 64, 570), (64, 128, 284), (128, 128, 282), (12
                (256, 128, 200), (128, 128, 198), (128, 64, 392), (64, 64, 390)]
 # (C_in, C_out, input size) of the 2x2 up-convs.
 UP_LAYERS = [(1024, 512, 28), (512, 256, 52), (256, 128, 100), (128, 64, 196)]
+# (C_skip = C_up, skip size, up size) of the decoder's first conv of each level (C_out = C_skip).
+CONCAT_LAYERS = [(512, 64, 56), (256, 136, 104), (128, 280, 200), (64, 568, 392)]
 # The issue's CPU bars (fp32, forward+backward): conv 64->64 at 2x64x130x130 at least as fast
 # as stock, up-conv 256->128 at 2x256x34x34 at least 1.3x.
 ACCEPTANCE = [("conv2d_relu", 2, 64, 64, 130, 1.0), ("conv_transpose2x2", 2, 256, 128, 34, 1.3)]
@@ -80,6 +83,37 @@ def _case(op, batch, c_in, c_out, size, dtype, layout, mode, device, with_compil
                 flops=flops, no_memory=("compile(stock)",))
 
 
+def _concat_case(batch, c, skip_size, size, dtype, layout, mode, device):
+    out_hw = size - 2
+    backward = mode == "forward+backward"
+    flops = 2 * batch * c * out_hw * out_hw * 2 * c * 9 * (3 if backward else 1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    bytes_moved = (2 * batch * c * size * size + c * 2 * c * 9 + batch * c * out_hw * out_hw) * elem
+
+    def make():
+        fmt = FORMATS[layout]
+        skip = torch.randn(batch, c, skip_size, skip_size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        up = torch.randn(batch, c, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        w = (torch.randn(c, 2 * c, 3, 3, device=device) * (2 / (18 * c)) ** 0.5).to(dtype)
+        b = torch.randn(c, device=device, dtype=dtype) * 0.1
+        impls = {OURS: lambda: ops.conv2d_relu_concat(skip, up, w, b, 0),
+                 "crop_concat+conv2d_relu": lambda: ops.conv2d_relu(ops.crop_concat(skip, up), w, b, 0),
+                 "stock": lambda: reference.conv2d_relu_concat(skip, up, w, b, 0)}
+        if not backward:
+            return impls
+        leaves = tuple(t.requires_grad_() for t in (skip, up, w, b))
+        grad = torch.randn((batch, c, out_hw, out_hw), device=device, dtype=dtype).contiguous(memory_format=fmt)
+        return {name: (lambda f=f: torch.autograd.grad(f(), leaves, grad)) for name, f in impls.items()}
+
+    low = dtype in (torch.float16, torch.bfloat16)
+    tol = dict(rtol=5e-2, atol_rel=5e-2) if low else dict(rtol=1e-3, atol_rel=1e-5)
+    if backward:
+        tol["flips"] = 0.05  # as conv2d_relu's: ReLU-boundary pixels
+    return Case(op="conv2d_relu_concat", shape=f"{batch}x{c}x{skip_size}+{c}x{size}->{c}",
+                dtype=str(dtype).replace("torch.", ""), layout=layout, mode=mode, make=make,
+                bytes_moved=bytes_moved, tol=tol, flops=flops)
+
+
 def cases(device, quick=False):
     modes = ("forward", "forward+backward")
     result = []
@@ -92,6 +126,8 @@ def cases(device, quick=False):
             result += [_case("conv2d_relu", 1, c_in, c_out, size, torch.float32, "contiguous", m, device, False) for m in modes]
         for c_in, c_out, size in UP_LAYERS:
             result += [_case("conv_transpose2x2", 1, c_in, c_out, size, torch.float32, "contiguous", m, device, False) for m in modes]
+        for c, skip_size, size in CONCAT_LAYERS:
+            result += [_concat_case(1, c, skip_size, size, torch.float32, "contiguous", m, device) for m in modes]
         return result
     batches = (1,) if quick else (1, 8)
     for dtype in (torch.bfloat16, torch.float32):
@@ -100,6 +136,8 @@ def cases(device, quick=False):
                 result += [_case("conv2d_relu", batch, c_in, c_out, size, dtype, "channels_last", m, device, not quick) for m in modes]
             for c_in, c_out, size in UP_LAYERS:
                 result += [_case("conv_transpose2x2", batch, c_in, c_out, size, dtype, "channels_last", m, device, not quick) for m in modes]
+            for c, skip_size, size in CONCAT_LAYERS:
+                result += [_concat_case(batch, c, skip_size, size, dtype, "channels_last", m, device) for m in modes]
     return result
 
 

@@ -2,7 +2,8 @@
 skeleton it shares with the stock-layer reference (unet_ext.reference.UNet): the same modules
 under the same names, so state_dicts move both ways. Levels: two 3x3 conv+ReLU each, 2x2
 max-pool down, 2x2 up-conv, skip merge (centre crop in "valid" mode, pad of the up-sampled
-map in "same" mode), two 3x3 conv+ReLU, 1x1 head.
+map in "same" mode), two 3x3 conv+ReLU, 1x1 head. The fused UNet runs each decoder level's
+merge and first conv as one op (conv2d_relu_concat: no concatenated activation).
 """
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,9 @@ def pad_to(up, skip):
 
 class UNetBase(nn.Module):
     """The network, given layer constructors: conv_relu(in, out, padding), up_conv(in, out),
-    head(in, out), and merge(skip, up) -> concatenation."""
+    head(in, out), and merge(skip, up) -> concatenation. Each decoder level's first conv runs
+    through merge_conv(block.conv1, skip, up), by default conv1(merge(skip, up)); subclasses
+    may fuse the two (the weights stay in block.conv1 either way)."""
 
     def __init__(self, in_channels, num_classes, base_channels, depth, padding, dropout,
                  conv_relu, up_conv, head, merge, checkpointing=False):
@@ -72,6 +75,10 @@ class UNetBase(nn.Module):
             for i in reversed(range(depth)))
         self.head = head(channels[0], num_classes)
         self._merge = merge
+
+    def merge_conv(self, conv, skip, up):
+        """The decoder's first conv of a level on the merged maps: conv(merge(skip, up))."""
+        return conv(self._merge(skip, up))
 
     def output_size(self, size):
         """Output height/width for an input of `size` (ValueError if it does not fit)."""
@@ -104,7 +111,7 @@ class UNetBase(nn.Module):
             up = block.up(x)
             if self.padding == "same":
                 up = pad_to(up, skip)
-            x = run(lambda s, u, b=block: b.conv2(b.conv1(self._merge(s, u))), skip, up)
+            x = run(lambda s, u, b=block: b.conv2(self.merge_conv(b.conv1, s, u)), skip, up)
         return self.head(x)
 
 
@@ -125,3 +132,8 @@ class UNet(UNetBase):
             up_conv=fused.UpConv2x2,
             head=lambda i, o: fused.Conv2dBias(i, o, 1),
             merge=ops.crop_concat, checkpointing=checkpointing)
+
+    def merge_conv(self, conv, skip, up):
+        # One kernel reads the skip's crop window and the up map: no concatenated activation
+        # (in "same" mode up is padded to the skip's size, so the crop offset is 0).
+        return ops.conv2d_relu_concat(skip, up, conv.weight, conv.bias, conv.padding)

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["UNet", "conv2d_relu", "conv2d_bias", "conv_transpose2x2", "centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
+__all__ = ["UNet", "conv2d_relu", "conv2d_bias", "conv2d_relu_concat", "conv_transpose2x2", "centre_crop", "crop_concat", "weighted_cross_entropy", "weighted_cross_entropy_unfused"]
 
 
 def conv2d_relu(input, weight, bias=None, padding: int = 0):
@@ -30,6 +30,11 @@ def centre_crop(x: torch.Tensor, size) -> torch.Tensor:
 
 def crop_concat(skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([centre_crop(skip, up.shape[-2:]), up], dim=1)
+
+
+def conv2d_relu_concat(skip, up, weight, bias=None, padding: int = 0):
+    """The decoder's first conv on the materialised concatenation."""
+    return conv2d_relu(crop_concat(skip, up), weight, bias, padding)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,

@@ -1,10 +1,11 @@
-// conv2d_relu, conv2d_bias and conv_transpose2x2: argument checks shared by CPU and CUDA.
+// conv2d_relu, conv2d_bias, conv2d_relu_concat and conv_transpose2x2: argument checks shared by CPU and CUDA.
 #include "conv_host.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
 #include "common/checks.h"
+#include "crop_concat.h"
 
 namespace unet_ext {
 namespace conv {
@@ -34,25 +35,36 @@ at::MemoryFormat conv_memory_format(const at::Tensor& input) {
              : at::MemoryFormat::Contiguous;
 }
 
+at::MemoryFormat conv_memory_format(const at::Tensor& skip, const at::Tensor& up) {
+  return conv_memory_format(skip) == at::MemoryFormat::ChannelsLast &&
+                 conv_memory_format(up) == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(at::toOpMathType(t.scalar_type())).contiguous();
 }
 
-ConvGeometry conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias, int64_t padding) {
-  check_common(op, input, weight, bias, weight.dim() == 4 ? weight.size(0) : 0);
+namespace {
+
+// The geometry of a stride-1 convolution of a (batch, channels, height, width) input, once the
+// input's own checks are done; `input_desc` names the input in messages.
+ConvGeometry conv2d_geometry_of(const char* op, const char* input_desc, int64_t batch,
+                                int64_t channels, int64_t height, int64_t width,
+                                const at::Tensor& weight, int64_t padding) {
   TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(weight.size(1) == input.size(1), op, ": weight must have shape [C_out, ",
-              input.size(1), ", kh, kw] to match input's ", input.size(1),
-              " channels, got weight of shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == channels, op, ": weight must have shape [C_out, ", channels,
+              ", kh, kw] to match ", input_desc, " ", channels, " channels, got weight of shape ",
+              weight.sizes());
   TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, op,
               ": weight's kernel size must be at least 1x1, got ", weight.sizes());
   ConvGeometry g;
-  g.batch = input.size(0);
-  g.in_channels = input.size(1);
+  g.batch = batch;
+  g.in_channels = channels;
   g.out_channels = weight.size(0);
-  g.in_h = input.size(2);
-  g.in_w = input.size(3);
+  g.in_h = height;
+  g.in_w = width;
   g.kernel_h = weight.size(2);
   g.kernel_w = weight.size(3);
   g.pad_h = g.pad_w = padding;
@@ -60,8 +72,46 @@ ConvGeometry conv2d_geometry(const char* op, const at::Tensor& input, const at::
   g.out_w = conv_output_size(g.in_w, g.kernel_w, padding);
   TORCH_CHECK(g.out_h >= 1 && g.out_w >= 1, op, ": kernel ", g.kernel_h, "x", g.kernel_w,
               " is larger than the padded input ", g.in_h + 2 * padding, "x", g.in_w + 2 * padding,
-              " (input ", input.sizes().slice(2), ", padding ", padding, ")");
+              " (input [", height, ", ", width, "], padding ", padding, ")");
   return g;
+}
+
+}  // namespace
+
+ConvGeometry conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t padding) {
+  check_common(op, input, weight, bias, weight.dim() == 4 ? weight.size(0) : 0);
+  return conv2d_geometry_of(op, "input's", input.size(0), input.size(1), input.size(2),
+                            input.size(3), weight, padding);
+}
+
+ConcatGeometry conv2d_concat_geometry(const char* op, const at::Tensor& skip, const at::Tensor& up,
+                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                      int64_t padding) {
+  // The checks check_common makes, naming skip (its own messages say "input").
+  UNET_CHECK_DIM(op, skip, 4);
+  UNET_CHECK_DIM(op, up, 4);
+  UNET_CHECK_DIM(op, weight, 4);
+  UNET_CHECK_FLOATING(op, skip);
+  UNET_CHECK_SAME_DEVICE(op, skip, up);
+  UNET_CHECK_SAME_DEVICE(op, skip, weight);
+  UNET_CHECK_SAME_DTYPE(op, skip, up);
+  UNET_CHECK_SAME_DTYPE(op, skip, weight);
+  check_common(op, skip, weight, bias, weight.size(0));  // the bias
+  TORCH_CHECK(skip.size(0) == up.size(0), op, ": skip and up must have the same batch size, got ",
+              skip.size(0), " and ", up.size(0));
+  TORCH_CHECK(up.size(2) <= skip.size(2) && up.size(3) <= skip.size(3), op,
+              ": up's spatial size must not exceed skip's (the skip is centre-cropped to up), got "
+              "skip ", skip.sizes(), " and up ", up.sizes());
+  ConcatGeometry c;
+  c.conv = conv2d_geometry_of(op, "skip's + up's", skip.size(0), skip.size(1) + up.size(1),
+                              up.size(2), up.size(3), weight, padding);
+  c.skip_channels = skip.size(1);
+  c.skip_h = skip.size(2);
+  c.skip_w = skip.size(3);
+  c.top = crop_concat::centre_crop_offset(c.skip_h, up.size(2));
+  c.left = crop_concat::centre_crop_offset(c.skip_w, up.size(3));
+  return c;
 }
 
 ConvGeometry conv_transpose2x2_geometry(const char* op, const at::Tensor& input,

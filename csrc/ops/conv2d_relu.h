@@ -50,6 +50,74 @@ UNET_HD ConvGeometry dgrad_geometry(const ConvGeometry& g) {
   return d;
 }
 
+// Where a convolution's input (or dgrad's output) channels live: channels [0, split) in one NCHW
+// tensor, [split, C) in another, each with its own image / channel-plane / row strides (elements;
+// columns are unit-stride). conv2d_relu_concat reads the centre-cropped skip (data[0] points at
+// the crop window's top-left, rows keep the skip's pitch) and the up map this way, so the
+// concatenation is never materialised. A single tensor is one part (split = C).
+template <typename T>
+struct ChannelParts {
+  T* data[2];
+  int64_t image[2], plane[2], row[2];
+  int64_t split;
+
+  UNET_HD int part(int64_t c) const { return c < split ? 0 : 1; }
+  // Channel c's plane of image n (its row 0, column 0). Selects, not data[part(c)]: a kernel
+  // parameter indexed at run time could be copied to local memory.
+  UNET_HD T* channel(int64_t n, int64_t c) const {
+    return c < split ? data[0] + n * image[0] + c * plane[0]
+                     : data[1] + n * image[1] + (c - split) * plane[1];
+  }
+  UNET_HD int64_t row_stride(int64_t c) const { return c < split ? row[0] : row[1]; }
+  UNET_HD T* at(int64_t n, int64_t c, int64_t h) const { return channel(n, c) + h * row_stride(c); }
+};
+
+// A dense NCHW tensor (channels, height, width) as a single part.
+template <typename T>
+UNET_HD ChannelParts<T> dense_parts(T* data, int64_t channels, int64_t height, int64_t width) {
+  ChannelParts<T> p;
+  for (int i = 0; i < 2; ++i) {
+    p.data[i] = data;
+    p.image[i] = channels * height * width;
+    p.plane[i] = height * width;
+    p.row[i] = width;
+  }
+  p.split = channels;
+  return p;
+}
+
+// conv2d_relu_concat's input: skip (N, Cs, Hs, Ws) centre-cropped at (top, left) to up's
+// (N, Cu, H, W), then up; both dense NCHW.
+template <typename T>
+UNET_HD ChannelParts<T> concat_parts(T* skip, int64_t skip_channels, int64_t skip_h, int64_t skip_w,
+                                     int64_t top, int64_t left, T* up, int64_t up_channels,
+                                     int64_t height, int64_t width) {
+  ChannelParts<T> p;
+  p.data[0] = skip + top * skip_w + left;
+  p.image[0] = skip_channels * skip_h * skip_w;
+  p.plane[0] = skip_h * skip_w;
+  p.row[0] = skip_w;
+  p.data[1] = up;
+  p.image[1] = up_channels * height * width;
+  p.plane[1] = height * width;
+  p.row[1] = width;
+  p.split = skip_channels;
+  return p;
+}
+
+// conv2d_relu_concat: the convolution's geometry (input = the concatenation, up's size) and
+// where the skip's crop window starts.
+struct ConcatGeometry {
+  ConvGeometry conv;
+  int64_t skip_channels, skip_h, skip_w, top, left;
+
+  template <typename T>
+  UNET_HD ChannelParts<T> parts(T* skip, T* up) const {
+    return concat_parts(skip, skip_channels, skip_h, skip_w, top, left, up,
+                        conv.in_channels - skip_channels, conv.in_h, conv.in_w);
+  }
+};
+
 // conv_transpose2x2: output pixel (2h + dy, 2w + dx) = bias + sum_ci x[ci, h, w] * W[ci, co, dy, dx].
 // The four phases (dy, dx) never overlap, so it is one GEMM with 4 * C_out columns.
 UNET_HD int64_t up_phase(int64_t co, int64_t dy, int64_t dx) { return (co * 2 + dy) * 2 + dx; }

@@ -21,6 +21,14 @@ TORCH_LIBRARY(unet_ext, m) {
       "_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor? output, "
       "int padding, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // The decoder's first conv: conv2d_relu(crop_concat(skip, up), weight, bias, padding) without
+  // materialising the concatenation (weight's C_in = skip's + up's channels). The backward takes
+  // the saved output for the ReLU mask; grad_skip is zero outside the crop window.
+  m.def("conv2d_relu_concat(Tensor skip, Tensor up, Tensor weight, Tensor? bias, int padding) -> Tensor");
+  m.def(
+      "_conv2d_relu_concat_backward(Tensor grad_out, Tensor skip, Tensor up, Tensor weight, "
+      "Tensor output, int padding, bool[4] output_mask) -> (Tensor grad_skip, Tensor grad_up, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // The U-Net up-conv: F.conv_transpose2d(input, weight, bias, stride=2), weight (C_in, C_out, 2, 2).
   m.def("conv_transpose2x2(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def(

@@ -1,11 +1,12 @@
 """conv2d_relu / conv2d_bias (stride-1 convolution with the bias and ReLU fused into its
-epilogue) and conv_transpose2x2 (the U-Net up-conv): wrappers, fake kernels, autograd."""
+epilogue), conv2d_relu_concat (the same on crop_concat(skip, up), never materialised) and
+conv_transpose2x2 (the U-Net up-conv): wrappers, fake kernels, autograd."""
 from typing import Optional
 
 import torch
 from torch._prims_common import suggest_memory_format
 
-__all__ = ["conv2d_relu", "conv2d_bias", "conv_transpose2x2"]
+__all__ = ["conv2d_relu", "conv2d_bias", "conv2d_relu_concat", "conv_transpose2x2"]
 
 
 def conv2d_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -24,6 +25,19 @@ def conv2d_bias(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """``F.conv2d(input, weight, bias, stride=1, padding=padding)``: conv2d_relu's kernel with the
     ReLU off (the U-Net's 1x1 head)."""
     return torch.ops.unet_ext.conv2d_bias.default(input, weight, bias, int(padding))
+
+
+def conv2d_relu_concat(skip: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, padding: int = 0) -> torch.Tensor:
+    """``conv2d_relu(crop_concat(skip, up), weight, bias, padding)`` without materialising the
+    concatenation: the U-Net decoder's first conv of each level.
+
+    skip (N, Cs, Hs, Ws) is centre-cropped to up's (N, Cu, H, W) (offset ((Hs - H) // 2,
+    (Ws - W) // 2)); weight (C_out, Cs + Cu, kh, kw), its first Cs input channels applied to the
+    skip. The output is channels_last when both inputs are. Backward saves skip, up, weight and
+    the output; grad_skip is zero outside the crop window.
+    """
+    return torch.ops.unet_ext.conv2d_relu_concat.default(skip, up, weight, bias, int(padding))
 
 
 def conv_transpose2x2(input: torch.Tensor, weight: torch.Tensor,
@@ -94,6 +108,70 @@ def _conv_backward(ctx, grad_out):
 
 torch.library.register_autograd("unet_ext::conv2d_relu", _conv_backward, setup_context=_conv_setup(True))
 torch.library.register_autograd("unet_ext::conv2d_bias", _conv_backward, setup_context=_conv_setup(False))
+
+
+def _check_conv_concat(skip, up, weight, bias, padding):
+    op = "unet_ext.conv2d_relu_concat"
+    torch._check(skip.dim() == 4, lambda: f"{op}: skip must be a 4-D tensor, got {skip.dim()}-D")
+    torch._check(up.dim() == 4, lambda: f"{op}: up must be a 4-D tensor, got {up.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"{op}: weight must be a 4-D tensor, got {weight.dim()}-D")
+    torch._check(skip.dtype == up.dtype and skip.dtype == weight.dtype,
+                 lambda: f"{op}: skip, up and weight must have the same dtype")
+    torch._check(skip.shape[0] == up.shape[0], lambda: f"{op}: skip and up must have the same batch size")
+    torch._check(up.shape[2] <= skip.shape[2] and up.shape[3] <= skip.shape[3],
+                 lambda: f"{op}: up's spatial size must not exceed skip's")
+    channels = skip.shape[1] + up.shape[1]
+    torch._check(padding >= 0, lambda: f"{op}: padding must be >= 0, got {padding}")
+    torch._check(weight.shape[1] == channels,
+                 lambda: f"{op}: weight must have shape [C_out, {channels}, kh, kw], got {tuple(weight.shape)}")
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],),
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    out_h = up.shape[2] + 2 * padding - weight.shape[2] + 1
+    out_w = up.shape[3] + 2 * padding - weight.shape[3] + 1
+    torch._check(out_h >= 1 and out_w >= 1, lambda: f"{op}: kernel is larger than the padded input")
+    return (up.shape[0], weight.shape[0], out_h, out_w)
+
+
+def _concat_format(skip, up):
+    """channels_last iff both inputs are (the format crop_concat, then the conv, would give)."""
+    both = _format(skip) == torch.channels_last and _format(up) == torch.channels_last
+    return torch.channels_last if both else torch.contiguous_format
+
+
+@torch.library.register_fake("unet_ext::conv2d_relu_concat")
+def _(skip, up, weight, bias, padding):
+    shape = _check_conv_concat(skip, up, weight, bias, padding)
+    return skip.new_empty(shape).contiguous(memory_format=_concat_format(skip, up))
+
+
+@torch.library.register_fake("unet_ext::_conv2d_relu_concat_backward")
+def _(grad_out, skip, up, weight, output, padding, output_mask):
+    def like(t, wanted):
+        return t.new_empty(t.shape).contiguous(memory_format=_format(t)) if wanted else t.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[3] else weight.new_empty(0)
+    return like(skip, output_mask[0]), like(up, output_mask[1]), like(weight, output_mask[2]), grad_bias
+
+
+def _concat_setup(ctx, inputs, output):
+    skip, up, weight, bias, padding = inputs
+    ctx.save_for_backward(skip, up, weight, output)
+    ctx.padding = padding
+    ctx.has_bias = bias is not None
+
+
+def _concat_backward(ctx, grad_out):
+    skip, up, weight, output = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias]
+    if not any(mask):
+        return None, None, None, None, None
+    grads = torch.ops.unet_ext._conv2d_relu_concat_backward.default(
+        grad_out, skip, up, weight, output, ctx.padding, mask)
+    return (*(g if wanted else None for g, wanted in zip(grads, mask)), None)
+
+
+torch.library.register_autograd("unet_ext::conv2d_relu_concat", _concat_backward, setup_context=_concat_setup)
 
 
 def _check_up(input, weight, bias):

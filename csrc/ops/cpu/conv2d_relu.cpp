@@ -8,6 +8,9 @@
 // while loading the window) with the flipped weight; wgrad and the bias grad are summed in a
 // fixed order (per-thread partials, or input-channel blocks owned by one task). Kernels read
 // NCHW; channels_last inputs are converted and the results returned channels_last.
+// conv2d_relu_concat runs the same kernels on a two-part source (conv2d_relu.h's ChannelParts:
+// the skip's crop window, then up), so the concatenation is never materialised; its dgrad
+// writes grad_skip's window and grad_up from the epilogue.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -78,6 +81,11 @@ BlockPlan plan_blocks(const ConvGeometry& g, int64_t element_size) {
   return plan;
 }
 
+// A convolution's source: one dense NCHW tensor, or conv2d_relu_concat's cropped skip + up
+// (conv2d_relu.h). A mask (dgrad's forward output) has the source's shape and parts.
+template <typename scalar_t>
+using Source = ChannelParts<const scalar_t>;
+
 // Whether the window can be read in place: no padding, no mask, float input (GEMM dtype).
 template <typename scalar_t>
 bool window_in_place(const ConvGeometry& g, const void* mask) {
@@ -85,11 +93,20 @@ bool window_in_place(const ConvGeometry& g, const void* mask) {
          std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 }
 
+// ... and whether channels [c_begin, c_end) of the source allow it: one part (one channel
+// stride for the GEMMs) whose rows are exactly the window's width (no crop in width).
+template <typename scalar_t>
+bool window_in_place(const ConvGeometry& g, const void* mask, const Source<scalar_t>& src,
+                     int64_t c_begin, int64_t c_end) {
+  return window_in_place<scalar_t>(g, mask) &&
+         (c_end <= c_begin || (src.part(c_begin) == src.part(c_end - 1) && src.row_stride(c_begin) == g.in_w));
+}
+
 // window[c - c_begin][i][x] = src[c][oh0 - pad_h + i][x - pad_w] for c in [c_begin, c_end)
 // (zero where mask <= 0), 0 outside the input.
 template <typename scalar_t, typename acc_t>
-void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
-                 const scalar_t* mask, const Block& blk, int64_t c_begin, int64_t c_end, acc_t* window) {
+void load_window(const ConvGeometry& g, const BlockPlan& plan, const Source<scalar_t>& src,
+                 const Source<scalar_t>* mask, const Block& blk, int64_t c_begin, int64_t c_end, acc_t* window) {
   const int64_t window_rows = plan.window_rows(blk.rows, g), width = plan.width;
   const int64_t lo = std::clamp<int64_t>(g.pad_w, 0, width);
   const int64_t hi = std::clamp<int64_t>(g.in_w + g.pad_w, lo, width);
@@ -101,11 +118,10 @@ void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* s
         std::fill(d, d + width, acc_t(0));
         continue;
       }
-      const int64_t offset = (c * g.in_h + ih) * g.in_w - g.pad_w;
-      const scalar_t* s = src + offset;
+      const scalar_t* s = src.at(blk.n, c, ih) - g.pad_w;
       std::fill(d, d + lo, acc_t(0));
       if (mask) {
-        const scalar_t* m = mask + offset;
+        const scalar_t* m = mask->at(blk.n, c, ih) - g.pad_w;
         for (int64_t x = lo; x < hi; ++x) {
           // Both loads unconditional, so the select vectorises.
           const acc_t value = static_cast<acc_t>(s[x]), kept = static_cast<acc_t>(m[x]);
@@ -122,16 +138,14 @@ void load_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* s
 // The window of a block (channels [c_begin, c_end)): in place, or loaded into `buffer`. Sets
 // the channel stride.
 template <typename scalar_t, typename acc_t>
-const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const scalar_t* src,
-                          const scalar_t* mask, const Block& blk, int64_t c_begin, int64_t c_end,
+const acc_t* block_window(const ConvGeometry& g, const BlockPlan& plan, const Source<scalar_t>& src,
+                          const Source<scalar_t>* mask, const Block& blk, int64_t c_begin, int64_t c_end,
                           acc_t* buffer, int64_t& channel_stride) {
-  const int64_t image = g.in_channels * g.in_h * g.in_w;
-  if (window_in_place<scalar_t>(g, mask)) {
-    channel_stride = g.in_h * g.in_w;
-    return reinterpret_cast<const acc_t*>(src + blk.n * image + c_begin * channel_stride + blk.oh0 * g.in_w);
+  if (window_in_place(g, mask, src, c_begin, c_end)) {
+    channel_stride = src.plane[src.part(c_begin)];
+    return reinterpret_cast<const acc_t*>(src.at(blk.n, c_begin, blk.oh0));
   }
-  load_window(g, plan, src + blk.n * image, mask ? mask + blk.n * image : nullptr, blk, c_begin,
-              c_end, buffer);
+  load_window(g, plan, src, mask, blk, c_begin, c_end, buffer);
   channel_stride = plan.window_rows(blk.rows, g) * plan.width;
   return buffer;
 }
@@ -150,18 +164,19 @@ void shifted_rows(const ConvGeometry& g, const BlockPlan& plan, const acc_t* win
       }
 }
 
-// dst (N, C_out, H_out, W_out) contiguous = [relu](conv(src [masked]) + bias). weights (opmath):
-// [C_out][C_in*kh*kw] as stored when use_shifted_rows(g), else taps [kh*kw][C_out][C_in].
+// dst (N, C_out, H_out, W_out) = [relu](conv(src [masked]) + bias); dst's channels may live in
+// two tensors too (conv2d_relu_concat's dgrad writes grad_skip's crop window and grad_up).
+// weights (opmath): [C_out][C_in*kh*kw] as stored when use_shifted_rows(g), else taps
+// [kh*kw][C_out][C_in].
 template <typename scalar_t>
-void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
-              const at::Tensor& taps, const at::Tensor& bias, bool relu, scalar_t* dst) {
+void convolve(const ConvGeometry& g, const Source<scalar_t>& src, const Source<scalar_t>* mask,
+              const at::Tensor& taps, const at::Tensor& bias, bool relu, const ChannelParts<scalar_t>& dst) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
-  const int64_t dst_plane = g.out_h * g.out_w, dst_image = g.out_channels * dst_plane;
   const int64_t tap_size = g.out_channels * g.in_channels;
   const acc_t* bias_data = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const acc_t* weights = taps.const_data_ptr<acc_t>();
-  const bool in_place = window_in_place<scalar_t>(g, mask);
+  const bool in_place = window_in_place(g, mask, src, 0, g.in_channels);
   const bool shifted = use_shifted_rows(g);
   // Tasks are (block, output-channel block): the channels are split when the row blocks alone
   // cannot keep the threads busy (the deep layers: large weights, few pixels). A task's window
@@ -209,13 +224,14 @@ void convolve(const ConvGeometry& g, const scalar_t* src, const scalar_t* mask,
                     g.in_channels, win + ky * plan.width + kx, channel_stride, product, ld, tap > 0);
         }
       }
-      scalar_t* d = dst + blk.n * dst_image + blk.oh0 * g.out_w;
       for (int64_t k = 0; k < co_count; ++k) {
         const int64_t co = co0 + k;
         const acc_t shift = bias_data ? bias_data[co] : acc_t(0);
+        scalar_t* d = dst.at(blk.n, co, blk.oh0);
+        const int64_t pitch = dst.row_stride(co);
         for (int64_t r = 0; r < blk.rows; ++r) {
           const acc_t* row = product + k * ld + r * plan.width;
-          scalar_t* out_row = d + co * dst_plane + r * g.out_w;
+          scalar_t* out_row = d + r * pitch;
           if (relu) {
             // v < 0 ? 0 : v keeps NaN, as torch.relu does.
             for (int64_t i = 0; i < g.out_w; ++i) {
@@ -276,14 +292,14 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
 // rows into [(c, ky, kx)][C_out]. Small weights: per-thread partials of the same GEMMs over the
 // blocks, added in thread order. Either way the sums are transposed into grad_weight at the end.
 template <typename scalar_t>
-void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar_t* grad_out,
+void weight_gradients(const ConvGeometry& g, const Source<scalar_t>& input, const scalar_t* grad_out,
                       const scalar_t* mask, at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockPlan plan = plan_blocks(g, sizeof(acc_t));
   const int64_t tap_size = g.in_channels * g.out_channels, taps = g.kernel_h * g.kernel_w;
   const int64_t threads = at::get_num_threads();
   const int64_t num_blocks = g.batch * plan.blocks_per_image, wide = plan.rows * plan.width;
-  const bool in_place = window_in_place<scalar_t>(g, nullptr);
+  const bool in_place = window_in_place(g, nullptr, input, 0, g.in_channels);
   const bool shifted = use_shifted_rows(g);
   const auto acc_options = grad_weight.options();
   // [(c, ky, kx)][C_out] when shifted, else [kh*kw][C_in][C_out].
@@ -308,7 +324,7 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
         for (int64_t b = 0; b < num_blocks; ++b) {
           const Block blk = plan.block(b, g);
           int64_t channel_stride = 0;
-          const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk,
+          const acc_t* win = block_window(g, plan, input, static_cast<const Source<scalar_t>*>(nullptr), blk,
                                           ci0, ci0 + ci_count, window.get(), channel_stride);
           masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), cb == 0 ? db : nullptr);
           const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
@@ -345,7 +361,7 @@ void weight_gradients(const ConvGeometry& g, const scalar_t* input, const scalar
       for (int64_t b = b0; b < b1; ++b) {
         const Block blk = plan.block(b, g);
         int64_t channel_stride = 0;
-        const acc_t* win = block_window(g, plan, input, static_cast<const scalar_t*>(nullptr), blk, 0,
+        const acc_t* win = block_window(g, plan, input, static_cast<const Source<scalar_t>*>(nullptr), blk, 0,
                                         g.in_channels, window.get(), channel_stride);
         const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
         masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
@@ -442,8 +458,9 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
     const at::Tensor taps = use_shifted_rows(g) ? opmath_contiguous(weight) : forward_taps(weight);
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cpu", [&] {
-      convolve<scalar_t>(g, input.const_data_ptr<scalar_t>(), nullptr, taps, bias_acc,
-                         relu, output.mutable_data_ptr<scalar_t>());
+      convolve<scalar_t>(g, dense_parts(input.const_data_ptr<scalar_t>(), g.in_channels, g.in_h, g.in_w),
+                         nullptr, taps, bias_acc, relu,
+                         dense_parts(output.mutable_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w));
     });
   }
   return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
@@ -491,9 +508,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
       // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx].
       const at::Tensor flipped = use_shifted_rows(dgrad_geometry(g)) ? dgrad_matrix(weight) : dgrad_taps(weight);
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cpu", [&] {
-        convolve<scalar_t>(dgrad_geometry(g), grad_out.const_data_ptr<scalar_t>(),
-                           masked ? output.const_data_ptr<scalar_t>() : nullptr, flipped,
-                           at::Tensor(), false, grad_input.mutable_data_ptr<scalar_t>());
+        const auto out_parts = [&](const at::Tensor& t) {
+          return dense_parts(t.const_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w);
+        };
+        const Source<scalar_t> mask = masked ? out_parts(output) : Source<scalar_t>{};
+        convolve<scalar_t>(dgrad_geometry(g), out_parts(grad_out), masked ? &mask : nullptr, flipped,
+                           at::Tensor(), false,
+                           dense_parts(grad_input.mutable_data_ptr<scalar_t>(), g.in_channels, g.in_h, g.in_w));
       });
     }
     if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
@@ -503,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     at::Tensor bias_acc = at::zeros({g.out_channels}, acc_options);
     if (grad_out.numel() > 0) {
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cpu", [&] {
-        weight_gradients<scalar_t>(g, input.const_data_ptr<scalar_t>(),
+        weight_gradients<scalar_t>(g, dense_parts(input.const_data_ptr<scalar_t>(), g.in_channels, g.in_h, g.in_w),
                                    grad_out.const_data_ptr<scalar_t>(),
                                    masked ? output.const_data_ptr<scalar_t>() : nullptr,
                                    grad_weight_acc, bias_acc);
@@ -515,11 +536,115 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// ---- conv2d_relu_concat: the same kernels on the two-part source (cropped skip + up) ----
+
+at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& up_arg,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  int64_t padding) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConcatGeometry c = conv2d_concat_geometry("unet_ext.conv2d_relu_concat", skip_arg, up_arg,
+                                                  weight, bias, padding);
+  const ConvGeometry& g = c.conv;
+  const auto format = conv_memory_format(skip_arg, up_arg);
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
+  if (output.numel() > 0) {
+    const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+    const at::Tensor taps = use_shifted_rows(g) ? opmath_contiguous(weight) : forward_taps(weight);
+    const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_cpu", [&] {
+      convolve<scalar_t>(g, c.parts(skip.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>()),
+                         nullptr, taps, bias_acc, true,
+                         dense_parts(output.mutable_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w));
+    });
+  }
+  return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+}
+
+// Zeroes grad_skip (dense NCHW) outside the crop window, which dgrad writes.
+template <typename scalar_t>
+void zero_outside_window(const ConcatGeometry& c, scalar_t* grad_skip) {
+  const int64_t plane = c.skip_h * c.skip_w, height = c.conv.in_h, width = c.conv.in_w;
+  const int64_t planes = c.conv.batch * c.skip_channels;
+  at::parallel_for(0, planes, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, plane)),
+                   [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      scalar_t* d = grad_skip + p * plane;
+      std::fill(d, d + c.top * c.skip_w, scalar_t(0));
+      for (int64_t h = c.top; h < c.top + height; ++h) {
+        std::fill(d + h * c.skip_w, d + h * c.skip_w + c.left, scalar_t(0));
+        std::fill(d + h * c.skip_w + c.left + width, d + (h + 1) * c.skip_w, scalar_t(0));
+      }
+      std::fill(d + (c.top + height) * c.skip_w, d + plane, scalar_t(0));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_cpu(
+    const at::Tensor& grad_out_arg, const at::Tensor& skip_arg, const at::Tensor& up_arg,
+    const at::Tensor& weight, const at::Tensor& output_arg, int64_t padding,
+    std::array<bool, 4> output_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  constexpr const char* op = "unet_ext._conv2d_relu_concat_backward";
+  const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, std::nullopt, padding);
+  const ConvGeometry& g = c.conv;
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());
+  TORCH_CHECK(output_arg.sizes().equals(out_shape), op, ": output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", output_arg.sizes());
+  const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+  const at::Tensor grad_out = grad_out_arg.to(skip.scalar_type()).contiguous();
+  const at::Tensor output = output_arg.to(skip.scalar_type()).contiguous();
+  const auto acc_options = skip.options().dtype(at::toOpMathType(skip.scalar_type()));
+
+  at::Tensor grad_skip = at::empty({0}, skip.options());
+  at::Tensor grad_up = at::empty({0}, up.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, weight.options());
+  if (output_mask[0] || output_mask[1]) {
+    // dgrad writes both straight from its epilogue: grad_skip's crop window (zero around it)
+    // and grad_up. Nothing is written when grad_out is empty (C_out = 0): zeros then.
+    const bool empty = grad_out.numel() == 0;
+    at::Tensor gs = empty ? at::zeros(skip.sizes(), skip.options()) : at::empty(skip.sizes(), skip.options());
+    at::Tensor gu = empty ? at::zeros(up.sizes(), up.options()) : at::empty(up.sizes(), up.options());
+    if (!empty && gs.numel() + gu.numel() > 0) {
+      const at::Tensor flipped = use_shifted_rows(dgrad_geometry(g)) ? dgrad_matrix(weight) : dgrad_taps(weight);
+      UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_dgrad_cpu", [&] {
+        scalar_t* gs_data = gs.mutable_data_ptr<scalar_t>();
+        if (gs.numel() > 0) zero_outside_window(c, gs_data);
+        const Source<scalar_t> mask = dense_parts(output.const_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w);
+        convolve<scalar_t>(dgrad_geometry(g),
+                           dense_parts(grad_out.const_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w),
+                           &mask, flipped, at::Tensor(), false, c.parts(gs_data, gu.mutable_data_ptr<scalar_t>()));
+      });
+    }
+    const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
+    if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;
+    if (output_mask[1]) grad_up = up_format == at::MemoryFormat::ChannelsLast ? gu.contiguous(up_format) : gu;
+  }
+  if (output_mask[2] || output_mask[3]) {
+    at::Tensor grad_weight_acc = at::zeros(weight.sizes(), acc_options);
+    at::Tensor bias_acc = at::zeros({g.out_channels}, acc_options);
+    if (grad_out.numel() > 0) {
+      UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_wgrad_cpu", [&] {
+        weight_gradients<scalar_t>(g, c.parts(skip.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>()),
+                                   grad_out.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
+                                   grad_weight_acc, bias_acc);
+      });
+    }
+    if (output_mask[2]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+    if (output_mask[3]) grad_bias = bias_acc.to(weight.scalar_type());
+  }
+  return {grad_skip, grad_up, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace conv
 }  // namespace unet_ext
 
 TORCH_LIBRARY_IMPL(unet_ext, CPU, m) {
+  m.impl("conv2d_relu_concat", &unet_ext::conv::conv2d_relu_concat_cpu);
+  m.impl("_conv2d_relu_concat_backward", &unet_ext::conv::conv2d_relu_concat_backward_cpu);
   m.impl("conv2d_relu", &unet_ext::conv::conv2d_relu_cpu);
   m.impl("conv2d_bias", &unet_ext::conv::conv2d_bias_cpu);
   m.impl("_conv2d_backward", &unet_ext::conv::conv2d_backward_cpu);

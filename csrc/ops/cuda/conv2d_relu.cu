@@ -3,7 +3,11 @@
 // the rest runs generic direct kernels on NCHW-contiguous tensors in opmath: one thread per output
 // pixel (dgrad: the same kernel on the masked gradient and the flipped, transposed weight), and
 // one block per weight/bias element for wgrad, reduced in a fixed order (no atomics).
+// conv2d_relu_concat: the generic kernels read their input (and dgrad writes its output) through
+// ChannelParts (conv2d_relu.h), so an input channel index picks the skip's crop window or up;
+// the CUTLASS shapes materialise the concatenation for now (see conv2d_relu_concat_cuda).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,20 +40,22 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the
 
 // dst[n, co, oh, ow] = [relu](bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] *
 // src[n, ci, oh + ky - pad_h, ow + kx - pad_w]), src read as 0 outside the image and, when
-// kMasked, where mask <= 0 (mask = the forward output: dgrad of ReLU). Padding may be negative
-// (dgrad with padding > k - 1): it is only an offset between output and input rows.
+// kMasked, where mask <= 0 (mask = the forward output: dgrad of ReLU; src is then one dense
+// part and mask has its layout). Padding may be negative (dgrad with padding > k - 1): it is
+// only an offset between output and input rows.
 template <typename scalar_t, bool kRelu, bool kMasked>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
+conv_direct_kernel(const ConvGeometry g, const ChannelParts<const scalar_t> src,
                    const scalar_t* __restrict__ mask, const at::opmath_type<scalar_t>* __restrict__ weight,
-                   const at::opmath_type<scalar_t>* __restrict__ bias, scalar_t* __restrict__ dst) {
+                   const at::opmath_type<scalar_t>* __restrict__ bias, const ChannelParts<scalar_t> dst) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  const int64_t plane = g.out_h * g.out_w;
   const int64_t planes = g.batch * g.out_channels, kernel = g.kernel_h * g.kernel_w;
   for (int64_t nc = blockIdx.y; nc < planes; nc += gridDim.y) {
     const int64_t n = nc / g.out_channels, co = nc - n * g.out_channels;
     const acc_t* w = weight + co * g.in_channels * kernel;
-    const int64_t image = n * g.in_channels * in_plane;
+    scalar_t* out = dst.channel(n, co);
+    const int64_t out_pitch = dst.row_stride(co);
     const acc_t shift = bias != nullptr ? bias[co] : acc_t(0);
     for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < plane;
          p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -62,15 +68,17 @@ conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
       acc_t acc = acc_t(0);
       for (int64_t ci = 0; ci < g.in_channels; ++ci) {
         const acc_t* wc = w + ci * kernel;
+        const scalar_t* channel = src.channel(n, ci);
+        const int64_t pitch = src.row_stride(ci);
         for (int64_t ky = ky0; ky < ky1; ++ky) {
-          // Index of input column 0 of this row: ow - pad_w + kx >= 0 for kx >= kx0.
-          const int64_t row = image + (ci * g.in_h + oh + ky - g.pad_h) * g.in_w + ow - g.pad_w;
+          // Offset of input column 0 of this row: ow - pad_w + kx >= 0 for kx >= kx0.
+          const int64_t row = (oh + ky - g.pad_h) * pitch + ow - g.pad_w;
           for (int64_t kx = kx0; kx < kx1; ++kx) {
-            acc_t v = static_cast<acc_t>(src[row + kx]);
+            acc_t v = static_cast<acc_t>(channel[row + kx]);
             if constexpr (kMasked) {
               // A select, not `v * (m > 0)`: a masked-off NaN/inf gradient gives 0; a NaN
               // output passes the gradient (torch's threshold_backward zeroes where out <= 0).
-              if (static_cast<acc_t>(mask[row + kx]) <= acc_t(0)) v = acc_t(0);
+              if (static_cast<acc_t>(mask[(channel - src.data[0]) + row + kx]) <= acc_t(0)) v = acc_t(0);
             }
             acc += v * wc[ky * g.kernel_w + kx];
           }
@@ -78,7 +86,7 @@ conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
       }
       acc += shift;
       if constexpr (kRelu) acc = acc < acc_t(0) ? acc_t(0) : acc;  // keeps NaN, as torch.relu
-      dst[nc * plane + p] = static_cast<scalar_t>(acc);
+      out[oh * out_pitch + ow] = static_cast<scalar_t>(acc);
     }
   }
 }
@@ -89,14 +97,14 @@ conv_direct_kernel(const ConvGeometry g, const scalar_t* __restrict__ src,
 // sum's order depends only on the shapes, so results are bit-identical run to run.
 template <typename scalar_t, bool kMasked, bool kBias>
 __global__ void __launch_bounds__(kReduceThreads, kMinBlocks)
-conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
+conv_wgrad_kernel(const ConvGeometry g, const ChannelParts<const scalar_t> input,
                   const scalar_t* __restrict__ grad, const scalar_t* __restrict__ mask,
                   at::opmath_type<scalar_t>* __restrict__ result, int64_t elements) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t shared[kReduceThreads / 32];
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   constexpr int kWarps = kReduceThreads / 32;
-  const int64_t out_plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
+  const int64_t out_plane = g.out_h * g.out_w;
   for (int64_t e = blockIdx.x; e < elements; e += gridDim.x) {
     int64_t co = e, ci = 0, ky = 0, kx = 0;
     if constexpr (!kBias) {
@@ -113,11 +121,13 @@ conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
     const int64_t ow0 = kBias ? 0 : g.first_valid_col(kx);
     const int64_t ow1 = kBias ? g.out_w : g.last_valid_col(kx);
     const int64_t rows = oh1 - oh0;
+    const int64_t pitch = kBias ? 0 : input.row_stride(ci);
     acc_t acc = acc_t(0);
     for (int64_t r = warp; r < g.batch * rows; r += kWarps) {
       const int64_t n = r / rows, oh = oh0 + (r - n * rows);
       const int64_t grow = (n * g.out_channels + co) * out_plane + oh * g.out_w;
-      const int64_t xrow = (n * g.in_channels + ci) * in_plane + (oh + ky - g.pad_h) * g.in_w + kx - g.pad_w;
+      const scalar_t* xrow = nullptr;
+      if constexpr (!kBias) xrow = input.channel(n, ci) + (oh + ky - g.pad_h) * pitch + kx - g.pad_w;
       for (int64_t ow = ow0 + lane; ow < ow1; ow += 32) {
         acc_t gv = static_cast<acc_t>(grad[grow + ow]);
         if constexpr (kMasked) {
@@ -126,7 +136,7 @@ conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
         if constexpr (kBias) {
           acc += gv;
         } else {
-          acc += gv * static_cast<acc_t>(input[xrow + ow]);
+          acc += gv * static_cast<acc_t>(xrow[ow]);
         }
       }
     }
@@ -135,29 +145,41 @@ conv_wgrad_kernel(const ConvGeometry g, const scalar_t* __restrict__ input,
   }
 }
 
+// A dense NCHW tensor of g's input (or output) shape as ChannelParts.
+template <typename scalar_t>
+ChannelParts<const scalar_t> input_parts(const ConvGeometry& g, const at::Tensor& t) {
+  return dense_parts(t.const_data_ptr<scalar_t>(), g.in_channels, g.in_h, g.in_w);
+}
+
+template <typename scalar_t>
+ChannelParts<scalar_t> output_parts(const ConvGeometry& g, at::Tensor& t) {
+  return dense_parts(t.mutable_data_ptr<scalar_t>(), g.out_channels, g.out_h, g.out_w);
+}
+
+// Launches nothing for an empty output (a zero grid dimension is a launch error).
 template <typename scalar_t, bool kRelu, bool kMasked>
-void launch_direct(const ConvGeometry& g, const at::Tensor& src, const at::Tensor& mask,
-                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& dst) {
+void launch_direct(const ConvGeometry& g, const ChannelParts<const scalar_t>& src, const at::Tensor& mask,
+                   const at::Tensor& weight, const at::Tensor& bias, const ChannelParts<scalar_t>& dst) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = g.out_h * g.out_w;
+  if (plane == 0 || g.batch * g.out_channels == 0) return;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((plane + kThreads - 1) / kThreads, kMaxGridY)),
                   static_cast<unsigned>(std::min<int64_t>(g.batch * g.out_channels, kMaxGridY)));
   conv_direct_kernel<scalar_t, kRelu, kMasked><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, src.const_data_ptr<scalar_t>(), kMasked ? mask.const_data_ptr<scalar_t>() : nullptr,
-      weight.const_data_ptr<acc_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
-      dst.mutable_data_ptr<scalar_t>());
+      g, src, kMasked ? mask.const_data_ptr<scalar_t>() : nullptr,
+      weight.const_data_ptr<acc_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, dst);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, bool kMasked, bool kBias>
-void launch_wgrad(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& grad,
+void launch_wgrad(const ConvGeometry& g, const ChannelParts<const scalar_t>& input, const at::Tensor& grad,
                   const at::Tensor& mask, at::Tensor& result) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t elements = result.numel();
   if (elements == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min(elements, kMaxBlocks));
   conv_wgrad_kernel<scalar_t, kMasked, kBias><<<blocks, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      g, kBias ? nullptr : input.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
+      g, input, grad.const_data_ptr<scalar_t>(),
       kMasked ? mask.const_data_ptr<scalar_t>() : nullptr, result.mutable_data_ptr<acc_t>(), elements);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -189,9 +211,11 @@ at::Tensor conv2d_forward_cuda(const char* op, const at::Tensor& input_arg, cons
   const at::Tensor b = bias_arg.defined() ? opmath_contiguous(bias_arg) : at::Tensor();
   UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_cuda", [&] {
     if (relu) {
-      launch_direct<scalar_t, true, false>(g, input, at::Tensor(), w, b, output);
+      launch_direct<scalar_t, true, false>(g, input_parts<scalar_t>(g, input), at::Tensor(), w, b,
+                                           output_parts<scalar_t>(g, output));
     } else {
-      launch_direct<scalar_t, false, false>(g, input, at::Tensor(), w, b, output);
+      launch_direct<scalar_t, false, false>(g, input_parts<scalar_t>(g, input), at::Tensor(), w, b,
+                                            output_parts<scalar_t>(g, output));
     }
   });
   return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
@@ -276,9 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
       const ConvGeometry d = dgrad_geometry(g);
       UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_dgrad_cuda", [&] {
         if (masked) {
-          launch_direct<scalar_t, false, true>(d, grad_out, output, flipped, at::Tensor(), grad_input);
+          launch_direct<scalar_t, false, true>(d, input_parts<scalar_t>(d, grad_out), output, flipped,
+                                               at::Tensor(), output_parts<scalar_t>(d, grad_input));
         } else {
-          launch_direct<scalar_t, false, false>(d, grad_out, at::Tensor(), flipped, at::Tensor(), grad_input);
+          launch_direct<scalar_t, false, false>(d, input_parts<scalar_t>(d, grad_out), at::Tensor(), flipped,
+                                                at::Tensor(), output_parts<scalar_t>(d, grad_input));
         }
       });
     }
@@ -289,9 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     at::Tensor acc = at::empty(weight.sizes(), acc_options);
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_wgrad_cuda", [&] {
       if (masked) {
-        launch_wgrad<scalar_t, true, false>(g, input, grad_out, output, acc);
+        launch_wgrad<scalar_t, true, false>(g, input_parts<scalar_t>(g, input), grad_out, output, acc);
       } else {
-        launch_wgrad<scalar_t, false, false>(g, input, grad_out, output, acc);
+        launch_wgrad<scalar_t, false, false>(g, input_parts<scalar_t>(g, input), grad_out, output, acc);
       }
     });
     grad_weight = acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
@@ -300,9 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
     at::Tensor acc = at::empty({g.out_channels}, acc_options);
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_bgrad_cuda", [&] {
       if (masked) {
-        launch_wgrad<scalar_t, true, true>(g, input, grad_out, output, acc);
+        launch_wgrad<scalar_t, true, true>(g, input_parts<scalar_t>(g, input), grad_out, output, acc);
       } else {
-        launch_wgrad<scalar_t, false, true>(g, input, grad_out, output, acc);
+        launch_wgrad<scalar_t, false, true>(g, input_parts<scalar_t>(g, input), grad_out, output, acc);
       }
     });
     grad_bias = acc.to(weight.scalar_type());
@@ -310,11 +336,145 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// ---- conv2d_relu_concat ----
+
+// crop_concat and its backward through the dispatcher (their CUDA kernels, current stream).
+at::Tensor crop_concat_op(const at::Tensor& skip, const at::Tensor& up) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("unet_ext::crop_concat", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(skip, up);
+}
+
+std::tuple<at::Tensor, at::Tensor> crop_concat_backward_op(const at::Tensor& grad, int64_t channels,
+                                                           int64_t height, int64_t width) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("unet_ext::_crop_concat_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::SymInt, c10::SymInt, c10::SymInt)>();
+  return op.call(grad, c10::SymInt(channels), c10::SymInt(height), c10::SymInt(width));
+}
+
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat format) {
+  return format == at::MemoryFormat::ChannelsLast ? t.contiguous(format) : t.contiguous();
+}
+
+at::Tensor conv2d_relu_concat_cuda(const at::Tensor& skip_arg, const at::Tensor& up_arg,
+                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                   int64_t padding) {
+  constexpr const char* op = "unet_ext.conv2d_relu_concat";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(skip_arg.device());
+  const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, bias, padding);
+  const ConvGeometry& g = c.conv;
+  const auto format = conv_memory_format(skip_arg, up_arg);
+  if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
+    return at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options().memory_format(format));
+  }
+#ifdef UNET_EXT_WITH_CUTLASS
+  // The tensor-core kernels read one NHWC activation: for now the concatenation is materialised
+  // (crop_concat, channels_last when both inputs are) and conv2d_relu's path runs on it. A
+  // two-source CUTLASS activation iterator would remove this copy.
+  if (conv2d_cutlass_fits(g, skip_arg.scalar_type())) {
+    return conv2d_forward_cuda(op, crop_concat_op(skip_arg, up_arg), weight, bias, padding, true);
+  }
+#endif
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
+  const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+  const at::Tensor w = opmath_contiguous(weight);
+  const at::Tensor b = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+  UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_cuda", [&] {
+    launch_direct<scalar_t, true, false>(g, c.parts(skip.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>()),
+                                         at::Tensor(), w, b, output_parts<scalar_t>(g, output));
+  });
+  return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_cuda(
+    const at::Tensor& grad_out_arg, const at::Tensor& skip_arg, const at::Tensor& up_arg,
+    const at::Tensor& weight, const at::Tensor& output_arg, int64_t padding,
+    std::array<bool, 4> output_mask) {
+  constexpr const char* op = "unet_ext._conv2d_relu_concat_backward";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(skip_arg.device());
+  const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, std::nullopt, padding);
+  const ConvGeometry& g = c.conv;
+  UNET_CHECK_SAME_DEVICE(op, skip_arg, grad_out_arg);
+  UNET_CHECK_SAME_DEVICE(op, skip_arg, output_arg);
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());
+  TORCH_CHECK(output_arg.sizes().equals(out_shape), op, ": output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", output_arg.sizes());
+  const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
+  at::Tensor grad_skip = at::empty({0}, skip_arg.options());
+  at::Tensor grad_up = at::empty({0}, up_arg.options());
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_bias = at::empty({0}, weight.options());
+  const bool dgrad = output_mask[0] || output_mask[1];
+  if (!dgrad && !output_mask[2] && !output_mask[3]) return {grad_skip, grad_up, grad_weight, grad_bias};
+#ifdef UNET_EXT_WITH_CUTLASS
+  // As the forward: tensor cores on the materialised concatenation, then its gradient split
+  // into grad_skip (zero outside the crop window) and grad_up by crop_concat's backward.
+  if (conv2d_cutlass_fits(g, skip_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
+    const at::Tensor input = crop_concat_op(skip_arg, up_arg);
+    auto [gi, gw, gb] = conv2d_backward_cuda(grad_out_arg, input, weight, output_arg, padding,
+                                             {dgrad, output_mask[2], output_mask[3]});
+    if (dgrad) {
+      auto [gs, gu] = crop_concat_backward_op(gi, c.skip_channels, c.skip_h, c.skip_w);
+      if (output_mask[0]) grad_skip = in_format(gs, skip_format);
+      if (output_mask[1]) grad_up = in_format(gu, up_format);
+    }
+    return {grad_skip, grad_up, output_mask[2] ? gw : grad_weight, output_mask[3] ? gb : grad_bias};
+  }
+#endif
+  const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+  const at::Tensor grad_out = grad_out_arg.to(skip.scalar_type()).contiguous();
+  const at::Tensor output = output_arg.to(skip.scalar_type()).contiguous();
+  const auto acc_options = skip.options().dtype(at::toOpMathType(skip.scalar_type()));
+  if (dgrad) {
+    // dgrad writes grad_skip's crop window (zeroed around it beforehand) and grad_up.
+    at::Tensor gs = at::zeros(skip.sizes(), skip.options());
+    at::Tensor gu = grad_out.numel() > 0 ? at::empty(up.sizes(), up.options()) : at::zeros(up.sizes(), up.options());
+    if (grad_out.numel() > 0) {
+      const at::Tensor flipped = opmath_contiguous(weight.flip({2, 3}).transpose(0, 1));
+      const ConvGeometry d = dgrad_geometry(g);
+      UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_dgrad_cuda", [&] {
+        launch_direct<scalar_t, false, true>(d, input_parts<scalar_t>(d, grad_out), output, flipped, at::Tensor(),
+                                             c.parts(gs.mutable_data_ptr<scalar_t>(), gu.mutable_data_ptr<scalar_t>()));
+      });
+    }
+    if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;
+    if (output_mask[1]) grad_up = up_format == at::MemoryFormat::ChannelsLast ? gu.contiguous(up_format) : gu;
+  }
+  const auto input = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return c.parts(skip.const_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>());
+  };
+  if (output_mask[2]) {
+    at::Tensor acc = at::empty(weight.sizes(), acc_options);  // every element is written
+    UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_wgrad_cuda", [&] {
+      launch_wgrad<scalar_t, true, false>(g, input(scalar_t()), grad_out, output, acc);
+    });
+    grad_weight = acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+  }
+  if (output_mask[3]) {
+    at::Tensor acc = at::empty({g.out_channels}, acc_options);
+    UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_bgrad_cuda", [&] {
+      launch_wgrad<scalar_t, true, true>(g, input(scalar_t()), grad_out, output, acc);
+    });
+    grad_bias = acc.to(weight.scalar_type());
+  }
+  return {grad_skip, grad_up, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace conv
 }  // namespace unet_ext
 
 TORCH_LIBRARY_IMPL(unet_ext, CUDA, m) {
+  m.impl("conv2d_relu_concat", &unet_ext::conv::conv2d_relu_concat_cuda);
+  m.impl("_conv2d_relu_concat_backward", &unet_ext::conv::conv2d_relu_concat_backward_cuda);
   m.impl("conv2d_relu", &unet_ext::conv::conv2d_relu_cuda);
   m.impl("conv2d_bias", &unet_ext::conv::conv2d_bias_cuda);
   m.impl("_conv2d_backward", &unet_ext::conv::conv2d_backward_cuda);

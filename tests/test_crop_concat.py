@@ -150,3 +150,22 @@ def test_cuda_does_not_synchronize():
         torch.ops.unet_ext._crop_concat_backward(out, 8, 20, 20)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_large_cpu_outputs_in_huge_pages_behave_like_any_tensor(tmp_path):
+    """Outputs of 32 MiB or more come from unet_ext's huge-page allocator (csrc/ops/cpu/huge_pages.h):
+    same values, and the storage works with everything torch does to CPU tensors."""
+    skip = torch.randn(1, 64, 260, 260)
+    up = torch.randn(1, 64, 256, 256)  # output 1 x 128 x 256 x 256 floats = 32 MiB
+    out = crop_concat(skip, up)
+    assert out.untyped_storage().nbytes() >= 32 << 20
+    torch.testing.assert_close(out, reference.crop_concat(skip, up), rtol=0, atol=0)
+    torch.save(out, tmp_path / "out.pt")
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), out, rtol=0, atol=0)
+    out.resize_(2, 128, 256, 256)  # grows into a new (torch-allocated) block, keeping the values
+    torch.testing.assert_close(out[0], reference.crop_concat(skip, up)[0], rtol=0, atol=0)
+    shared = crop_concat(skip, up).share_memory_()
+    assert shared.is_shared()
+    grad_skip, grad_up = torch.ops.unet_ext._crop_concat_backward(shared, 64, 260, 260)
+    torch.testing.assert_close(grad_up, up, rtol=0, atol=0)
+    assert grad_skip[..., 2:258, 2:258].equal(skip[..., 2:258, 2:258])

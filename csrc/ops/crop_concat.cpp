@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "common/checks.h"
+#include "cpu/huge_pages.h"
 
 namespace unet_ext {
 namespace crop_concat {
@@ -47,9 +48,8 @@ Geometry forward_geometry(const at::Tensor& skip, const at::Tensor& up, at::Tens
   g.skip = strides_of(skip);
   g.up = strides_of(up);
   g.grad = {0, 0, 0, 0};
-  out = at::empty({g.batch, g.channels(), g.height, g.width},
-                  skip.options().memory_format(g.channels_last ? at::MemoryFormat::ChannelsLast
-                                                               : at::MemoryFormat::Contiguous));
+  out = cpu::empty_output({g.batch, g.channels(), g.height, g.width}, skip.options(),
+                          g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   return g;
 }
 
@@ -78,10 +78,9 @@ Geometry backward_geometry(const at::Tensor& grad_out, int64_t skip_channels, in
   g.skip = {0, 0, 0, 0};
   g.up = {0, 0, 0, 0};
   g.grad = strides_of(grad_out);
-  const auto options = grad_out.options().memory_format(
-      g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  grad_skip = at::empty({g.batch, skip_channels, skip_height, skip_width}, options);
-  grad_up = at::empty({g.batch, g.up_channels, g.height, g.width}, options);
+  const auto format = g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  grad_skip = cpu::empty_output({g.batch, skip_channels, skip_height, skip_width}, grad_out.options(), format);
+  grad_up = cpu::empty_output({g.batch, g.up_channels, g.height, g.width}, grad_out.options(), format);
   return g;
 }
 

@@ -24,10 +24,13 @@
 #include "../common/dispatch.h"
 #include "../conv_host.h"
 #include "gemm.h"
+#include "huge_pages.h"
 
 namespace unet_ext {
 namespace conv {
 namespace {
+
+using cpu::empty_huge;
 
 // A block is `rows` output rows of one image. Its source is the (padded) input window
 // [C_src][rows + kh - 1][width] with width = W_out + kw - 1, so that every tap (ky, kx) of the
@@ -451,7 +454,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_memory_format(input_arg);
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
+  at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
     // As stored ([C_out][C_in*kh*kw]) for the shifted-rows GEMM, else repacked per tap.
@@ -502,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (output_mask[0]) {
     // Every element is written by the dgrad convolution, unless grad_out is empty (C_out = 0).
-    grad_input = grad_out.numel() > 0 ? at::empty(input.sizes(), input.options())
+    grad_input = grad_out.numel() > 0 ? empty_huge(input.sizes(), input.options())
                                       : at::zeros(input.sizes(), input.options());
     if (grad_input.numel() > 0 && grad_out.numel() > 0) {
       // The dgrad convolution's weight W'[ci, co, ky, kx] = W[co, ci, kh-1-ky, kw-1-kx].
@@ -546,7 +549,7 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_memory_format(skip_arg, up_arg);
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
+  at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
   if (output.numel() > 0) {
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor taps = use_shifted_rows(g) ? opmath_contiguous(weight) : forward_taps(weight);
@@ -605,8 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
     // dgrad writes both straight from its epilogue: grad_skip's crop window (zero around it)
     // and grad_up. Nothing is written when grad_out is empty (C_out = 0): zeros then.
     const bool empty = grad_out.numel() == 0;
-    at::Tensor gs = empty ? at::zeros(skip.sizes(), skip.options()) : at::empty(skip.sizes(), skip.options());
-    at::Tensor gu = empty ? at::zeros(up.sizes(), up.options()) : at::empty(up.sizes(), up.options());
+    at::Tensor gs = empty ? at::zeros(skip.sizes(), skip.options()) : empty_huge(skip.sizes(), skip.options());
+    at::Tensor gu = empty ? at::zeros(up.sizes(), up.options()) : empty_huge(up.sizes(), up.options());
     if (!empty && gs.numel() + gu.numel() > 0) {
       const at::Tensor flipped = use_shifted_rows(dgrad_geometry(g)) ? dgrad_matrix(weight) : dgrad_taps(weight);
       UNET_DISPATCH_FLOATING_TYPES(skip.scalar_type(), "conv2d_relu_concat_dgrad_cpu", [&] {

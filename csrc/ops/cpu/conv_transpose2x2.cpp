@@ -15,10 +15,13 @@
 #include "../common/dispatch.h"
 #include "../conv_host.h"
 #include "gemm.h"
+#include "huge_pages.h"
 
 namespace unet_ext {
 namespace conv {
 namespace {
+
+using cpu::empty_huge;
 
 constexpr const char* kOp = "unet_ext.conv_transpose2x2";
 
@@ -165,7 +168,7 @@ at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& 
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);
   const auto format = conv_memory_format(input_arg);
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
+  at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
   if (output.numel() > 0) {
     const at::Tensor input = input_arg.contiguous();
     // Rows (co, dy, dx) of W^T: weight (C_in, C_out, 2, 2) -> [C_out * 4, C_in].
@@ -206,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cpu(
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor grad_bias = at::empty({0}, weight.options());
   at::Tensor weight_acc, bias_acc;
-  if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
+  if (output_mask[0]) grad_input = empty_huge(input.sizes(), input.options()).zero_();
   if (output_mask[1] || output_mask[2]) {
     weight_acc = at::zeros({g.in_channels, 4 * g.out_channels}, acc_options);
     bias_acc = at::zeros({g.out_channels}, acc_options);

@@ -17,10 +17,17 @@ namespace {
 // Contiguous copy in 64-byte pieces with plain vector moves. libc's memcpy/memset switch to
 // `rep movsb` / non-temporal stores for large blocks, which run slower here into a freshly
 // allocated output (every page faults on first touch) than ordinary stores.
+constexpr int64_t kLargeCopy = int64_t{1} << 16;
+
 inline void copy_bytes(char* dst, const char* src, int64_t bytes) {
+  if (bytes >= kLargeCopy || bytes < 64) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
   int64_t i = 0;
   for (; i + 64 <= bytes; i += 64) __builtin_memcpy(dst + i, src + i, 64);
-  if (i < bytes) std::memcpy(dst + i, src + i, bytes - i);
+  // The tail as one more (overlapping) 64-byte move: no libc call per short row.
+  if (i < bytes) __builtin_memcpy(dst + bytes - 64, src + bytes - 64, 64);
 }
 
 inline void zero_bytes(char* dst, int64_t bytes) {

@@ -54,16 +54,22 @@ def _format(t):
 def _check_conv(op, input, weight, bias, padding):
     torch._check(input.dim() == 4, lambda: f"unet_ext.{op}: input must be a 4-D tensor, got {input.dim()}-D")
     torch._check(weight.dim() == 4, lambda: f"unet_ext.{op}: weight must be a 4-D tensor, got {weight.dim()}-D")
-    torch._check(padding >= 0, lambda: f"unet_ext.{op}: padding must be >= 0, got {padding}")
-    torch._check(weight.shape[1] == input.shape[1],
-                 lambda: f"unet_ext.{op}: weight must have shape [C_out, {input.shape[1]}, kh, kw], got {tuple(weight.shape)}")
+    return _conv_output_shape(f"unet_ext.{op}", input.shape[0], input.shape[1], input.shape[2:],
+                              weight, bias, padding)
+
+
+def _conv_output_shape(op, batch, channels, spatial, weight, bias, padding):
+    """Checks weight (C_out, channels, kh, kw), bias and padding; the output shape."""
+    torch._check(padding >= 0, lambda: f"{op}: padding must be >= 0, got {padding}")
+    torch._check(weight.shape[1] == channels,
+                 lambda: f"{op}: weight must have shape [C_out, {channels}, kh, kw], got {tuple(weight.shape)}")
     if bias is not None:
         torch._check(bias.shape == (weight.shape[0],),
-                     lambda: f"unet_ext.{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    out_h = input.shape[2] + 2 * padding - weight.shape[2] + 1
-    out_w = input.shape[3] + 2 * padding - weight.shape[3] + 1
-    torch._check(out_h >= 1 and out_w >= 1, lambda: f"unet_ext.{op}: kernel is larger than the padded input")
-    return (input.shape[0], weight.shape[0], out_h, out_w)
+                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    out_h = spatial[0] + 2 * padding - weight.shape[2] + 1
+    out_w = spatial[1] + 2 * padding - weight.shape[3] + 1
+    torch._check(out_h >= 1 and out_w >= 1, lambda: f"{op}: kernel is larger than the padded input")
+    return (batch, weight.shape[0], out_h, out_w)
 
 
 def _make_conv_fake(op):
@@ -120,17 +126,8 @@ def _check_conv_concat(skip, up, weight, bias, padding):
     torch._check(skip.shape[0] == up.shape[0], lambda: f"{op}: skip and up must have the same batch size")
     torch._check(up.shape[2] <= skip.shape[2] and up.shape[3] <= skip.shape[3],
                  lambda: f"{op}: up's spatial size must not exceed skip's")
-    channels = skip.shape[1] + up.shape[1]
-    torch._check(padding >= 0, lambda: f"{op}: padding must be >= 0, got {padding}")
-    torch._check(weight.shape[1] == channels,
-                 lambda: f"{op}: weight must have shape [C_out, {channels}, kh, kw], got {tuple(weight.shape)}")
-    if bias is not None:
-        torch._check(bias.shape == (weight.shape[0],),
-                     lambda: f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-    out_h = up.shape[2] + 2 * padding - weight.shape[2] + 1
-    out_w = up.shape[3] + 2 * padding - weight.shape[3] + 1
-    torch._check(out_h >= 1 and out_w >= 1, lambda: f"{op}: kernel is larger than the padded input")
-    return (up.shape[0], weight.shape[0], out_h, out_w)
+    return _conv_output_shape(op, up.shape[0], skip.shape[1] + up.shape[1], up.shape[2:],
+                              weight, bias, padding)
 
 
 def _concat_format(skip, up):

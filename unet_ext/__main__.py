@@ -64,6 +64,26 @@ def compiled_archs(library):
     return ", ".join(sorted(found)) or "none found by cuobjdump"
 
 
+def _has_cutlass(library):
+    """Whether the CUTLASS tensor-core kernels are in the library (their names are in its fatbin)."""
+    with open(library, "rb") as f:
+        return b"ImplicitGemmConvolution" in f.read()
+
+
+def _huge_pages():
+    """What csrc/ops/cpu/huge_pages.h does here: its switch and the kernel's THP mode."""
+    if os.environ.get("UNET_EXT_HUGE_PAGES") == "0":
+        return "ordinary pages (UNET_EXT_HUGE_PAGES=0)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = re.search(r"\[(\w+)\]", f.read()).group(1)
+    except (OSError, AttributeError):
+        mode = "unknown"
+    if mode == "never":
+        return "ordinary pages (transparent huge pages are off in this kernel)"
+    return f">= 32 MiB in transparent huge pages (kernel THP mode: {mode})"
+
+
 def info(args):
     import torch
 
@@ -75,6 +95,12 @@ def info(args):
           + (f", torch archs: {' '.join(torch.cuda.get_arch_list())}" if torch.cuda.is_available() else ""))
     if build["cuda_kernels"]:
         print(f"CUDA kernels: compiled, archs {compiled_archs(build['library'])}")
+        if _has_cutlass(build["library"]):
+            tf32 = "on" if torch.backends.cudnn.allow_tf32 else "off (torch.backends.cudnn.allow_tf32)"
+            print("tensor cores: CUTLASS conv2d_relu/conv2d_bias/conv_transpose2x2 fprop, dgrad, wgrad "
+                  f"for fp16/bf16 (sm_80+), TF32 for float32 {tf32}")
+        else:
+            print("tensor cores: none (built without nvidia-cutlass): generic CUDA kernels only")
     else:
         print("CUDA kernels: not compiled (CPU-only build)")
     if torch.cuda.is_available():
@@ -83,6 +109,7 @@ def info(args):
               f"{torch.cuda.device_count()} GPU(s)")
     else:
         print("device: no CUDA device; CPU only")
+    print(f"CPU large outputs: {_huge_pages()}")
     isa, how = cpu_isa()
     print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
           f"loss kernels ISA: {isa} ({how})")

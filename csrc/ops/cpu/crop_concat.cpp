@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "../crop_concat_host.h"
@@ -75,6 +76,21 @@ int64_t grain_for(int64_t family_elements, int64_t element_size) {
   return std::max<int64_t>(1, (int64_t{1} << 16) / bytes);
 }
 
+// NCHW family (output plane) of task t: skip and up planes alternate (while both last), so that
+// each thread's contiguous range of tasks mixes the strided skip crops with the dense up copies
+// instead of one thread taking all of one kind.
+inline int64_t interleaved_plane(const Geometry& g, int64_t t) {
+  const int64_t channels = g.channels(), n = t / channels, j = t - n * channels;
+  const int64_t pairs = std::min(g.skip_channels, g.up_channels);
+  int64_t c;
+  if (j < 2 * pairs) {
+    c = (j & 1) ? g.skip_channels + (j >> 1) : (j >> 1);
+  } else {
+    c = g.skip_channels > g.up_channels ? j - pairs : j;  // the longer side's remainder
+  }
+  return n * channels + c;
+}
+
 template <typename word_t>
 void forward_impl(const Geometry& g, const at::Tensor& skip, const at::Tensor& up, at::Tensor& out) {
   const word_t* sources[4] = {nullptr, static_cast<const word_t*>(skip.const_data_ptr()),
@@ -83,8 +99,22 @@ void forward_impl(const Geometry& g, const at::Tensor& skip, const at::Tensor& u
   const int64_t family_elements = out.numel() / std::max<int64_t>(1, g.forward_families());
   at::parallel_for(0, g.forward_families(), grain_for(family_elements, sizeof(word_t)),
                    [&](int64_t b, int64_t e) {
-    for (int64_t f = b; f < e; ++f)
-      for (int s = 0; s < g.forward_segments(); ++s) execute_family(g.forward_family(f, s), dst, sources);
+    for (int64_t t = b; t < e; ++t) {
+      if (g.channels_last) {
+        // Pixel by pixel, the skip run then the up run: the destination row is written in order.
+        const Family skip_part = g.forward_family(t, 0), up_part = g.forward_family(t, 1);
+        for (int64_t i = 0; i < skip_part.rows; ++i) {
+          for (const Family* part : {&skip_part, &up_part}) {
+            if (part->length > 0) {
+              copy_run(dst + part->dst + i * part->dst_pitch, sources[part->source] + part->src + i * part->src_pitch,
+                       part->src_step, part->length);
+            }
+          }
+        }
+      } else {
+        execute_family(g.forward_family(interleaved_plane(g, t), 0), dst, sources);
+      }
+    }
   });
 }
 

@@ -4,7 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import unet_ext
 from unet_ext import reference
 from unet_ext.ops import conv2d_bias, conv2d_relu, conv_transpose2x2
 
@@ -439,3 +441,42 @@ def test_cpu_deterministic(dtype, op, case):
         runs.append((out.detach(), *torch.autograd.grad(out, (xs, ws, bs), grad_out)))
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("concat", [False, True])
+def test_deep_float32_layers_on_onednn_match_reference(layout, padding, concat):
+    """float32 layers with >= 256 input channels run on oneDNN's convolution with bias+ReLU
+    post-ops (csrc/ops/cpu/conv2d_relu.cpp, use_onednn): same semantics as the other path: the
+    ReLU mask from our output (NaN keeps its gradient), every output mask, the memory format."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x64 = torch.randn(2, 256, 9, 11, generator=gen, dtype=torch.float64)
+    skip64 = torch.randn(2, 128, 13, 14, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(24, 256, 3, 3, generator=gen, dtype=torch.float64) / 48
+    b64 = torch.randn(24, generator=gen, dtype=torch.float64)
+    if concat:  # skip's 128 channels + up's 128 channels = 256
+        up64 = x64[:, :128].contiguous()
+        args64 = (skip64, up64)
+        ref_fn = lambda s, u, w, b: torch.relu(F.conv2d(reference.crop_concat(s, u), w, b, padding=padding))
+        ours_fn = lambda s, u, w, b: unet_ext.ops.conv2d_relu_concat(s, u, w, b, padding)
+    else:
+        args64 = (x64,)
+        ref_fn = lambda x, w, b: torch.relu(F.conv2d(x, w, b, padding=padding))
+        ours_fn = lambda x, w, b: unet_ext.ops.conv2d_relu(x, w, b, padding)
+    args = [a.float().contiguous(memory_format=fmt).requires_grad_() for a in args64]
+    w, b = w64.float().requires_grad_(), b64.float().requires_grad_()
+    out = ours_fn(*args, w, b)
+    ref = ref_fn(*args64, w64, b64)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, [*args, w, b], grad.float())
+    leaves64 = [a.clone().requires_grad_() for a in (*args64, w64, b64)]
+    mask = out.detach().double() > 0  # our mask
+    want = torch.autograd.grad(ref_fn(*leaves64), leaves64, torch.where(mask, grad, 0))
+    for g_ours, g_ref in zip(got, want):
+        torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-4, atol=1e-4)
+    for a, g_ours in zip(args, got):
+        assert g_ours.is_contiguous(memory_format=fmt)

@@ -480,3 +480,27 @@ def test_deep_float32_layers_on_onednn_match_reference(layout, padding, concat):
         torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-4, atol=1e-4)
     for a, g_ours in zip(args, got):
         assert g_ours.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_deep_float32_up_conv_on_onednn_matches_reference(layout):
+    """float32 up-convs with >= 512 input channels run on oneDNN's deconvolution
+    (csrc/ops/cpu/conv_transpose2x2.cpp, use_onednn): values, gradients and memory format."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x64 = torch.randn(2, 512, 5, 7, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(512, 16, 2, 2, generator=gen, dtype=torch.float64) / 32
+    b64 = torch.randn(16, generator=gen, dtype=torch.float64)
+    x = x64.float().contiguous(memory_format=fmt).requires_grad_()
+    w, b = w64.float().requires_grad_(), b64.float().requires_grad_()
+    out = conv_transpose2x2(x, w, b)
+    ref = F.conv_transpose2d(x64, w64, b64, stride=2)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, [x, w, b], grad.float())
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+    want = torch.autograd.grad(F.conv_transpose2d(*leaves, stride=2), leaves, grad)
+    for g_ours, g_ref in zip(got, want):
+        torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-4, atol=1e-4)
+    assert got[0].is_contiguous(memory_format=fmt)

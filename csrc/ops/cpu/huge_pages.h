@@ -1,11 +1,11 @@
-// Activation-sized CPU outputs in transparent huge pages. A fresh at::empty above glibc's mmap
-// threshold (at most 32 MiB) pays one page fault (and a 4 KiB zeroing) per page on first touch:
-// the paper's 79 MB crop_concat output fills in 49 ms fresh against 7 ms preallocated on the
-// 2-core CI machine (1 thread). 2 MiB-aligned memory marked MADV_HUGEPAGE faults once per 2 MiB
-// (12 ms). torch's own CPU allocator does this under THP_MEM_ALLOC_ENABLE=1 (from 2 MiB);
-// unet_ext does it for its outputs of 32 MiB or more by default (UNET_EXT_HUGE_PAGES=0 turns it
-// off; smaller blocks are reused from glibc's heap without faults). Where the kernel has THP
-// off, this is plain memory.
+// Activation-sized CPU outputs without page faults. A fresh at::empty above glibc's mmap
+// threshold pays one page fault (and a 4 KiB zeroing) per page on first touch: the paper's 79 MB
+// crop_concat output fills in 49 ms fresh against 7 ms preallocated on the 2-core CI machine
+// (1 thread). Blocks of 2 MiB or more therefore come 2 MiB-aligned and marked MADV_HUGEPAGE (one
+// fault per 2 MiB: 12 ms; torch does this under THP_MEM_ALLOC_ENABLE=1), and freed ones are
+// cached (512 MiB at most) for the next output of the same size, which then costs nothing: a
+// training step allocates the same sizes every time. UNET_EXT_HUGE_PAGES=0 turns all of it off.
+// Where the kernel has THP off, the pages are ordinary ones (the cache still helps).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -15,8 +15,8 @@
 namespace unet_ext {
 namespace cpu {
 
-// at::empty(sizes, options.memory_format(format)) for a CPU tensor, in
-// huge pages when it is 32 MiB or more. options must be on the CPU.
+// at::empty(sizes, options.memory_format(format)) for a CPU tensor; 2 MiB or more from the
+// huge-page cache. options must be on the CPU.
 at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options,
                       at::MemoryFormat format = at::MemoryFormat::Contiguous);
 

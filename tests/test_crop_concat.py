@@ -153,7 +153,7 @@ def test_cuda_does_not_synchronize():
 
 
 def test_large_cpu_outputs_in_huge_pages_behave_like_any_tensor(tmp_path):
-    """Outputs of 32 MiB or more come from unet_ext's huge-page allocator (csrc/ops/cpu/huge_pages.h):
+    """Large outputs come from unet_ext's huge-page allocator and its cache (csrc/ops/cpu/huge_pages.h):
     same values, and the storage works with everything torch does to CPU tensors."""
     skip = torch.randn(1, 64, 260, 260)
     up = torch.randn(1, 64, 256, 256)  # output 1 x 128 x 256 x 256 floats = 32 MiB

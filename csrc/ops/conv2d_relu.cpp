@@ -5,7 +5,7 @@
 #include <ATen/OpMathType.h>
 
 #include "common/checks.h"
-#include "crop_concat.h"
+#include "crop_concat_host.h"
 
 namespace unet_ext {
 namespace conv {
@@ -98,11 +98,7 @@ ConcatGeometry conv2d_concat_geometry(const char* op, const at::Tensor& skip, co
   UNET_CHECK_SAME_DTYPE(op, skip, up);
   UNET_CHECK_SAME_DTYPE(op, skip, weight);
   check_common(op, skip, weight, bias, weight.size(0));  // the bias
-  TORCH_CHECK(skip.size(0) == up.size(0), op, ": skip and up must have the same batch size, got ",
-              skip.size(0), " and ", up.size(0));
-  TORCH_CHECK(up.size(2) <= skip.size(2) && up.size(3) <= skip.size(3), op,
-              ": up's spatial size must not exceed skip's (the skip is centre-cropped to up), got "
-              "skip ", skip.sizes(), " and up ", up.sizes());
+  crop_concat::check_skip_up(op, skip, up);
   ConcatGeometry c;
   c.conv = conv2d_geometry_of(op, "skip's + up's", skip.size(0), skip.size(1) + up.size(1),
                               up.size(2), up.size(3), weight, padding);

@@ -22,16 +22,20 @@ bool is_channels_last(const at::Tensor& t) {
 
 }  // namespace
 
+void check_skip_up(const char* op, const at::Tensor& skip, const at::Tensor& up) {
+  TORCH_CHECK(skip.size(0) == up.size(0), op, ": skip and up must have the same batch size, got ",
+              skip.size(0), " and ", up.size(0));
+  TORCH_CHECK(up.size(2) <= skip.size(2) && up.size(3) <= skip.size(3), op,
+              ": up's spatial size must not exceed skip's (the skip is centre-cropped to up), got "
+              "skip ", skip.sizes(), " and up ", up.sizes());
+}
+
 Geometry forward_geometry(const at::Tensor& skip, const at::Tensor& up, at::Tensor& out) {
   UNET_CHECK_DIM(kOp, skip, 4);
   UNET_CHECK_DIM(kOp, up, 4);
   UNET_CHECK_SAME_DEVICE(kOp, skip, up);
   UNET_CHECK_SAME_DTYPE(kOp, skip, up);
-  TORCH_CHECK(skip.size(0) == up.size(0), kOp, ": skip and up must have the same batch size, got ",
-              skip.size(0), " and ", up.size(0));
-  TORCH_CHECK(up.size(2) <= skip.size(2) && up.size(3) <= skip.size(3), kOp,
-              ": up's spatial size must not exceed skip's (the skip is centre-cropped to up), got "
-              "skip ", skip.sizes(), " and up ", up.sizes());
+  check_skip_up(kOp, skip, up);
 
   Geometry g;
   g.batch = skip.size(0);

@@ -13,6 +13,10 @@
 namespace unet_ext {
 namespace crop_concat {
 
+// The checks every (skip, up) pair takes (crop_concat, conv2d_relu_concat): same batch, and up
+// no larger than skip, which is centre-cropped to it.
+void check_skip_up(const char* op, const at::Tensor& skip, const at::Tensor& up);
+
 // Validates (skip, up), allocates the output in the memory format torch.cat would pick.
 Geometry forward_geometry(const at::Tensor& skip, const at::Tensor& up, at::Tensor& out);
 

@@ -59,6 +59,9 @@ step versions versions
 
 if [ -d wheels ]; then
   step cutlass python -m pip install --no-index --no-deps --find-links wheels nvidia-cutlass
+  # The workflow's dependencies (data, CLI tests), where the wheels fit this Python; best effort.
+  python -m pip install --quiet --no-index --find-links wheels scipy tifffile pillow >/dev/null 2>&1 || true
+  python -m pip install --quiet --no-index --no-deps --find-links wheels stardist >/dev/null 2>&1 || true
 else
   record cutlass "SKIP (no wheels/ folder)" 0
 fi
@@ -69,7 +72,9 @@ step build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" \
 step info python -m unet_ext info
 # Without CUDA kernels every CUDA test would be skipped, and "pass".
 step cuda-kernels python -c 'import sys, unet_ext; sys.exit(not unet_ext.build_info()["cuda_kernels"])'
-step tests-cuda python -m pytest -q -m cuda tests
+# A CPU-only test module that cannot import here (a missing workflow dependency) must not stop
+# the CUDA tests from running.
+step tests-cuda python -m pytest -q -m cuda --continue-on-collection-errors tests
 
 # compute-sanitizer: next to the real nvcc (nvcc on PATH may be a wrapper script), or in CUDA_HOME.
 find_sanitizer() {
@@ -93,7 +98,7 @@ if SANITIZER=$(find_sanitizer); then
   for tool in memcheck racecheck; do
     # No caching allocator: an out-of-bounds access inside a cached block would go unseen.
     step "sanitizer-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$tool" --error-exitcode 1 python -m pytest -q -m cuda -p no:cacheprovider "${SUBSET[@]}"
+      "$SANITIZER" --tool "$tool" --error-exitcode 1 python -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors "${SUBSET[@]}"
   done
 else
   echo "compute-sanitizer not found (CUDA_HOME/bin, next to nvcc, /usr/local/cuda/bin, PATH)" >"$OUT/sanitizer.log"

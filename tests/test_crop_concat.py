@@ -1,4 +1,6 @@
 """crop_concat against slice + torch.cat: dtypes, layouts, odd sizes, gradients, opcheck, compile."""
+import os
+
 import pytest
 import torch
 
@@ -169,3 +171,21 @@ def test_large_cpu_outputs_in_huge_pages_behave_like_any_tensor(tmp_path):
     grad_skip, grad_up = torch.ops.unet_ext._crop_concat_backward(shared, 64, 260, 260)
     torch.testing.assert_close(grad_up, up, rtol=0, atol=0)
     assert grad_skip[..., 2:258, 2:258].equal(skip[..., 2:258, 2:258])
+
+
+def test_empty_cache_returns_cached_output_memory():
+    """unet_ext.empty_cache() frees the blocks the CPU output cache keeps (RSS drops), and later
+    outputs still come out right."""
+    import unet_ext
+
+    def rss_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    skip, up = torch.randn(1, 128, 260, 260), torch.randn(1, 128, 256, 256)  # 64 MiB output
+    out = crop_concat(skip, up)
+    del out  # its block goes to the cache, still resident
+    before = rss_bytes()
+    unet_ext.empty_cache()
+    assert before - rss_bytes() >= 32 << 20
+    torch.testing.assert_close(crop_concat(skip, up), reference.crop_concat(skip, up), rtol=0, atol=0)

@@ -25,6 +25,13 @@ from .tiling import predict_tiled  # noqa: E402,F401
 __version__ = "0.1.0"
 
 
+def empty_cache():
+    """Returns the CPU memory unet_ext keeps for reuse to the system: freed outputs of 2 MiB or
+    more are cached (512 MiB at most) so that the next output of the same size costs no page
+    faults (like torch.cuda.empty_cache for the CUDA caching allocator)."""
+    torch.ops.unet_ext._empty_cache()
+
+
 def build_info():
     """What the compiled library contains: CUDA kernels or not, and for which archs."""
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/huge_pages.h"
+
 TORCH_LIBRARY(unet_ext, m) {
   m.def("crop_concat(Tensor skip, Tensor up) -> Tensor");
   m.def(
@@ -48,6 +50,9 @@ TORCH_LIBRARY(unet_ext, m) {
       "_weighted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor? weight_map, Tensor? class_weight, Tensor logsumexp, Tensor total_weight, "
       "int ignore_index, str reduction) -> Tensor");
+
+  // Frees the blocks the CPU output cache holds (cpu/huge_pages.h): unet_ext.empty_cache().
+  m.def("_empty_cache() -> ()", &unet_ext::cpu::empty_cache);
 }
 
 // `import unet_ext._C` loads this library, which runs the registrations above. The module

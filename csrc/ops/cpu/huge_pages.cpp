@@ -61,6 +61,13 @@ class BlockCache {
     return nullptr;
   }
 
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const Block& block : blocks_) std::free(block.ptr);
+    blocks_.clear();
+    cached_ = 0;
+  }
+
   void give(void* ptr, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (bytes > kCacheBytes) {
@@ -126,6 +133,8 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options, a
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), format);
 }
+
+void empty_cache() { cache().clear(); }
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   return options.device().is_cpu() ? empty_huge(sizes, options, format)

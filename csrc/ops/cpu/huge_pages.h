@@ -24,5 +24,8 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options,
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat format = at::MemoryFormat::Contiguous);
 
+// Returns the cached free blocks to the system (outputs still alive are not affected).
+void empty_cache();
+
 }  // namespace cpu
 }  // namespace unet_ext

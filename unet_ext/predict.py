@@ -72,14 +72,8 @@ def default_tile_size(model, height, width):
     return valid_input_size(min(max(height, width) + margin, cap), model.depth, "valid")
 
 
-def _write(path, array):
-    from .data import write_image
-
-    write_image(path, array)
-
-
 def predict(args):
-    from .data import normalize, read_image
+    from .data import normalize, read_image, write_image
     from .metrics import dice, foreground_iou, instance_f1, instances
     from .tiling import predict_tiled
     from .train import _device
@@ -122,11 +116,11 @@ def predict(args):
                                progress=False if args.no_progress else None)
         classes = logits.argmax(0).numpy().astype(np.uint8)
         stem = os.path.splitext(os.path.basename(path))[0]
-        _write(os.path.join(args.out, f"{stem}_seg.{args.format}"), classes)
+        write_image(os.path.join(args.out, f"{stem}_seg.{args.format}"), classes)
         written = [f"{stem}_seg.{args.format}"]
         if args.prob:
             prob = torch.softmax(logits.float(), 0)[1].numpy()
-            _write(os.path.join(args.out, f"{stem}_prob.tif"), prob.astype(np.float32))
+            write_image(os.path.join(args.out, f"{stem}_prob.tif"), prob.astype(np.float32))
             written.append(f"{stem}_prob.tif")
         labels_pred = instances(classes == 1, args.min_size)
         if args.instances:
@@ -134,7 +128,7 @@ def predict(args):
             if args.format == "png" and dtype != np.uint16:
                 raise UsageError(f"{path}: {labels_pred.max()} instances do not fit a 16-bit PNG; "
                                  "use --format tif")
-            _write(os.path.join(args.out, f"{stem}_instances.{args.format}"),
+            write_image(os.path.join(args.out, f"{stem}_instances.{args.format}"),
                    labels_pred.astype(dtype))
             written.append(f"{stem}_instances.{args.format}")
         line = (f"{path}: {height}x{width}, tile {tile}, {int(labels_pred.max())} instances -> "

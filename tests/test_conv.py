@@ -504,3 +504,31 @@ def test_deep_float32_up_conv_on_onednn_matches_reference(layout):
     for g_ours, g_ref in zip(got, want):
         torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-4, atol=1e-4)
     assert got[0].is_contiguous(memory_format=fmt)
+
+
+def test_up_conv_is_the_transposed_2x1_strided_conv_the_cuda_tensor_core_path_runs():
+    """The identity csrc/ops/cuda/conv_transpose2x2_cutlass.cu rests on, checked on the CPU in
+    float64: read the channels_last output [N, 2H, 2W, C_out] as [N, 2H, W, 2 C_out]; with the
+    filter F[ci][dy][0][dx * C_out + co] = W[ci][co][dy][dx] and stride (2, 1), the up-conv is the
+    dgrad of that convolution, its dgrad the fprop, its wgrad the wgrad."""
+    gen = torch.Generator().manual_seed(0)
+    n, c_in, c_out, h, w = 2, 3, 5, 4, 6
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(c_in, c_out, 2, 2, generator=gen, dtype=torch.float64)
+    grad = torch.randn(n, c_out, 2 * h, 2 * w, generator=gen, dtype=torch.float64)
+
+    def as_pairs(t):  # (N, C, 2H, 2W) -> (N, 2C, 2H, W): channels (dx, co)
+        return t.permute(0, 2, 3, 1).reshape(n, 2 * h, w, 2 * c_out).permute(0, 3, 1, 2)
+
+    # KRSC [ci][dy][0][(dx, co)] -> torch's (K, C, R, S) = (C_in, 2 C_out, 2, 1)
+    f = weight.permute(0, 2, 3, 1).reshape(c_in, 2, 1, 2 * c_out).permute(0, 3, 1, 2)
+    act_shape = (n, 2 * c_out, 2 * h, w)
+    forward = torch.nn.grad.conv2d_input(act_shape, f, x, stride=(2, 1))
+    torch.testing.assert_close(forward, as_pairs(conv_transpose2x2(x, weight)), rtol=1e-12, atol=1e-12)
+    x_req, w_req = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    F.conv_transpose2d(x_req, w_req, stride=2).backward(grad)
+    dgrad = F.conv2d(as_pairs(grad), f, stride=(2, 1))
+    torch.testing.assert_close(dgrad, x_req.grad, rtol=1e-12, atol=1e-12)
+    df = torch.nn.grad.conv2d_weight(as_pairs(grad), f.shape, x, stride=(2, 1))  # (C_in, 2 C_out, 2, 1)
+    wgrad = df.permute(0, 2, 3, 1).reshape(c_in, 2, 2, c_out).permute(0, 3, 1, 2)
+    torch.testing.assert_close(wgrad, w_req.grad, rtol=1e-12, atol=1e-12)

@@ -1,7 +1,8 @@
 """Builds unet_ext._C: the fused U-Net ops as a PyTorch C++/CUDA extension.
 
 CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
-Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), MAX_JOBS, DEBUG=1,
+Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": sm_80 mma.sync, and Hopper's
+sm_90a, whose wgmma/TMA conv kernels need the "a"), MAX_JOBS, DEBUG=1,
 UNET_EXT_WERROR=1 (warnings, spills included, are errors: what CI uses), CUDA_HOME,
 UNET_EXT_CUTLASS=0 (leave out the CUTLASS tensor-core conv path even when nvidia-cutlass is installed).
 """
@@ -65,16 +66,20 @@ def pip_cuda_include_dirs():
     return dirs
 
 
-def cutlass_include_dir():
-    """CUTLASS headers from the nvidia-cutlass wheel (cutlass_library/source/include), or None."""
+def cutlass_include_dirs():
+    """CUTLASS headers from the nvidia-cutlass wheel (cutlass_library/source/include, and
+    tools/util/include, which CUTLASS 3's conv collectives include), or []."""
     if os.environ.get("UNET_EXT_CUTLASS", "1").lower() in ("0", "false", "no", "off"):
-        return None
+        return []
     try:
         import cutlass_library
     except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
-    return path if os.path.exists(os.path.join(path, "cutlass", "cutlass.h")) else None
+        return []
+    source = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    paths = [os.path.join(source, "include"), os.path.join(source, "tools", "util", "include")]
+    found = os.path.exists(os.path.join(paths[0], "cutlass", "cutlass.h")) and \
+        os.path.exists(os.path.join(paths[1], "cutlass", "util", "packed_stride.hpp"))
+    return paths if found else []
 
 
 force_cuda = flag("FORCE_CUDA")
@@ -90,7 +95,8 @@ if with_cuda and cuda_home is None:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
 debug = flag("DEBUG")
 werror = flag("UNET_EXT_WERROR")
 
@@ -110,10 +116,15 @@ nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
 nvcc_flags += ["--expt-relaxed-constexpr", "-Xptxas=--warn-on-spills"]
 if werror:
     nvcc_flags += ["-Werror", "all-warnings", "-Xcompiler=-Werror"]
-cutlass_dir = cutlass_include_dir() if with_cuda else None
-if cutlass_dir:
+cutlass_dirs = cutlass_include_dirs() if with_cuda else []
+cutlass_dir = cutlass_dirs[0] if cutlass_dirs else None
+if cutlass_dirs:
     # nvcc only (the .cpp files never see CUTLASS); -isystem keeps -Werror to our own code.
-    nvcc_flags += ["-isystem", cutlass_dir, "-DUNET_EXT_WITH_CUTLASS"]
+    for path in cutlass_dirs:
+        nvcc_flags += ["-isystem", path]
+    nvcc_flags.append("-DUNET_EXT_WITH_CUTLASS")
+    if any(arch.startswith("9.0a") for arch in arch_list):
+        nvcc_flags.append("-DUNET_EXT_SM90A")  # the Hopper wgmma/TMA conv kernels get bodies
 else:
     # The tensor-core conv path needs the CUTLASS headers; without them the generic kernels serve.
     cuda_sources = [s for s in cuda_sources if not s.endswith("_cutlass.cu")]

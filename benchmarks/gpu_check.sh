@@ -66,7 +66,8 @@ else
   record cutlass "SKIP (no wheels/ folder)" 0
 fi
 
-ARCH=$(python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+# Hopper as sm_90a: the wgmma/TMA conv kernels exist only for that target.
+ARCH=$(python -c 'import torch; print("%d.%d%s" % (*torch.cuda.get_device_capability(), "a" if torch.cuda.get_device_capability() == (9, 0) else ""))')
 step build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" \
   python -m pip install -v --no-index --no-build-isolation --no-deps -e .
 step info python -m unet_ext info

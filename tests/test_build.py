@@ -1,7 +1,8 @@
 """What the build put into unet_ext._C, checked without a GPU: the CUDA kernels of every op are
 compiled for sm_80 and sm_90, use no local memory (no register spills, no stack arrays), the
 copy kernels use 128-bit loads and stores, and the CUTLASS conv kernels (when built) run on tensor
-cores (HMMA) in both cubins. Skips on a CPU-only build or without cuobjdump."""
+cores: HMMA (mma.sync) in both cubins, and in the sm_90a cubin also the Hopper kernels' HGMMA
+(wgmma) fed by TMA. Skips on a CPU-only build or without cuobjdump."""
 import os
 import re
 import shutil
@@ -112,3 +113,34 @@ def test_cutlass_conv_kernels_use_tensor_cores():
         assert found_tf32, f"{arch}: no TF32 (float) CUTLASS conv kernel"
         # conv_transpose2x2's forward is CUTLASS's strided dgrad (conv_transpose2x2_cutlass.cu).
         assert any("StridedDgrad" in s.split("\n", 1)[0] for s in conv), f"{arch}: no tensor-core up-conv"
+
+
+@needs_cuda_build
+def test_hopper_conv_kernels_use_wgmma_and_tma():
+    """The sm_90a conv kernels (conv2d_cutlass_sm90.cu): fprop with ReLU / identity epilogue, dgrad
+    and wgrad, for half and bfloat16, each on warpgroup MMA (HGMMA) fed by TMA loads; fprop and
+    dgrad also store through TMA (wgrad's fp32 epilogue stores from registers)."""
+    if not unet_ext.build_info()["cutlass_sm80"]:
+        pytest.skip("built without CUTLASS (nvidia-cutlass not installed or UNET_EXT_CUTLASS=0)")
+    if not unet_ext.build_info()["cutlass_sm90a"]:
+        pytest.skip("built without sm_90a (TORCH_CUDA_ARCH_LIST does not name 9.0a)")
+    sass = _sass_by_arch()["sm_90"]
+    sections = re.split(r"\n\s*Function : ", sass)
+    hopper = [s for s in sections if "MainloopSm90TmaGmmaWarpSpecializedImplicitGemm" in s.split("\n", 1)[0]]
+    # 2 dtypes x (fprop ReLU, fprop identity, dgrad, wgrad); the operator is the problem shape's
+    # first template argument (cutlass::conv::Operator: 0 fprop, 1 dgrad, 2 wgrad).
+    def operator(name):
+        return re.search(r"ConvProblemShapeILNS\w+?OperatorE(\d)", name).group(1)
+
+    operators = sorted(operator(s.split("\n", 1)[0]) for s in hopper)
+    assert operators == ["0"] * 4 + ["1"] * 2 + ["2"] * 2, operators
+    for section in hopper:
+        name = section.split("\n", 1)[0]
+        assert re.search(r"\bHGMMA\.64x128x16\.F32", section), f"Hopper conv kernel without HGMMA: {name[:200]}"
+        assert "UTMALDG" in section, f"Hopper conv kernel without TMA loads: {name[:200]}"
+        if operator(name) != "2":
+            assert "UTMASTG" in section, f"Hopper fprop/dgrad kernel without TMA stores: {name[:200]}"
+        assert "HMMA" not in section, f"Hopper conv kernel on mma.sync: {name[:200]}"
+        if "ReLu" in name:
+            # cvt's .relu keeps NaN (canonical NaN), as torch.relu does.
+            assert "F2FP.RELU" in section or "FMNMX.NAN" in section, f"ReLU epilogue not found: {name[:200]}"

@@ -3,6 +3,8 @@
 Ops live in ``torch.ops.unet_ext`` and are wrapped in :mod:`unet_ext.ops`; plain-PyTorch
 references of each are in :mod:`unet_ext.reference`.
 """
+import functools
+
 import torch  # noqa: F401  (loads libtorch before our library)
 
 try:
@@ -32,13 +34,27 @@ def empty_cache():
     torch.ops.unet_ext._empty_cache()
 
 
+@functools.lru_cache(maxsize=None)
+def _library_has(*names):
+    """Whether each kernel (template) name occurs in our library, e.g. in its fatbin's symbols."""
+    with open(_C.__file__, "rb") as f:
+        data = f.read()
+    return tuple(name.encode() in data for name in names)
+
+
 def build_info():
-    """What the compiled library contains: CUDA kernels or not, and for which archs."""
+    """What the compiled library contains: CUDA kernels or not, and its tensor-core conv paths:
+    CUTLASS sm_80 mma.sync kernels (any GPU from Ampere on) and sm_90a wgmma/TMA kernels
+    (H100/H200; built when TORCH_CUDA_ARCH_LIST names 9.0a)."""
     has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
         "unet_ext::crop_concat", "CUDA")
+    sm80, sm90a = _library_has("ImplicitGemmConvolution", "MainloopSm90TmaGmmaWarpSpecializedImplicitGemm") \
+        if has_cuda else (False, False)
     return {
         "torch": torch.__version__,
         "cuda_kernels": bool(has_cuda),
+        "cutlass_sm80": sm80,
+        "cutlass_sm90a": sm90a,
         "cuda_available": torch.cuda.is_available(),
         "library": _C.__file__,
     }

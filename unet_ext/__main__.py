@@ -3,6 +3,7 @@ and what it runs on; ``bench`` runs the repository's benchmarks/ (a source check
 ``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py).
 Subcommands are entries of COMMANDS. Bad usage prints one line and exits 2.
 """
+import importlib.util
 import os
 import platform
 import re
@@ -48,6 +49,9 @@ def _cuobjdump():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"))
+    triton = importlib.util.find_spec("triton")  # the CUDA build of torch brings it, with cuobjdump
+    if triton is not None and triton.origin:
+        candidates.append(os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", "cuobjdump"))
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
@@ -62,12 +66,6 @@ def compiled_archs(library):
         found |= {f"{m}{' (ptx)' if kind == '--list-ptx' else ''}"
                   for m in re.findall(r"sm_\d+[af]?", out.stdout)}
     return ", ".join(sorted(found)) or "none found by cuobjdump"
-
-
-def _has_cutlass(library):
-    """Whether the CUTLASS tensor-core kernels are in the library (their names are in its fatbin)."""
-    with open(library, "rb") as f:
-        return b"ImplicitGemmConvolution" in f.read()
 
 
 def _huge_pages():
@@ -95,10 +93,12 @@ def info(args):
           + (f", torch archs: {' '.join(torch.cuda.get_arch_list())}" if torch.cuda.is_available() else ""))
     if build["cuda_kernels"]:
         print(f"CUDA kernels: compiled, archs {compiled_archs(build['library'])}")
-        if _has_cutlass(build["library"]):
+        if build["cutlass_sm80"]:
             tf32 = "on" if torch.backends.cudnn.allow_tf32 else "off (torch.backends.cudnn.allow_tf32)"
             print("tensor cores: CUTLASS conv2d_relu/conv2d_bias/conv_transpose2x2 fprop, dgrad, wgrad "
                   f"for fp16/bf16 (sm_80+), TF32 for float32 {tf32}")
+            print("Hopper: " + ("sm_90a wgmma/TMA conv2d fprop and dgrad for fp16/bf16" if build["cutlass_sm90a"]
+                                else "sm_80 kernels (build with TORCH_CUDA_ARCH_LIST naming 9.0a for wgmma)"))
         else:
             print("tensor cores: none (built without nvidia-cutlass): generic CUDA kernels only")
     else:

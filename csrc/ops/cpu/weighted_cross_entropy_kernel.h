@@ -197,54 +197,60 @@ struct KernelInputs {
   const acc_t* class_weight;
 };
 
+// Runs body(b, n, s0, len, cls, buf) for every block of pixels, blocks in parallel: the block's
+// classes loaded into cls (bad targets recorded in `bad`) and its logits gathered into buf
+// [classes][block] as acc_t; b is the block's index, pixels s0 .. s0 + len of sample n.
+template <typename scalar_t, typename Body>
+void for_each_block(const KernelInputs<scalar_t>& in, BadTarget& bad, const Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& g = in.g;
+  at::parallel_for(0, in.num_blocks, grain_blocks(g.classes, in.block), [&](int64_t b0, int64_t b1) {
+    LogitsBuffer<acc_t> scratch(g.classes * in.block);
+    int32_t cls[kMaxBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b / in.blocks_per_sample, s0 = (b % in.blocks_per_sample) * in.block;
+      const int64_t len = std::min(in.block, g.pixels - s0);
+      int64_t bad_value = 0;
+      if (load_classes(g, in.target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
+      gather_logits(g, in.logits, n, s0, len, in.block, scratch.data());
+      body(b, n, s0, len, static_cast<const int32_t*>(cls), scratch.data());
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const Prepared& p, ForwardOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelInputs<scalar_t> in(p);
   const Geometry& g = in.g;
-  const int64_t block = in.block, blocks_per_sample = in.blocks_per_sample, num_blocks = in.num_blocks;
-  const scalar_t* logits = in.logits;
-  const int64_t* target = in.target;
-  const acc_t* weight_map = in.weight_map;
-  const acc_t* class_weight = in.class_weight;
   scalar_t* loss_map = g.reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* lse_out = out.logsumexp.mutable_data_ptr<acc_t>();
-  std::vector<double> block_loss(num_blocks, 0.0), block_weight(num_blocks, 0.0);
+  std::vector<double> block_loss(in.num_blocks, 0.0), block_weight(in.num_blocks, 0.0);
   BadTarget bad;
 
-  at::parallel_for(0, num_blocks, grain_blocks(g.classes, block), [&](int64_t b0, int64_t b1) {
+  for_each_block(in, bad, [&](int64_t b, int64_t n, int64_t s0, int64_t len, const int32_t* cls, acc_t* buf) {
     acc_t factor[kMaxBlock], class_factor[kMaxBlock], picked[kMaxBlock];
-    LogitsBuffer<acc_t> scratch(g.classes * block);
-    acc_t* buf = scratch.data();
-    int32_t cls[kMaxBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_sample, s0 = (b % blocks_per_sample) * block;
-      const int64_t len = std::min(block, g.pixels - s0);
-      int64_t bad_value = 0;
-      if (load_classes(g, target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
-      gather_logits(g, logits, n, s0, len, block, buf);
-      acc_t* lse = lse_out + n * g.pixels + s0;
-      block_logsumexp(g.classes, len, block, buf, lse);
-      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, factor, class_factor, picked);
-      // Separate simple loops: fused, GCC's AVX-512 if-conversion gives up and goes scalar.
-      acc_t* loss = picked;  // reused in place
-      for (int64_t j = 0; j < len; ++j) {
-        // factor is 0 for ignored pixels; the select keeps a NaN/inf logit there from leaking.
-        const acc_t value = factor[j] * (lse[j] - picked[j]);
-        loss[j] = factor[j] != acc_t(0) ? value : acc_t(0);
-      }
-      if (loss_map) {
-        scalar_t* loss_row = loss_map + n * g.pixels + s0;
-        for (int64_t j = 0; j < len; ++j) loss_row[j] = static_cast<scalar_t>(loss[j]);
-      }
-      block_loss[b] = sum_in_lanes(loss, len);
-      block_weight[b] = sum_in_lanes(class_factor, len);
+    acc_t* lse = lse_out + n * g.pixels + s0;
+    block_logsumexp(g.classes, len, in.block, buf, lse);
+    block_weights(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, factor, class_factor, picked);
+    // Separate simple loops: fused, GCC's AVX-512 if-conversion gives up and goes scalar.
+    acc_t* loss = picked;  // reused in place
+    for (int64_t j = 0; j < len; ++j) {
+      // factor is 0 for ignored pixels; the select keeps a NaN/inf logit there from leaking.
+      const acc_t value = factor[j] * (lse[j] - picked[j]);
+      loss[j] = factor[j] != acc_t(0) ? value : acc_t(0);
     }
+    if (loss_map) {
+      scalar_t* loss_row = loss_map + n * g.pixels + s0;
+      for (int64_t j = 0; j < len; ++j) loss_row[j] = static_cast<scalar_t>(loss[j]);
+    }
+    block_loss[b] = sum_in_lanes(loss, len);
+    block_weight[b] = sum_in_lanes(class_factor, len);
   });
   bad.raise_if_seen("unet_ext.weighted_cross_entropy", g);
 
   double total_loss = 0.0, total_weight = 0.0;
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = 0; b < in.num_blocks; ++b) {
     total_loss += block_loss[b];
     total_weight += block_weight[b];
   }
@@ -259,11 +265,6 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
   using acc_t = at::opmath_type<scalar_t>;
   const KernelInputs<scalar_t> in(p);
   const Geometry& g = in.g;
-  const int64_t block = in.block, blocks_per_sample = in.blocks_per_sample, num_blocks = in.num_blocks;
-  const scalar_t* logits = in.logits;
-  const int64_t* target = in.target;
-  const acc_t* weight_map = in.weight_map;
-  const acc_t* class_weight = in.class_weight;
   const acc_t* lse_in = logsumexp.const_data_ptr<acc_t>();
   const scalar_t* grad_map = g.reduction == kNone ? grad_loss.const_data_ptr<scalar_t>() : nullptr;
   acc_t grad_scalar = acc_t(0);
@@ -275,44 +276,34 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
   const PixelStrides gs = g.grad_logits;
   BadTarget bad;
 
-  at::parallel_for(0, num_blocks, grain_blocks(g.classes, block), [&](int64_t b0, int64_t b1) {
+  for_each_block(in, bad, [&](int64_t, int64_t n, int64_t s0, int64_t len, const int32_t* cls, acc_t* buf) {
     acc_t coef[kMaxBlock], class_factor[kMaxBlock], row_out[kMaxBlock];
-    LogitsBuffer<acc_t> scratch(g.classes * block);
-    acc_t* buf = scratch.data();
-    int32_t cls[kMaxBlock];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_sample, s0 = (b % blocks_per_sample) * block;
-      const int64_t len = std::min(block, g.pixels - s0);
-      int64_t bad_value = 0;
-      if (load_classes(g, target, n, s0, len, cls, &bad_value)) bad.record(bad_value);
-      gather_logits(g, logits, n, s0, len, block, buf);
-      block_weights(g, weight_map, class_weight, n, s0, len, block, cls, buf, coef, class_factor,
-                    static_cast<acc_t*>(nullptr));
-      if (grad_map) {
-        const scalar_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
-        for (int64_t j = 0; j < len; ++j) coef[j] *= static_cast<acc_t>(up[j * g.grad_s]);
-      } else {
-        for (int64_t j = 0; j < len; ++j) coef[j] *= grad_scalar;
+    block_weights(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, coef, class_factor,
+                  static_cast<acc_t*>(nullptr));
+    if (grad_map) {
+      const scalar_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
+      for (int64_t j = 0; j < len; ++j) coef[j] *= static_cast<acc_t>(up[j * g.grad_s]);
+    } else {
+      for (int64_t j = 0; j < len; ++j) coef[j] *= grad_scalar;
+    }
+    const acc_t* lse = lse_in + n * g.pixels + s0;
+    // d loss / d logits[c] = coef * (softmax[c] - [c == target]); coef is 0 where ignored
+    // (a NaN logit there gives NaN, as in stock PyTorch's log_softmax backward).
+    for (int32_t c = 0; c < g.classes; ++c) {
+      const acc_t* row = buf + c * in.block;
+      scalar_t* out = dst + n * gs.n + c * gs.c + s0 * gs.s;
+      // Unit stride in the gradient's own dtype: written in place, no staging row.
+      acc_t* direct = (gs.s == 1 && std::is_same_v<scalar_t, acc_t>) ? reinterpret_cast<acc_t*>(out) : row_out;
+      for (int64_t j = 0; j < len; ++j) {
+        // Arithmetic, not selects, so every lane computes (GCC's masked form does not vectorise).
+        const acc_t onehot = cls[j] == c ? acc_t(1) : acc_t(0);
+        direct[j] = coef[j] * (vm::vexp(row[j] - lse[j]) - onehot);
       }
-      const acc_t* lse = lse_in + n * g.pixels + s0;
-      // d loss / d logits[c] = coef * (softmax[c] - [c == target]); coef is 0 where ignored
-      // (a NaN logit there gives NaN, as in stock PyTorch's log_softmax backward).
-      for (int32_t c = 0; c < g.classes; ++c) {
-        const acc_t* row = buf + c * block;
-        scalar_t* out = dst + n * gs.n + c * gs.c + s0 * gs.s;
-        // Unit stride in the gradient's own dtype: written in place, no staging row.
-        acc_t* direct = (gs.s == 1 && std::is_same_v<scalar_t, acc_t>) ? reinterpret_cast<acc_t*>(out) : row_out;
-        for (int64_t j = 0; j < len; ++j) {
-          // Arithmetic, not selects, so every lane computes (GCC's masked form does not vectorise).
-          const acc_t onehot = cls[j] == c ? acc_t(1) : acc_t(0);
-          direct[j] = coef[j] * (vm::vexp(row[j] - lse[j]) - onehot);
-        }
-        if (direct != row_out) continue;
-        if (gs.s == 1) {
-          for (int64_t j = 0; j < len; ++j) out[j] = static_cast<scalar_t>(row_out[j]);
-        } else {
-          for (int64_t j = 0; j < len; ++j) out[j * gs.s] = static_cast<scalar_t>(row_out[j]);
-        }
+      if (direct != row_out) continue;
+      if (gs.s == 1) {
+        for (int64_t j = 0; j < len; ++j) out[j] = static_cast<scalar_t>(row_out[j]);
+      } else {
+        for (int64_t j = 0; j < len; ++j) out[j * gs.s] = static_cast<scalar_t>(row_out[j]);
       }
     }
   });

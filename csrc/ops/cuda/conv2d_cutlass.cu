@@ -6,6 +6,7 @@
 // when torch.backends.cudnn.allow_tf32 is set, as cuDNN does for stock convolutions. Twelve
 // instantiations: fprop {half, bf16, float} x {ReLU, identity}, dgrad and wgrad of each.
 #include "conv2d_cutlass.h"
+#include "conv2d_cutlass_sm90.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -112,6 +113,8 @@ bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
 at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input,
                                   const at::Tensor& weight, const at::Tensor& bias, bool relu) {
   if (!conv2d_cutlass_fits(g, input.scalar_type())) return at::Tensor();
+  // Hopper: wgmma + TMA where this build has it (16-bit floats on sm_90); else mma.sync below.
+  if (at::Tensor fast = conv2d_forward_sm90(g, input, weight, bias, relu); fast.defined()) return fast;
   return dispatch_element(input.scalar_type(), [&](auto element) {
     using element_t = decltype(element);
     return relu ? run_fprop<element_t, true>(g, input, weight, bias)
@@ -121,6 +124,7 @@ at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input
 
 at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
+  if (at::Tensor fast = conv2d_dgrad_sm90(g, grad, weight); fast.defined()) return fast;
   return dispatch_element(grad.scalar_type(), [&](auto element) {
     return run_dgrad<decltype(element)>(g, grad, weight);
   });
@@ -128,6 +132,7 @@ at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, c
 
 at::Tensor conv2d_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
+  if (at::Tensor fast = conv2d_wgrad_sm90(g, grad, input); fast.defined()) return fast;
   return dispatch_element(grad.scalar_type(), [&](auto element) {
     return run_wgrad<decltype(element)>(g, grad, input);
   });

@@ -13,8 +13,6 @@
 
 #if defined(UNET_EXT_WITH_CUTLASS) && defined(UNET_EXT_SM90A)
 
-#include <c10/cuda/CUDAException.h>
-
 #include <cstdint>
 
 #include "cute/tensor.hpp"
@@ -35,6 +33,7 @@ namespace conv {
 namespace {
 
 using cutlass_conv::aligned16;
+using cutlass_conv::launch;  // CUTLASS 3's ConvUniversalAdapter has the 2.x device interface
 using cutlass_conv::packed;
 using cutlass_conv::pointer;
 
@@ -128,23 +127,6 @@ typename Conv::Kernel::StrideD stride_d_of(const Problem& problem, cutlass::conv
   }
 }
 
-template <typename Op>
-bool launch(const typename Op::Arguments& arguments, const at::TensorOptions& options) {
-  if (Op::can_implement(arguments) != cutlass::Status::kSuccess) return false;
-  const size_t workspace_bytes = Op::get_workspace_size(arguments);
-  at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, options.dtype(at::kByte));
-  Op op;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(op.initialize(arguments, workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream) ==
-                  cutlass::Status::kSuccess,
-              "unet_ext.conv2d: CUTLASS sm_90 initialisation failed");
-  const cutlass::Status status = op.run(stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "unet_ext.conv2d: CUTLASS sm_90 launch failed");
-  return true;
-}
-
 template <typename element_t, bool kRelu>
 at::Tensor run_fprop(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                      const at::Tensor& bias) {
@@ -165,7 +147,7 @@ at::Tensor run_fprop(const ConvGeometry& g, const at::Tensor& input, const at::T
   arguments.epilogue.thread.alpha = 1.0f;
   arguments.epilogue.thread.beta = 0.0f;
   arguments.epilogue.thread.bias_ptr = b.defined() ? pointer<element_t>(b) : nullptr;  // null: no bias
-  return launch<Op>(arguments, input.options()) ? output : at::Tensor();
+  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, input.options()) ? output : at::Tensor();
 }
 
 template <typename element_t>
@@ -185,7 +167,7 @@ at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
       {{}, nullptr, stride_d, pointer<element_t>(dx), stride_d}};
   arguments.epilogue.thread.alpha = 1.0f;
   arguments.epilogue.thread.beta = 0.0f;
-  return launch<Op>(arguments, grad.options()) ? dx : at::Tensor();
+  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, grad.options()) ? dx : at::Tensor();
 }
 
 template <typename element_t>
@@ -206,7 +188,7 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
       {{}, nullptr, stride_d, dw.mutable_data_ptr<float>(), stride_d}};
   arguments.epilogue.thread.alpha = 1.0f;
   arguments.epilogue.thread.beta = 0.0f;
-  return launch<Op>(arguments, grad.options()) ? dw : at::Tensor();
+  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, grad.options()) ? dw : at::Tensor();
 }
 
 // Only 16-bit float, on an sm_90 device (the sm_90a kernels run nowhere else), and padding up to

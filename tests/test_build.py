@@ -15,7 +15,7 @@ import unet_ext
 
 CUDA_OPS = ["crop_concat", "_crop_concat_backward", "_weighted_cross_entropy_forward",
             "_weighted_cross_entropy_backward", "conv2d_relu", "conv2d_bias", "_conv2d_backward",
-            "conv_transpose2x2", "_conv_transpose2x2_backward"]
+            "conv_transpose2x2", "_conv_transpose2x2_backward", "max_pool2x2", "_max_pool2x2_backward"]
 
 
 def _cuobjdump():

@@ -49,7 +49,8 @@ class UNetBase(nn.Module):
     """The network, given layer constructors: conv_relu(in, out, padding), up_conv(in, out),
     head(in, out), and merge(skip, up) -> concatenation. Each decoder level's first conv runs
     through merge_conv(block.conv1, skip, up), by default conv1(merge(skip, up)); subclasses
-    may fuse the two (the weights stay in block.conv1 either way)."""
+    may fuse the two (the weights stay in block.conv1 either way). pool(x) is the 2x2 max-pool
+    down-step (stock F.max_pool2d here)."""
 
     def __init__(self, in_channels, num_classes, base_channels, depth, padding, dropout,
                  conv_relu, up_conv, head, merge, checkpointing=False):
@@ -75,6 +76,10 @@ class UNetBase(nn.Module):
             for i in reversed(range(depth)))
         self.head = head(channels[0], num_classes)
         self._merge = merge
+
+    def pool(self, x):
+        """The down-step between encoder levels: 2x2 max-pool, stride 2."""
+        return F.max_pool2d(x, 2)
 
     def merge_conv(self, conv, skip, up):
         """The decoder's first conv of a level on the merged maps: conv(merge(skip, up))."""
@@ -105,7 +110,7 @@ class UNetBase(nn.Module):
             x = run(block, x)
             if level < self.depth:
                 skips.append(x)
-                x = F.max_pool2d(x, 2)
+                x = self.pool(x)
         x = self.dropout(x)
         for block, skip in zip(self.decoder, reversed(skips)):
             up = block.up(x)
@@ -132,6 +137,11 @@ class UNet(UNetBase):
             up_conv=fused.UpConv2x2,
             head=lambda i, o: fused.Conv2dBias(i, o, 1),
             merge=ops.crop_concat, checkpointing=checkpointing)
+
+    def pool(self, x):
+        # Stock's max_pool2d keeps an int64 index per output for the backward and runs at ~1 GB/s
+        # on the CPU; ours keeps nothing (the argmax is recomputed from x, which conv2 keeps anyway).
+        return ops.max_pool2x2(x)
 
     def merge_conv(self, conv, skip, up):
         # One kernel reads the skip's crop window and the up map: no concatenated activation

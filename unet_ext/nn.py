@@ -9,7 +9,7 @@ from torch import nn
 
 from . import ops
 
-__all__ = ["Conv2dReLU", "Conv2dBias", "UpConv2x2", "CropConcat", "WeightedCrossEntropyLoss"]
+__all__ = ["Conv2dReLU", "Conv2dBias", "UpConv2x2", "CropConcat", "MaxPool2x2", "WeightedCrossEntropyLoss"]
 
 
 class _ConvBase(nn.Module):
@@ -81,6 +81,13 @@ class CropConcat(nn.Module):
 
     def forward(self, skip, up):
         return ops.crop_concat(skip, up)
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` on unet_ext.ops.max_pool2x2 (no index tensor kept for the backward)."""
+
+    def forward(self, input):
+        return ops.max_pool2x2(input)
 
 
 class WeightedCrossEntropyLoss(nn.Module):

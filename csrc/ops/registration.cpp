@@ -37,6 +37,11 @@ TORCH_LIBRARY(unet_ext, m) {
       "_conv_transpose2x2_backward(Tensor grad_out, Tensor input, Tensor weight, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // The U-Net down-step: F.max_pool2d(input, 2). The backward recomputes each window's argmax
+  // from the input (no index tensor is kept) and routes grad_out there.
+  m.def("max_pool2x2(Tensor input) -> Tensor");
+  m.def("_max_pool2x2_backward(Tensor grad_out, Tensor input) -> Tensor");
+
   // The public loss is composite (weighted_cross_entropy.cpp): it calls the forward op, which
   // also returns what the backward needs: the per-pixel logsumexp and the mean's denominator.
   m.def(

@@ -93,8 +93,10 @@ find_sanitizer() {
   done
   command -v compute-sanitizer
 }
-SUBSET=(tests/test_crop_concat.py tests/test_weighted_cross_entropy.py -k
-  "float32 and ((test_forward_backward_match_reference and (contiguous-contiguous or channels_last-channels_last)) or (test_matches_reference_4d and mean and (contiguous or channels_last)) or test_paper_case_matches_unfused_mean)")
+# Copies, the loss, the pool, and the conv kernels: generic, CUTLASS sm_80 (fp16) and, on Hopper,
+# the sm_90a wgmma/TMA ones.
+SUBSET=(tests/test_crop_concat.py tests/test_weighted_cross_entropy.py tests/test_max_pool.py tests/test_conv_cuda.py -k
+  "(float32 and ((test_forward_backward_match_reference and (contiguous-contiguous or channels_last-channels_last)) or (test_matches_reference_4d and mean and (contiguous or channels_last)) or test_paper_case_matches_unfused_mean or test_matches_stock_max_pool)) or (test_conv2d_forward_backward and float16) or test_hopper_wgmma_path_runs_and_matches")
 if SANITIZER=$(find_sanitizer); then
   for tool in memcheck racecheck; do
     # No caching allocator: an out-of-bounds access inside a cached block would go unseen.

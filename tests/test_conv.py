@@ -482,6 +482,23 @@ def test_deep_float32_layers_on_onednn_match_reference(layout, padding, concat):
         assert g_ours.is_contiguous(memory_format=fmt)
 
 
+def test_deep_float32_layer_mask_keeps_the_gradient_at_nan_outputs():
+    """The oneDNN path's ReLU mask zeroes the gradient where output <= 0 only: at a NaN output
+    the gradient passes, as torch.relu's backward and the fused kernels do."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 256, 6, 6, generator=gen)
+    w = torch.randn(8, 256, 3, 3, generator=gen) / 48
+    output = torch.randn(1, 8, 4, 4, generator=gen)
+    output[0, :, 1, 2] = float("nan")
+    grad = torch.randn(1, 8, 4, 4, generator=gen)
+    gi, gw, gb = torch.ops.unet_ext._conv2d_backward(grad, x, w, output, 0, [True, True, True])
+    masked = torch.where(output <= 0, 0, grad)
+    assert masked[0, :, 1, 2].ne(0).all()
+    torch.testing.assert_close(gi, torch.nn.grad.conv2d_input(x.shape, w, masked), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, masked), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, masked.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_deep_float32_up_conv_on_onednn_matches_reference(layout):
     """float32 up-convs with >= 512 input channels run on oneDNN's deconvolution

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
     const auto format = conv_memory_format(skip_arg, up_arg);
     const at::Tensor grad = grad_out_arg.to(skip_arg.scalar_type());
     auto [gi, gw, gb] = at::convolution_backward(
-        grad.masked_fill(output_arg.le(0), 0).contiguous(format), cropped_concat(c, skip_arg, up_arg).contiguous(format),
+        at::threshold_backward(grad, output_arg, 0).contiguous(format), cropped_concat(c, skip_arg, up_arg).contiguous(format),
         weight, std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
         {output_mask[0] || output_mask[1], output_mask[2], output_mask[3]});
     at::Tensor grad_skip = at::empty({0}, skip_arg.options()), grad_up = at::empty({0}, up_arg.options());

@@ -257,12 +257,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
 
   bool dgrad_done = false, wgrad_done = false, bgrad_done = false;
 #ifdef UNET_EXT_WITH_CUTLASS
-  // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last (where() keeps a
-  // masked-off NaN/inf gradient out, which a multiply by the mask would not).
+  // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last by ReLU's own
+  // backward (one pass; a select, so a masked-off NaN/inf gradient stays out, which a multiply by
+  // the mask would not let it).
   if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_fits(g, input_arg.scalar_type()) &&
       grad_out_arg.scalar_type() == input_arg.scalar_type()) {
     at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
-    if (masked) grad = at::where(output_arg->le(0), 0, grad);
+    if (masked) grad = at::threshold_backward(grad, *output_arg, 0);
     if (output_mask[0]) {
       if (at::Tensor dx = conv2d_dgrad_cutlass(g, grad, weight); dx.defined()) {
         grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();

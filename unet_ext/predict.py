@@ -129,7 +129,7 @@ def predict(args):
                 raise UsageError(f"{path}: {labels_pred.max()} instances do not fit a 16-bit PNG; "
                                  "use --format tif")
             write_image(os.path.join(args.out, f"{stem}_instances.{args.format}"),
-                   labels_pred.astype(dtype))
+                        labels_pred.astype(dtype))
             written.append(f"{stem}_instances.{args.format}")
         line = (f"{path}: {height}x{width}, tile {tile}, {int(labels_pred.max())} instances -> "
                 f"{', '.join(written)}")

@@ -18,7 +18,9 @@ namespace max_pool {
 namespace {
 
 // About 64K input elements per task.
-int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, elements_per_item)); }
+int64_t grain(int64_t elements_per_item) {
+  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, elements_per_item));
+}
 
 template <typename scalar_t>
 void forward_nchw(const Geometry& g, const scalar_t* in, scalar_t* out) {

@@ -114,10 +114,10 @@ Problem problem_of(const ConvGeometry& g) {
 // modes (Q, P, N), whose strides are shape_C's in reverse order, and N the unit-stride channels;
 // wgrad writes the filter, K rows of (C, S, R).
 template <typename Conv, typename Problem>
-typename Conv::Kernel::StrideD stride_d_of(const Problem& problem, cutlass::conv::Operator op) {
+typename Conv::Kernel::StrideD stride_d_of(const Problem& problem) {
   using StrideD = typename Conv::Kernel::StrideD;
   if constexpr (Problem::ConvOp == cutlass::conv::Operator::kWgrad) {
-    return cutlass::make_cute_packed_stride(StrideD{}, problem.shape_C, problem.stride_C, op);
+    return cutlass::make_cute_packed_stride(StrideD{}, problem.shape_C, problem.stride_C, Problem::ConvOp);
   } else {
     StrideD stride{};
     cute::for_each(cute::make_seq<cute::rank<0>(StrideD{})>{}, [&](auto i) {
@@ -127,68 +127,62 @@ typename Conv::Kernel::StrideD stride_d_of(const Problem& problem, cutlass::conv
   }
 }
 
+// Runs Conv on the packed operands a, b into d (D = alpha * acc with alpha 1; no C operand);
+// set_fusion fills the epilogue fusion's other arguments (fprop's bias). d must be 16-byte
+// aligned. False when CUTLASS cannot take the problem (nothing launched).
+template <typename Conv, typename element_t, typename output_t, typename SetFusion>
+bool run_conv(const ConvGeometry& g, const element_t* a, const element_t* b, output_t* d,
+              const at::TensorOptions& options, SetFusion&& set_fusion) {
+  using Op = typename Conv::Operation;
+  const auto problem = problem_of<typename Conv::Problem>(g);
+  const auto stride_d = stride_d_of<Conv>(problem);
+  typename Op::Arguments arguments{problem, {a, b}, {{}, nullptr, stride_d, d, stride_d}};
+  arguments.epilogue.thread.alpha = 1.0f;
+  arguments.epilogue.thread.beta = 0.0f;
+  set_fusion(arguments.epilogue.thread);
+  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, options);
+}
+
+constexpr auto kNoFusionArguments = [](auto&) {};
+
 template <typename element_t, bool kRelu>
 at::Tensor run_fprop(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                      const at::Tensor& bias) {
-  using Conv = FpropConv<element_t, kRelu>;
-  using Op = typename Conv::Operation;
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const auto problem = problem_of<typename Conv::Problem>(g);
   const at::Tensor x = packed(input, cl);    // NHWC
   const at::Tensor w = packed(weight, cl);   // KRSC
   const at::Tensor b = bias.defined() ? packed(bias, at::MemoryFormat::Contiguous) : at::Tensor();
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(cl));
-  if (!aligned16(output)) return at::Tensor();
-  const auto stride_d = stride_d_of<Conv>(problem, cutlass::conv::Operator::kFprop);
-  typename Op::Arguments arguments{
-      problem,
-      {pointer<element_t>(x), pointer<element_t>(w)},
-      {{}, nullptr, stride_d, pointer<element_t>(output), stride_d}};
-  arguments.epilogue.thread.alpha = 1.0f;
-  arguments.epilogue.thread.beta = 0.0f;
-  arguments.epilogue.thread.bias_ptr = b.defined() ? pointer<element_t>(b) : nullptr;  // null: no bias
-  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, input.options()) ? output : at::Tensor();
+  const bool ran = aligned16(output) &&
+                   run_conv<FpropConv<element_t, kRelu>>(
+                       g, pointer<element_t>(x), pointer<element_t>(w), pointer<element_t>(output), input.options(),
+                       [&](auto& fusion) { fusion.bias_ptr = b.defined() ? pointer<element_t>(b) : nullptr; });
+  return ran ? output : at::Tensor();  // a null bias reads as zeros
 }
 
 template <typename element_t>
 at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
-  using Conv = DgradConv<element_t>;
-  using Op = typename Conv::Operation;
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const auto problem = problem_of<typename Conv::Problem>(g);
   const at::Tensor dy = packed(grad, cl);    // NPQK
   const at::Tensor w = packed(weight, cl);   // KRSC
   at::Tensor dx = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad.options().memory_format(cl));
-  if (!aligned16(dx)) return at::Tensor();
-  const auto stride_d = stride_d_of<Conv>(problem, cutlass::conv::Operator::kDgrad);
-  typename Op::Arguments arguments{
-      problem,
-      {pointer<element_t>(dy), pointer<element_t>(w)},
-      {{}, nullptr, stride_d, pointer<element_t>(dx), stride_d}};
-  arguments.epilogue.thread.alpha = 1.0f;
-  arguments.epilogue.thread.beta = 0.0f;
-  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, grad.options()) ? dx : at::Tensor();
+  const bool ran = aligned16(dx) && run_conv<DgradConv<element_t>>(g, pointer<element_t>(dy), pointer<element_t>(w),
+                                                                   pointer<element_t>(dx), grad.options(),
+                                                                   kNoFusionArguments);
+  return ran ? dx : at::Tensor();
 }
 
 template <typename element_t>
 at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
-  using Conv = WgradConv<element_t>;
-  using Op = typename Conv::Operation;
   const auto cl = at::MemoryFormat::ChannelsLast;
-  const auto problem = problem_of<typename Conv::Problem>(g);
   const at::Tensor dy = packed(grad, cl);   // NPQK
   const at::Tensor x = packed(input, cl);   // NHWC
   at::Tensor dw = at::empty({g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
                             grad.options().dtype(at::kFloat).memory_format(cl));  // KRSC
-  if (!aligned16(dw)) return at::Tensor();
-  const auto stride_d = stride_d_of<Conv>(problem, cutlass::conv::Operator::kWgrad);
-  typename Op::Arguments arguments{
-      problem,
-      {pointer<element_t>(dy), pointer<element_t>(x)},
-      {{}, nullptr, stride_d, dw.mutable_data_ptr<float>(), stride_d}};
-  arguments.epilogue.thread.alpha = 1.0f;
-  arguments.epilogue.thread.beta = 0.0f;
-  return launch<Op>("unet_ext.conv2d (sm_90)", arguments, grad.options()) ? dw : at::Tensor();
+  const bool ran = aligned16(dw) && run_conv<WgradConv<element_t>>(g, pointer<element_t>(dy), pointer<element_t>(x),
+                                                                   dw.mutable_data_ptr<float>(), grad.options(),
+                                                                   kNoFusionArguments);
+  return ran ? dw : at::Tensor();
 }
 
 // Only 16-bit float, on an sm_90 device (the sm_90a kernels run nowhere else), and padding up to

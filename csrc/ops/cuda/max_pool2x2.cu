@@ -120,16 +120,14 @@ at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_out_arg, const at::T
   const Geometry g = backward_geometry(grad_out, input, grad_input);
   if (grad_input.numel() == 0) return grad_input;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t outputs = grad_out.numel();
+  const int64_t outputs = grad_out.numel();  // > 0: H, W >= 2 and grad_input is not empty
   const bool rim = g.in_h % 2 == 1 || g.in_w % 2 == 1;
   UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2x2_backward_cuda", [&] {
-    if (outputs > 0) {
-      backward_kernel<scalar_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
-          g, outputs, grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-          grad_input.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (rim || outputs == 0) {
+    backward_kernel<scalar_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
+        g, outputs, grad_out.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+        grad_input.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (rim) {
       zero_rim_kernel<scalar_t><<<blocks_for(grad_input.numel()), kThreads, 0, stream>>>(
           g, grad_input.numel(), grad_input.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -78,8 +78,8 @@ def _huge_pages():
     except (OSError, AttributeError):
         mode = "unknown"
     if mode == "never":
-        return "ordinary pages (transparent huge pages are off in this kernel)"
-    return f">= 32 MiB in transparent huge pages (kernel THP mode: {mode})"
+        return "ordinary pages (THP is off in this kernel); freed blocks >= 2 MiB cached up to 512 MiB"
+    return f">= 2 MiB in transparent huge pages, freed blocks cached up to 512 MiB (kernel THP mode: {mode})"
 
 
 def info(args):

@@ -1,10 +1,14 @@
 """Builds unet_ext._C: the fused U-Net ops as a PyTorch C++/CUDA extension.
 
 CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
-Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0;9.0a": sm_80 mma.sync, and Hopper's
-sm_90a, whose wgmma/TMA conv kernels need the "a"), MAX_JOBS, DEBUG=1,
-UNET_EXT_WERROR=1 (warnings, spills included, are errors: what CI uses), CUDA_HOME,
-UNET_EXT_CUTLASS=0 (leave out the CUTLASS tensor-core conv path even when nvidia-cutlass is installed).
+Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0+PTX;9.0a": sm_80 mma.sync SASS plus
+its PTX, which later GPUs (Blackwell sm_100/sm_120) JIT-compile at load, and Hopper's sm_90a, whose
+wgmma/TMA conv kernels need the "a"), MAX_JOBS, DEBUG=1, UNET_EXT_WERROR=1 (warnings, spills
+included, are errors: what CI uses), CUDA_HOME, UNET_EXT_CUTLASS=0 (build the generic CUDA kernels
+only, on purpose: a CUDA build otherwise needs the nvidia-cutlass headers and fails without them).
+
+The library is Python-agnostic (Py_LIMITED_API, an abi3 module): every op is reached through
+torch.ops.unet_ext, so one build loads in any CPython >= 3.10 with the torch it was built against.
 """
 import glob
 import os
@@ -27,6 +31,12 @@ try:
 except ImportError:
     fail("PyTorch is not installed. Install it first (e.g. `pip install torch==2.14.1`), then "
          "build with `pip install --no-build-isolation -e .`.")
+
+# The oldest torch we build and test against (the GPU lease machines run 2.11.0); README states the range.
+MIN_TORCH = (2, 11)
+if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    fail(f"torch {torch.__version__} is too old: unet_ext needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} "
+         "(tested with 2.11.0, 2.14.1 and 2.15.0). Upgrade it, e.g. `pip install torch==2.14.1`.")
 
 
 def flag(name):
@@ -68,18 +78,26 @@ def pip_cuda_include_dirs():
 
 def cutlass_include_dirs():
     """CUTLASS headers from the nvidia-cutlass wheel (cutlass_library/source/include, and
-    tools/util/include, which CUTLASS 3's conv collectives include), or []."""
+    tools/util/include, which CUTLASS 3's conv collectives include), [] when UNET_EXT_CUTLASS=0.
+    A CUDA build without them would silently have no tensor-core path, so it fails instead."""
     if os.environ.get("UNET_EXT_CUTLASS", "1").lower() in ("0", "false", "no", "off"):
         return []
+    how = ("Install them with `pip install nvidia-cutlass==4.2.0.0` (scripts/setup.sh does; the "
+           "device kit carries the wheel), or set UNET_EXT_CUTLASS=0 to build only the generic "
+           "CUDA kernels on purpose (no tensor cores).")
     try:
         import cutlass_library
     except ImportError:
-        return []
+        fail("a CUDA build needs the CUTLASS headers for its tensor-core kernels, and the "
+             "nvidia-cutlass package is not installed. " + how)
     source = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
     paths = [os.path.join(source, "include"), os.path.join(source, "tools", "util", "include")]
     found = os.path.exists(os.path.join(paths[0], "cutlass", "cutlass.h")) and \
         os.path.exists(os.path.join(paths[1], "cutlass", "util", "packed_stride.hpp"))
-    return paths if found else []
+    if not found:
+        fail(f"the nvidia-cutlass package at {source} lacks cutlass/cutlass.h or "
+             "cutlass/util/packed_stride.hpp. " + how)
+    return paths
 
 
 force_cuda = flag("FORCE_CUDA")
@@ -95,7 +113,7 @@ if with_cuda and cuda_home is None:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
 arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
 debug = flag("DEBUG")
 werror = flag("UNET_EXT_WERROR")
@@ -126,8 +144,8 @@ if cutlass_dirs:
     if any(arch.startswith("9.0a") for arch in arch_list):
         nvcc_flags.append("-DUNET_EXT_SM90A")  # the Hopper wgmma/TMA conv kernels get bodies
 else:
-    # The tensor-core conv path needs the CUTLASS headers; without them the generic kernels serve.
-    cuda_sources = [s for s in cuda_sources if not s.endswith("_cutlass.cu")]
+    # UNET_EXT_CUTLASS=0: the generic kernels serve (the CUTLASS-only files are left out).
+    cuda_sources = [s for s in cuda_sources if "_cutlass" not in os.path.basename(s)]
 
 print(f"unet_ext: torch {torch.__version__}, CUDA kernels: "
       f"{'ON, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', toolkit ' + cuda_home if with_cuda else 'OFF (CPU-only build)'}"
@@ -138,11 +156,15 @@ common = dict(
     name="unet_ext._C",
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_link_args=["-fopenmp"],
-    py_limited_api=False,
+    # One library for every CPython: no pybind11, no libtorch_python (cpp_extension then defines
+    # Py_LIMITED_API and leaves them out); the module is named _C.abi3.so.
+    py_limited_api=True,
 )
 if with_cuda:
     ext = CUDAExtension(sources=sources + cuda_sources,
-                        extra_compile_args={"cxx": cxx_flags + ["-DUNET_EXT_WITH_CUDA"],
+                        # The arch list, readable in the library (build_info()["cuda_archs"]).
+                        extra_compile_args={"cxx": cxx_flags + ["-DUNET_EXT_WITH_CUDA", "-DUNET_EXT_CUDA_ARCHS="
+                                                                + ",".join(a for a in arch_list if a)],
                                             "nvcc": nvcc_flags + ["-DUNET_EXT_WITH_CUDA"]},
                         **{**common, "include_dirs": common["include_dirs"] + pip_cuda_include_dirs()})
 else:
@@ -155,7 +177,8 @@ setup(
     packages=find_packages(include=["unet_ext", "unet_ext.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["numpy", "tqdm", "scipy", "tifffile", "pillow", "matplotlib"],
     entry_points={"console_scripts": ["unet-ext=unet_ext.__main__:main"]},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,10 +54,17 @@ def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_ext::{op}", "CUDA")
 
 
+def _built_archs():
+    """sm_XX of each entry of the arch list the library was built with ("8.0+PTX" -> "sm_80")."""
+    archs = unet_ext.build_info()["cuda_archs"]
+    assert archs, "the library does not say which archs it was built for"
+    return ["sm_" + a.split("+")[0].replace(".", "").rstrip("a") for a in archs]
+
+
 @needs_cuda_build
-def test_cubins_for_sm80_and_sm90():
+def test_cubins_for_every_arch_built():
     elves = _dump("--list-elf")
-    for arch in ("sm_80", "sm_90"):
+    for arch in _built_archs():
         assert re.search(rf"\.{arch}a?\.cubin", elves), f"no {arch} cubin in:\n{elves}"
 
 
@@ -92,7 +100,7 @@ def _sass_by_arch():
 @needs_cuda_build
 def test_cutlass_conv_kernels_use_tensor_cores():
     by_arch = _sass_by_arch()
-    for arch in ("sm_80", "sm_90"):
+    for arch in _built_archs():
         found_tf32 = False
         assert arch in by_arch, f"no {arch} SASS"
         sections = re.split(r"\n\s*Function : ", by_arch[arch])
@@ -144,3 +152,58 @@ def test_hopper_conv_kernels_use_wgmma_and_tma():
         if "ReLu" in name:
             # cvt's .relu keeps NaN (canonical NaN), as torch.relu does.
             assert "F2FP.RELU" in section or "FMNMX.NAN" in section, f"ReLU epilogue not found: {name[:200]}"
+
+
+def test_library_is_python_agnostic():
+    """One build for every CPython >= 3.10 (the lease kit builds here with 3.11 for the GPU
+    machine's 3.12): an abi3 module that links no libtorch_python and calls only the stable ABI."""
+    library = unet_ext.build_info()["library"]
+    assert library.endswith(".abi3.so"), library
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not found")
+    needed = subprocess.run([readelf, "-d", library], capture_output=True, text=True, check=True).stdout
+    assert "libtorch_python" not in needed and "libpython" not in needed, needed
+    symbols = subprocess.run([readelf, "--dyn-syms", "-W", library], capture_output=True, text=True, check=True).stdout
+    undefined_python = sorted({line.split()[-1].split("@")[0] for line in symbols.splitlines()
+                               if " UND " in line and re.search(r"\s_?Py", line)})
+    # PyModule_Create2 is PyModule_Create's stable-ABI entry; anything else would tie us to one CPython.
+    assert undefined_python == ["PyModule_Create2"], undefined_python
+
+
+@needs_cuda_build
+def test_ptx_for_gpus_after_hopper():
+    """The default arch list ends its sm_80 entry with +PTX: Blackwell (sm_100, sm_120) has no
+    cubin of ours and JIT-compiles that PTX at load instead of failing with "no kernel image"."""
+    archs = unet_ext.build_info()["cuda_archs"]
+    if not any(a.endswith("+PTX") for a in archs):
+        pytest.skip(f"built for {archs} (no PTX asked for)")
+    assert re.search(r"compute_80", _dump("--list-ptx")), "no compute_80 PTX in the library"
+
+
+def _setup_py(tmp_path, fake_modules, **env):
+    """Runs setup.py --version with fake top-level modules ({name: source}) shadowing real ones."""
+    for name, source in fake_modules.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(source)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_env = {**os.environ, "PYTHONPATH": str(tmp_path), **env}
+    return subprocess.run([sys.executable, os.path.join(root, "setup.py"), "--version"], cwd=root,
+                          capture_output=True, text=True, env=run_env, timeout=120)
+
+
+def test_setup_refuses_a_torch_older_than_supported(tmp_path):
+    result = _setup_py(tmp_path, {"torch": "__version__ = '2.10.1+cu128'\n"})
+    assert result.returncode != 0
+    assert "torch 2.10.1+cu128 is too old" in result.stderr and ">= 2.11" in result.stderr, result.stderr
+
+
+def test_cuda_build_without_cutlass_fails_with_how_to_get_it(tmp_path):
+    """No silent generic-only CUDA build: without the nvidia-cutlass headers a CUDA build stops
+    and says how to get them, or how to build without tensor cores on purpose."""
+    if torch.version.cuda is None:
+        pytest.skip("a CPU build of torch: no CUDA build to ask for")
+    result = _setup_py(tmp_path, {"cutlass_library": "raise ImportError('hidden by the test')\n"},
+                       FORCE_CUDA="1", UNET_EXT_CUTLASS="1")
+    assert result.returncode != 0
+    assert "pip install nvidia-cutlass" in result.stderr and "UNET_EXT_CUTLASS=0" in result.stderr, result.stderr

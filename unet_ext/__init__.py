@@ -4,11 +4,32 @@ Ops live in ``torch.ops.unet_ext`` and are wrapped in :mod:`unet_ext.ops`; plain
 references of each are in :mod:`unet_ext.reference`.
 """
 import functools
+import importlib.util
+import os
+import re
+import sys
 
 import torch  # noqa: F401  (loads libtorch before our library)
 
+
+def _load_library():
+    """unet_ext._C, the compiled library: the one built in the package, or the file that
+    UNET_EXT_LIBRARY names (a prebuilt one: the GPU lease kit's, a CMake build's)."""
+    path = os.environ.get("UNET_EXT_LIBRARY")
+    if not path:
+        from . import _C
+        return _C
+    if not os.path.isfile(path):
+        raise ImportError(f"UNET_EXT_LIBRARY={path!r} is not a file (expected a built unet_ext _C library)")
+    spec = importlib.util.spec_from_file_location(f"{__name__}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
+
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.unet_ext.*)
+    _C = _load_library()  # registers torch.ops.unet_ext.*
 except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError(
         "unet_ext's compiled library (unet_ext._C) is missing or does not match this torch "
@@ -35,11 +56,20 @@ def empty_cache():
 
 
 @functools.lru_cache(maxsize=None)
+def _library_bytes():
+    with open(_C.__file__, "rb") as f:
+        return f.read()
+
+
 def _library_has(*names):
     """Whether each kernel (template) name occurs in our library, e.g. in its fatbin's symbols."""
-    with open(_C.__file__, "rb") as f:
-        data = f.read()
-    return tuple(name.encode() in data for name in names)
+    return tuple(name.encode() in _library_bytes() for name in names)
+
+
+def _cuda_archs():
+    """The TORCH_CUDA_ARCH_LIST the library was built with (csrc/ops/registration.cpp), or []."""
+    found = re.search(rb"unet_ext_cuda_archs=([0-9A-Za-z.+,]*);", _library_bytes())
+    return found.group(1).decode().split(",") if found and found.group(1) else []
 
 
 def build_info():
@@ -55,6 +85,7 @@ def build_info():
         "cuda_kernels": bool(has_cuda),
         "cutlass_sm80": sm80,
         "cutlass_sm90a": sm90a,
+        "cuda_archs": _cuda_archs() if has_cuda else [],
         "cuda_available": torch.cuda.is_available(),
         "library": _C.__file__,
     }

@@ -60,6 +60,15 @@ TORCH_LIBRARY(unet_ext, m) {
   m.def("_empty_cache() -> ()", &unet_ext::cpu::empty_cache);
 }
 
+#ifdef UNET_EXT_CUDA_ARCHS
+// The CUDA arch list this library was built for, as text in the file: unet_ext.build_info() reads
+// it, so that a prebuilt library (the GPU lease kit's) says what it holds.
+#define UNET_EXT_STRINGIFY(...) #__VA_ARGS__
+#define UNET_EXT_EXPAND_STRINGIFY(...) UNET_EXT_STRINGIFY(__VA_ARGS__)
+extern "C" __attribute__((used)) const char unet_ext_cuda_archs[] =
+    "unet_ext_cuda_archs=" UNET_EXT_EXPAND_STRINGIFY(UNET_EXT_CUDA_ARCHS) ";";
+#endif
+
 // `import unet_ext._C` loads this library, which runs the registrations above. The module
 // itself is empty: every entry point is reached through torch.ops.unet_ext.
 extern "C" PyObject* PyInit__C(void) {

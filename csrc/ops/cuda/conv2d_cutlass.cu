@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "cutlass_conv.cuh"
 
@@ -30,18 +31,14 @@ cutlass::conv::Conv2dProblemSize problem_of(const ConvGeometry& g) {
                                           {N, P, Q, K}, cutlass::conv::Mode::kCrossCorrelation, 1);
 }
 
+// The runners take packed operands (NHWC / KRSC, 16-byte aligned) and write the caller's output,
+// which may be a batch slice of a bigger channels_last tensor. False: CUTLASS declined.
 template <typename element_t, bool kRelu>
-at::Tensor run_fprop(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                     const at::Tensor& bias) {
+bool run_fprop(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+               const at::Tensor& output) {
   using Op = typename Fprop<element_t, kRelu>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
-  const auto cl = at::MemoryFormat::ChannelsLast;
   const auto problem = problem_of(g);
-  const at::Tensor x = packed(input, cl);    // NHWC
-  const at::Tensor w = packed(weight, cl);   // KRSC
-  const at::Tensor b = bias.defined() ? packed(bias, at::MemoryFormat::Contiguous)
-                                      : at::zeros({g.out_channels}, input.options());
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(cl));
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(x), Layout::packed(problem.activation_extent())},
@@ -49,18 +46,14 @@ at::Tensor run_fprop(const ConvGeometry& g, const at::Tensor& input, const at::T
       {pointer<element_t>(b), Layout::Stride(0)},  // every output pixel reads the same bias row
       {pointer<element_t>(output), Layout::packed(problem.output_extent())},
       {1.0f}};
-  return aligned16(output) && launch<Op>("unet_ext.conv2d", arguments, input.options()) ? output : at::Tensor();
+  return launch<Op>("unet_ext.conv2d", arguments, x.options());
 }
 
 template <typename element_t>
-at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
+bool run_dgrad(const ConvGeometry& g, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& dx) {
   using Op = typename Dgrad<element_t>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
-  const auto cl = at::MemoryFormat::ChannelsLast;
   const auto problem = problem_of(g);
-  const at::Tensor dy = packed(grad, cl);    // NPQK
-  const at::Tensor w = packed(weight, cl);   // KRSC
-  at::Tensor dx = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad.options().memory_format(cl));
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(dy), Layout::packed(problem.output_extent())},
@@ -68,22 +61,17 @@ at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
       {pointer<element_t>(dx), Layout::packed(problem.activation_extent())},  // C: never read
       {pointer<element_t>(dx), Layout::packed(problem.activation_extent())},
       {1.0f}};
-  return aligned16(dx) && launch<Op>("unet_ext.conv2d", arguments, grad.options()) ? dx : at::Tensor();
+  return launch<Op>("unet_ext.conv2d", arguments, dy.options());
 }
 
 template <typename element_t>
-at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
+bool run_wgrad(const ConvGeometry& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw) {
   using Op = typename Wgrad<element_t>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
-  const auto cl = at::MemoryFormat::ChannelsLast;
   auto problem = problem_of(g);
   problem.split_k_slices = wgrad_slices<element_t>(g.out_channels, g.in_channels * g.kernel_h * g.kernel_w,
                                                   g.batch * g.out_h * g.out_w);
-  const at::Tensor dy = packed(grad, cl);   // NPQK
-  const at::Tensor x = packed(input, cl);   // NHWC
-  at::Tensor dw = at::empty({g.out_channels, g.in_channels, g.kernel_h, g.kernel_w},
-                            grad.options().dtype(at::kFloat).memory_format(cl));  // KRSC
-  float* dw_ptr = dw.mutable_data_ptr<float>();
+  float* dw_ptr = pointer<float>(dw);
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(dy), Layout::packed(problem.output_extent())},
@@ -92,7 +80,13 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad, const at::Te
       {dw_ptr, Layout::packed(problem.filter_extent())},
       {1.0f, 0.0f},
       cutlass::conv::SplitKMode::kSerial};
-  return aligned16(dw) && launch<Op>("unet_ext.conv2d", arguments, grad.options()) ? dw : at::Tensor();
+  return launch<Op>("unet_ext.conv2d", arguments, dy.options());
+}
+
+// Images per launch for g in dtype (conv2d's activation and output are the big tensors).
+int64_t conv2d_images_per_launch(const ConvGeometry& g, at::ScalarType dtype) {
+  return images_per_launch(std::max(g.in_h * g.in_w * g.in_channels, g.out_h * g.out_w * g.out_channels),
+                           static_cast<int64_t>(c10::elementSize(dtype)));
 }
 
 }  // namespace
@@ -113,29 +107,72 @@ bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
 at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input,
                                   const at::Tensor& weight, const at::Tensor& bias, bool relu) {
   if (!conv2d_cutlass_fits(g, input.scalar_type())) return at::Tensor();
-  // Hopper: wgmma + TMA where this build has it (16-bit floats on sm_90); else mma.sync below.
-  if (at::Tensor fast = conv2d_forward_sm90(g, input, weight, bias, relu); fast.defined()) return fast;
-  return dispatch_element(input.scalar_type(), [&](auto element) {
-    using element_t = decltype(element);
-    return relu ? run_fprop<element_t, true>(g, input, weight, bias)
-                : run_fprop<element_t, false>(g, input, weight, bias);
-  });
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = packed(input, cl);    // NHWC
+  const at::Tensor w = packed(weight, cl);   // KRSC
+  const at::Tensor b = bias.defined() ? packed(bias, at::MemoryFormat::Contiguous) : at::Tensor();
+  const at::Tensor b_or_zeros = b.defined() ? b : at::zeros({g.out_channels}, input.options());
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(cl));
+  if (!aligned16(output)) return at::Tensor();
+  const bool ran = for_each_batch_chunk(
+      g, conv2d_images_per_launch(g, input.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        const at::Tensor xc = x.narrow(0, first, chunk.batch), yc = output.narrow(0, first, chunk.batch);
+        // Hopper: wgmma + TMA where this build has it (16-bit floats on sm_90); else mma.sync.
+        if (conv2d_forward_sm90(chunk, xc, w, b, relu, yc)) return true;
+        return dispatch_element(input.scalar_type(), [&](auto element) {
+          using element_t = decltype(element);
+          return relu ? run_fprop<element_t, true>(chunk, xc, w, b_or_zeros, yc)
+                      : run_fprop<element_t, false>(chunk, xc, w, b_or_zeros, yc);
+        });
+      });
+  return ran ? output : at::Tensor();
 }
 
 at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
-  if (at::Tensor fast = conv2d_dgrad_sm90(g, grad, weight); fast.defined()) return fast;
-  return dispatch_element(grad.scalar_type(), [&](auto element) {
-    return run_dgrad<decltype(element)>(g, grad, weight);
-  });
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor dy = packed(grad, cl);    // NPQK
+  const at::Tensor w = packed(weight, cl);   // KRSC
+  at::Tensor dx = at::empty({g.batch, g.in_channels, g.in_h, g.in_w}, grad.options().memory_format(cl));
+  if (!aligned16(dx)) return at::Tensor();
+  const bool ran = for_each_batch_chunk(
+      g, conv2d_images_per_launch(g, grad.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        const at::Tensor dyc = dy.narrow(0, first, chunk.batch), dxc = dx.narrow(0, first, chunk.batch);
+        if (conv2d_dgrad_sm90(chunk, dyc, w, dxc)) return true;
+        return dispatch_element(grad.scalar_type(), [&](auto element) {
+          return run_dgrad<decltype(element)>(chunk, dyc, w, dxc);
+        });
+      });
+  return ran ? dx : at::Tensor();
 }
 
 at::Tensor conv2d_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
-  if (at::Tensor fast = conv2d_wgrad_sm90(g, grad, input); fast.defined()) return fast;
-  return dispatch_element(grad.scalar_type(), [&](auto element) {
-    return run_wgrad<decltype(element)>(g, grad, input);
-  });
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor dy = packed(grad, cl);   // NPQK
+  const at::Tensor x = packed(input, cl);   // NHWC
+  const auto dw_options = grad.options().dtype(at::kFloat).memory_format(cl);  // KRSC
+  const std::vector<int64_t> dw_shape{g.out_channels, g.in_channels, g.kernel_h, g.kernel_w};
+  at::Tensor dw = at::empty(dw_shape, dw_options);
+  // A big batch: one dW per launch, summed in chunk order (fp32, deterministic).
+  at::Tensor partial;
+  const bool ran = for_each_batch_chunk(
+      g, conv2d_images_per_launch(g, grad.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        const at::Tensor dyc = dy.narrow(0, first, chunk.batch), xc = x.narrow(0, first, chunk.batch);
+        at::Tensor target = dw;
+        if (first > 0) {
+          if (!partial.defined()) partial = at::empty(dw_shape, dw_options);
+          target = partial;
+        }
+        if (!aligned16(target)) return false;
+        const bool chunk_ran = conv2d_wgrad_sm90(chunk, dyc, xc, target) ||
+                               dispatch_element(grad.scalar_type(), [&](auto element) {
+                                 return run_wgrad<decltype(element)>(chunk, dyc, xc, target);
+                               });
+        if (chunk_ran && first > 0) dw.add_(partial);
+        return chunk_ran;
+      });
+  return ran ? dw : at::Tensor();
 }
 
 }  // namespace conv

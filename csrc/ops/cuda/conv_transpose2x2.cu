@@ -197,11 +197,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cuda(
   at::Tensor grad_weight = at::empty({0}, weight.options());
   at::Tensor grad_bias = at::empty({0}, weight.options());
   if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {grad_input, grad_weight, grad_bias};
+  // What the tensor cores computed; the generic kernels below compute only the rest.
+  bool dgrad_done = false, wgrad_done = false, bgrad_done = false;
 #ifdef UNET_EXT_WITH_CUTLASS
-  if (grad_out_arg.scalar_type() == input_arg.scalar_type()) {
+  if (grad_out_arg.scalar_type() == input_arg.scalar_type() && (output_mask[0] || output_mask[1])) {
     // Tensor cores for dgrad and wgrad (each falls back alone if CUTLASS declines the problem).
     const at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
-    bool dgrad_done = !output_mask[0], wgrad_done = !output_mask[1];
     if (output_mask[0]) {
       if (at::Tensor dx = conv_transpose2x2_dgrad_cutlass(g, grad, weight); dx.defined()) {
         grad_input = format == at::MemoryFormat::ChannelsLast ? dx : dx.contiguous();
@@ -214,17 +215,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cuda(
         wgrad_done = true;
       }
     }
-    if (dgrad_done && wgrad_done && (output_mask[0] || output_mask[1])) {
-      // ATen's CUDA sum reduces in a fixed order (torch lists it as deterministic).
-      if (output_mask[2]) grad_bias = grad.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type());
-      return {grad_input, grad_weight, grad_bias};
+    if (output_mask[2] && (dgrad_done || wgrad_done)) {
+      // From the channels_last gradient already at hand; ATen's CUDA sum reduces in a fixed order
+      // (torch lists it as deterministic).
+      grad_bias = grad.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type());
+      bgrad_done = true;
     }
   }
 #endif
+  if ((!output_mask[0] || dgrad_done) && (!output_mask[1] || wgrad_done) && (!output_mask[2] || bgrad_done)) {
+    return {grad_input, grad_weight, grad_bias};
+  }
   const at::Tensor input = input_arg.contiguous();
   const at::Tensor grad_out = grad_out_arg.to(input.scalar_type()).contiguous();
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  if (output_mask[0]) {
+  if (output_mask[0] && !dgrad_done) {
     // The kernel writes every element (a sum over C_out = 0 channels is 0).
     grad_input = at::empty(input.sizes(), input.options());
     if (grad_input.numel() > 0) {
@@ -240,14 +245,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cuda(
     }
     if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
   }
-  if (output_mask[1]) {
+  if (output_mask[1] && !wgrad_done) {
     at::Tensor acc = at::empty(weight.sizes(), acc_options);  // every element written
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_transpose2x2_wgrad_cuda", [&] {
       launch_wgrad<scalar_t, false>(g, input, grad_out, acc);
     });
     grad_weight = acc.to(weight.scalar_type());
   }
-  if (output_mask[2]) {
+  if (output_mask[2] && !bgrad_done) {
     at::Tensor acc = at::empty({g.out_channels}, acc_options);
     UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_transpose2x2_bgrad_cuda", [&] {
       launch_wgrad<scalar_t, true>(g, input, grad_out, acc);

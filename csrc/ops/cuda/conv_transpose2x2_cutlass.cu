@@ -10,8 +10,10 @@
 // No scatter pass and no activation-sized temporary: the reinterpretations are free.
 #include "conv_transpose2x2_cutlass.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "cutlass_conv.cuh"
 
@@ -48,19 +50,14 @@ at::Tensor filter_of(const at::Tensor& weight, at::ScalarType dtype) {
   return aligned16(f) ? f : f.clone();
 }
 
+// The runners take packed operands (16-byte aligned) and write the caller's output, which may be
+// a batch slice of a bigger channels_last tensor. False: CUTLASS declined.
 template <typename element_t>
-at::Tensor run_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& bias) {
+bool run_forward(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& f, const at::Tensor& b,
+                 const at::Tensor& output) {
   using Op = typename Dgrad<element_t, cutlass::conv::StrideSupport::kStrided, true>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
   const auto problem = problem_of(g);
-  const at::Tensor x = packed(input, at::MemoryFormat::ChannelsLast);  // the dgrad's "dy": NHWC, C_in
-  const at::Tensor f = filter_of(weight, input.scalar_type());
-  // One bias per (dx, co) channel of the disguised output: the bias twice.
-  const at::Tensor b = bias.defined() ? bias.to(input.scalar_type()).repeat({2})
-                                      : at::zeros({2 * g.out_channels}, input.options());
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                                input.options().memory_format(at::MemoryFormat::ChannelsLast));
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(x), Layout::packed(problem.output_extent())},
@@ -68,20 +65,15 @@ at::Tensor run_forward(const ConvGeometry& g, const at::Tensor& input, const at:
       {pointer<element_t>(b), Layout::Stride(0)},  // every output pixel reads the same bias row
       {pointer<element_t>(output), Layout::packed(problem.activation_extent())},
       {1.0f}};
-  return aligned16(output) && aligned16(b) && launch<Op>(kOp, arguments, input.options()) ? output
-                                                                                            : at::Tensor();
+  return launch<Op>(kOp, arguments, x.options());
 }
 
 template <typename element_t>
-at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad_out, const at::Tensor& weight) {
+bool run_dgrad(const ConvGeometry& g, const at::Tensor& dy, const at::Tensor& f, const at::Tensor& zero,
+               const at::Tensor& dx) {
   using Op = typename Fprop<element_t, false>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
   const auto problem = problem_of(g);
-  const at::Tensor dy = packed(grad_out, at::MemoryFormat::ChannelsLast);  // read as [N, 2H, W, 2 C_out]
-  const at::Tensor f = filter_of(weight, grad_out.scalar_type());
-  const at::Tensor zero = at::zeros({g.in_channels}, grad_out.options());  // the fprop's C row
-  at::Tensor dx = at::empty({g.batch, g.in_channels, g.in_h, g.in_w},
-                            grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(dy), Layout::packed(problem.activation_extent())},
@@ -89,19 +81,16 @@ at::Tensor run_dgrad(const ConvGeometry& g, const at::Tensor& grad_out, const at
       {pointer<element_t>(zero), Layout::Stride(0)},
       {pointer<element_t>(dx), Layout::packed(problem.output_extent())},
       {1.0f}};
-  return aligned16(dx) && aligned16(zero) && launch<Op>(kOp, arguments, grad_out.options()) ? dx : at::Tensor();
+  return launch<Op>(kOp, arguments, dy.options());
 }
 
 template <typename element_t>
-at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad_out, const at::Tensor& input) {
+bool run_wgrad(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& dy, const at::Tensor& df) {
   using Op = typename Wgrad<element_t>::Operation;
   using Layout = cutlass::layout::TensorNHWC;
   auto problem = problem_of(g);
   problem.split_k_slices = wgrad_slices<element_t>(g.in_channels, 4 * g.out_channels, g.batch * g.in_h * g.in_w);
-  const at::Tensor x = packed(input, at::MemoryFormat::ChannelsLast);      // the wgrad's "dy": NPQK
-  const at::Tensor dy = packed(grad_out, at::MemoryFormat::ChannelsLast);  // its activation
-  at::Tensor df = at::empty({g.in_channels, 2, 1, 2 * g.out_channels}, grad_out.options().dtype(at::kFloat));
-  float* df_ptr = df.mutable_data_ptr<float>();
+  float* df_ptr = pointer<float>(df);
   const typename Op::Arguments arguments{
       problem,
       {pointer<element_t>(x), Layout::packed(problem.output_extent())},
@@ -110,7 +99,13 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad_out, const at
       {df_ptr, Layout::packed(problem.filter_extent())},
       {1.0f, 0.0f},
       cutlass::conv::SplitKMode::kSerial};
-  return aligned16(df) && launch<Op>(kOp, arguments, grad_out.options()) ? df : at::Tensor();
+  return launch<Op>(kOp, arguments, dy.options());
+}
+
+// Images per launch: the up-conv's output (4 H W C_out per image) and input (H W C_in) are the big tensors.
+int64_t up_images_per_launch(const ConvGeometry& g, at::ScalarType dtype) {
+  return images_per_launch(std::max(4 * g.in_h * g.in_w * g.out_channels, g.in_h * g.in_w * g.in_channels),
+                           static_cast<int64_t>(c10::elementSize(dtype)));
 }
 
 }  // namespace
@@ -118,26 +113,67 @@ at::Tensor run_wgrad(const ConvGeometry& g, const at::Tensor& grad_out, const at
 at::Tensor conv_transpose2x2_forward_cutlass(const ConvGeometry& g, const at::Tensor& input,
                                              const at::Tensor& weight, const at::Tensor& bias) {
   if (!fits(g, input.scalar_type())) return at::Tensor();
-  return dispatch_element(input.scalar_type(), [&](auto element) {
-    return run_forward<decltype(element)>(g, input, weight, bias);
-  });
+  const at::Tensor x = packed(input, at::MemoryFormat::ChannelsLast);  // the dgrad's "dy": NHWC, C_in
+  const at::Tensor f = filter_of(weight, input.scalar_type());
+  // One bias per (dx, co) channel of the disguised output: the bias twice.
+  const at::Tensor b = bias.defined() ? bias.to(input.scalar_type()).repeat({2})
+                                      : at::zeros({2 * g.out_channels}, input.options());
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                                input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (!aligned16(output) || !aligned16(b)) return at::Tensor();
+  const bool ran = for_each_batch_chunk(
+      g, up_images_per_launch(g, input.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        return dispatch_element(input.scalar_type(), [&](auto element) {
+          return run_forward<decltype(element)>(chunk, x.narrow(0, first, chunk.batch), f, b,
+                                                output.narrow(0, first, chunk.batch));
+        });
+      });
+  return ran ? output : at::Tensor();
 }
 
 at::Tensor conv_transpose2x2_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad_out,
                                            const at::Tensor& weight) {
   if (!fits(g, grad_out.scalar_type())) return at::Tensor();
-  return dispatch_element(grad_out.scalar_type(), [&](auto element) {
-    return run_dgrad<decltype(element)>(g, grad_out, weight);
-  });
+  const at::Tensor dy = packed(grad_out, at::MemoryFormat::ChannelsLast);  // read as [N, 2H, W, 2 C_out]
+  const at::Tensor f = filter_of(weight, grad_out.scalar_type());
+  const at::Tensor zero = at::zeros({g.in_channels}, grad_out.options());  // the fprop's C row
+  at::Tensor dx = at::empty({g.batch, g.in_channels, g.in_h, g.in_w},
+                            grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (!aligned16(dx) || !aligned16(zero)) return at::Tensor();
+  const bool ran = for_each_batch_chunk(
+      g, up_images_per_launch(g, grad_out.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        return dispatch_element(grad_out.scalar_type(), [&](auto element) {
+          return run_dgrad<decltype(element)>(chunk, dy.narrow(0, first, chunk.batch), f, zero,
+                                              dx.narrow(0, first, chunk.batch));
+        });
+      });
+  return ran ? dx : at::Tensor();
 }
 
 at::Tensor conv_transpose2x2_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad_out,
                                            const at::Tensor& input, at::ScalarType weight_dtype) {
   if (!fits(g, grad_out.scalar_type())) return at::Tensor();
-  const at::Tensor df = dispatch_element(grad_out.scalar_type(), [&](auto element) {
-    return run_wgrad<decltype(element)>(g, grad_out, input);
-  });
-  if (!df.defined()) return df;
+  const at::Tensor x = packed(input, at::MemoryFormat::ChannelsLast);      // the wgrad's "dy": NPQK
+  const at::Tensor dy = packed(grad_out, at::MemoryFormat::ChannelsLast);  // its activation
+  const std::vector<int64_t> df_shape{g.in_channels, 2, 1, 2 * g.out_channels};
+  const auto df_options = grad_out.options().dtype(at::kFloat);
+  at::Tensor df = at::empty(df_shape, df_options);
+  at::Tensor partial;  // a big batch: one filter gradient per launch, summed in chunk order
+  const bool ran = for_each_batch_chunk(
+      g, up_images_per_launch(g, grad_out.scalar_type()), [&](const ConvGeometry& chunk, int64_t first) {
+        at::Tensor target = df;
+        if (first > 0) {
+          if (!partial.defined()) partial = at::empty(df_shape, df_options);
+          target = partial;
+        }
+        const bool chunk_ran = aligned16(target) && dispatch_element(grad_out.scalar_type(), [&](auto element) {
+          return run_wgrad<decltype(element)>(chunk, x.narrow(0, first, chunk.batch),
+                                              dy.narrow(0, first, chunk.batch), target);
+        });
+        if (chunk_ran && first > 0) df.add_(partial);
+        return chunk_ran;
+      });
+  if (!ran) return at::Tensor();
   // [ci][dy][0][(dx, co)] -> (C_in, C_out, 2, 2)
   return df.view({g.in_channels, 2, 2, g.out_channels}).permute({0, 3, 1, 2}).to(weight_dtype).contiguous();
 }

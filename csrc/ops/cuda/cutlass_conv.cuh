@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -23,6 +24,8 @@
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/epilogue/thread/linear_combination_relu.h"
 #include "cutlass/half.h"
+
+#include "../conv2d_relu.h"
 
 namespace unet_ext {
 namespace conv {
@@ -122,12 +125,19 @@ element_t* pointer(const at::Tensor& t) {
   return reinterpret_cast<element_t*>(const_cast<void*>(t.const_data_ptr()));
 }
 
-// Returns false when CUTLASS cannot run the problem (then nothing was launched). The workspace
-// (serial split-K semaphores; none otherwise) comes from the caching allocator and is zeroed
-// by initialize() on the current stream.
+// Returns false when CUTLASS cannot run the problem (then nothing was launched and the caller
+// falls back to the generic kernels): can_implement declines it, or initialize() fails (e.g. the
+// kernel's shared-memory attribute cannot be set). The workspace (serial split-K semaphores; none
+// otherwise) comes from the caching allocator and is zeroed by initialize() on the current stream.
 template <typename Op>
 bool launch(const char* op_name, const typename Op::Arguments& arguments, const at::TensorOptions& options) {
   if (Op::can_implement(arguments) != cutlass::Status::kSuccess) return false;
+  // CUTLASS's run() reports cudaGetLastError() as its own failure: an error that earlier work left
+  // pending is raised here as what it is, before anything of ours is launched.
+  if (const cudaError_t pending = cudaGetLastError(); pending != cudaSuccess) {
+    TORCH_CHECK(false, op_name, ": a CUDA error from earlier work was pending before the CUTLASS launch: ",
+                cudaGetErrorString(pending));
+  }
   const size_t workspace_bytes = Op::get_workspace_size(arguments);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
@@ -135,14 +145,21 @@ bool launch(const char* op_name, const typename Op::Arguments& arguments, const 
   }
   Op op;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  TORCH_CHECK(op.initialize(arguments, workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream) ==
-                  cutlass::Status::kSuccess,
-              op_name, ": CUTLASS initialisation failed");
+  if (op.initialize(arguments, workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, stream) !=
+      cutlass::Status::kSuccess) {
+    (void)cudaGetLastError();  // the failed attribute call's error is ours, and handled: fall back
+    return false;
+  }
   const cutlass::Status status = op.run(stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   TORCH_CHECK(status == cutlass::Status::kSuccess, op_name, ": CUTLASS launch failed");
   return true;
 }
+
+// Whether stock convolutions may run float32 as TF32: the conv flag itself, as cuDNN's convolution
+// asks for it (torch >= 2.9 has torch.backends.cudnn.conv.fp32_precision beside the legacy
+// allow_tf32, and allowTF32CuDNN() without an op throws when the two disagree).
+inline bool allow_tf32_conv() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 // Channel alignment (elements per 128-bit access) the kernels need for `dtype`, or 0 when they do
 // not take it: half/bfloat16; float as TF32 only where torch.backends.cudnn.allow_tf32 lets
@@ -150,7 +167,7 @@ bool launch(const char* op_name, const typename Op::Arguments& arguments, const 
 inline int channel_alignment(at::ScalarType dtype) {
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return 0;
   if (dtype == at::kHalf || dtype == at::kBFloat16) return kAlignment<cutlass::half_t>;
-  if (dtype == at::kFloat && at::globalContext().allowTF32CuDNN()) return kAlignment<float>;
+  if (dtype == at::kFloat && allow_tf32_conv()) return kAlignment<float>;
   return 0;
 }
 
@@ -168,12 +185,35 @@ int wgrad_slices(int64_t m, int64_t n, int64_t k) {
 
 // f(element_t{}) with the CUTLASS element type of a (fitting) dtype.
 template <typename F>
-at::Tensor dispatch_element(at::ScalarType dtype, F&& f) {
+auto dispatch_element(at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kHalf: return f(cutlass::half_t{});
     case at::kBFloat16: return f(cutlass::bfloat16_t{});
     default: return f(float{});
   }
+}
+
+// CUTLASS 2.x's can_implement refuses any tensor of 2^31 bytes or more (32-bit byte offsets in
+// its iterators), so a big batch runs as launches of at most this many images each; the problem
+// geometry is otherwise unchanged. 0: one image alone is too big.
+inline int64_t images_per_launch(int64_t largest_image_elements, int64_t element_bytes) {
+  constexpr int64_t kMaxBytes = (int64_t{1} << 31) - 1;
+  const int64_t image_bytes = largest_image_elements * element_bytes;
+  return image_bytes > 0 ? kMaxBytes / image_bytes : 0;
+}
+
+// run(chunk_geometry, first_image) over the batch in launches of at most `per_launch` images, in
+// order (a fixed order, so chunked results are deterministic too). False when per_launch is 0 or
+// any launch declines: the caller then takes the generic kernels for the whole problem.
+template <typename Run>
+bool for_each_batch_chunk(const ConvGeometry& g, int64_t per_launch, Run&& run) {
+  if (per_launch <= 0) return false;
+  for (int64_t first = 0; first < g.batch; first += per_launch) {
+    ConvGeometry chunk = g;
+    chunk.batch = std::min(per_launch, g.batch - first);
+    if (!run(chunk, first)) return false;
+  }
+  return true;
 }
 
 }  // namespace cutlass_conv

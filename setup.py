@@ -126,7 +126,9 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
 if werror:
     cxx_flags.append("-Werror")
-nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+# -DNDEBUG: device asserts (CUTLASS/CuTe have many) compile to calls of __assertfail, and a call
+# inside a wgmma pipeline makes ptxas serialise every wgmma of the Hopper kernels (C7510).
+nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]
 # No -std here: cpp_extension picks the standard the installed torch needs (C++20 for 2.14).
 # No --use_fast_math: it turns expf/logf into bare MUFU.EX2/MUFU.LG2 (log's absolute error
 # ~2^-21 is a large relative error for losses near 0) and flushes denormals; the loss kernels

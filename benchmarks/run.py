@@ -52,7 +52,7 @@ def main(argv=None, prog=None):
     parser = _Parser(prog=prog or "python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda if available with unet_ext's CUDA kernels, else cpu")
-    parser.add_argument("--quick", action="store_true", help="short timing budget, no CPU torch.compile")
+    parser.add_argument("--quick", action="store_true", help="short timing budget, no torch.compile")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--op", choices=sorted(BENCHES), action="append",

@@ -33,9 +33,10 @@ PY=$VENV/bin/python
 start=$SECONDS
 step() { echo "device_kit: $* ($((SECONDS - start)) s)" >&2; }
 
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null ||
+   ! "$PY" -c "import numpy, ninja, pytest, pytest_timeout, hypothesis, scipy, tifffile, PIL, tqdm, matplotlib, cutlass_library" 2>/dev/null; then
   step "venv $VENV with torch==$TORCH_VERSION (about a minute and 5 GB)"
-  python3 -m venv "$VENV"
+  [ -x "$PY" ] || python3 -m venv "$VENV"
   "$PY" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy ninja pytest \
     pytest-timeout hypothesis scipy tifffile pillow tqdm matplotlib "nvidia-cutlass==$CUTLASS_VERSION"
 fi

@@ -12,9 +12,10 @@ shift
 VENV=${UNET_EXT_TORCH_VENV:-$HOME/.cache/unet_ext/torch$VERSION}
 PY=$VENV/bin/python
 start=$SECONDS
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$VERSION')" 2>/dev/null; then
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$VERSION')" 2>/dev/null ||
+   ! "$PY" -c "import numpy, ninja, pytest, pytest_timeout, hypothesis, scipy, tifffile, PIL, tqdm, matplotlib" 2>/dev/null; then
   echo "torch_check: venv $VENV with torch==$VERSION" >&2
-  python3 -m venv "$VENV"
+  [ -x "$PY" ] || python3 -m venv "$VENV"
   # The machine's pip config may cap torch at the release on its disk: ask PyPI directly.
   PIP_CONFIG_FILE=/dev/null "$PY" -m pip install --quiet --disable-pip-version-check "torch==$VERSION" numpy \
     ninja pytest pytest-timeout hypothesis scipy tifffile pillow tqdm matplotlib

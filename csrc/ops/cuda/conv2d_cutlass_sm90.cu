@@ -27,14 +27,14 @@ namespace {
   return properties->major == 9 && properties->minor == 0 && conv2d_cutlass_fits(g, dtype);
 }
 
+}  // namespace
+
+#if defined(UNET_EXT_SM90A)
+
 // Output tiles of the wgrad GEMM (C_out x C_in*kh*kw) from which one CTA per tile fills an H100
 // (132 SMs) about once; below that the sm_80 kernel's split-K spreads the pixel reduction.
 // A shape-only rule, so that which kernel (and summation order) runs does not depend on the GPU.
 constexpr int64_t kWgradMinTiles = 128;
-
-}  // namespace
-
-#if defined(UNET_EXT_SM90A)
 
 bool conv2d_forward_sm90(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                          bool relu, const at::Tensor& output) {

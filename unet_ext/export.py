@@ -76,17 +76,23 @@ def example_input(model, size=None, batch=1):
     return torch.randn(batch, model.in_channels, size, size)
 
 
-def dynamic_shapes(model, example):
-    """Dynamic batch, height and width for a unet_ext.UNet, as torch.export derived dims: valid
-    padding accepts exactly smallest + 2**depth * k (k >= 0); same padding is exported for
-    multiples of 2**depth (where no level needs the odd-size pad)."""
+def dynamic_shapes(model, example=None):
+    """Dynamic batch, height and width for a unet_ext.UNet: each of height and width is
+    `multiple` * k for k >= its smallest valid value, `multiple` the largest power of two
+    (<= 2**depth) that divides the smallest valid size (4 for the paper's network; 2**depth
+    with same padding, where no level then needs the odd-size pad). torch.export needs the
+    size as a multiple of what the graph's floor divisions divide by; sizes of that form that
+    the network does not take (see unet_ext.valid_input_size) are not checked by the graph."""
     step = 2 ** model.depth
     smallest = valid_input_size(1, model.depth, model.padding) if model.padding == "valid" else step
+    multiple = step
+    while smallest % multiple:
+        multiple //= 2
     dims = {0: torch.export.Dim("batch", min=1, max=1024)}
     for axis, name in ((2, "height"), (3, "width")):
-        blocks = torch.export.Dim(f"{name}_blocks", min=1, max=1024)
-        dims[axis] = step * blocks + (smallest - step) if smallest > step else step * blocks
-    return ({**dims},)
+        dims[axis] = multiple * torch.export.Dim(f"{name}_over_{multiple}", min=smallest // multiple,
+                                                 max=max(smallest // multiple, 16384 // multiple))
+    return (dims,)
 
 
 def check_exportable(model, example):
@@ -121,9 +127,12 @@ def export_onnx(model, path, example=None, dynamic=True, overwrite=False, opset_
         raise ValueError(f"export: with same padding the dynamic export takes sizes that are multiples of "
                          f"{2 ** model.depth}, got {tuple(example.shape[-2:])}")
     shapes = dynamic_shapes(model, example) if dynamic and hasattr(model, "depth") else None
-    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
-                                input_names=["image"], output_names=["logits"],
-                                opset_version=opset_version, verbose=False)
+    if shapes is not None and example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:])  # a size-1 dim traces as the constant 1
+    # torch.export first: torch.onnx.export's own capture does not take derived dims.
+    exported = torch.export.export(model, (example,), dynamic_shapes=shapes)
+    program = torch.onnx.export(exported, dynamo=True, input_names=["image"],
+                                output_names=["logits"], opset_version=opset_version, verbose=False)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:

@@ -33,11 +33,12 @@ def ours_is_faster(kind, x, in_channels=0, out_channels=0, kernel_size=(3, 3)):
     """Whether our kernel beats stock PyTorch for this layer on x (measured on the 2-core CPU,
     float32, NCHW: benchmarks/bench_conv.py, bench_max_pool.py and the sweep in bench_convert.py).
 
-    - conv ("conv2d_relu", "conv2d_bias", "conv2d_relu_concat"): our per-tap GEMMs win 1.4-14x
-      where the channels are <= 128 (stock's im2col/direct path is far from the FMA peak there);
-      from 256 input channels both run oneDNN (0.98-1.02x, so stock: no gain to take); 128 -> 256
-      measured 0.95-0.97x, so both channel counts must be <= 128. Tiny maps (< 16x16 outputs)
-      and 1-channel-out layers measured no gain (fixed costs), so they stay stock too.
+    - conv ("conv2d_relu", "conv2d_bias", "conv2d_relu_concat"; in_channels counts both inputs
+      of the concat): our per-tap GEMMs win where both channel counts are <= 128, at every map
+      size measured (1.6-7.8x at 3-64 channels and 512x512, 2.7x 64 -> 64 at 128x128, 1.8x
+      128 -> 128 at 64x64; at 12x12 stock takes 100x as long), and 1x1 heads too (7-11x). From
+      256 input channels both run oneDNN (0.98-1.02x: stock, nothing to gain); 128 -> 256
+      measured 0.95-0.97x at 140x140 in bench_conv (1.16x at 64x64 here), so it stays stock.
     - "conv_transpose2x2": 1.3-4.8x below 512 input channels, 0.99-1.01x from 512 (oneDNN both).
     - "max_pool2x2": 7-24x NCHW; channels_last measured 0.73-0.78x at 128-256 channels: stock.
     Only the CPU: the CUDA kernels have not been timed against cuDNN yet, so stock keeps CUDA.
@@ -50,9 +51,7 @@ def ours_is_faster(kind, x, in_channels=0, out_channels=0, kernel_size=(3, 3)):
         return True
     if kind == "conv_transpose2x2":
         return in_channels < 512
-    out_h, out_w = x.shape[-2] - kernel_size[0] + 1, x.shape[-1] - kernel_size[1] + 1
-    return (in_channels <= 128 and 2 <= out_channels <= 128
-            and max(out_h, out_w) >= 16)
+    return in_channels <= 128 and out_channels <= 128
 
 
 def _use_ours(module, kind, x, in_channels, out_channels, kernel_size=(3, 3)):

@@ -155,3 +155,20 @@ def test_every_documented_submodule_is_reachable_after_import():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "UNetBase"
+
+
+def test_a_converted_model_exports_to_standard_onnx():
+    """convert, then deploy: the converted forward (our ops, the BN fold) exports like the
+    original and onnxruntime gives the original model's outputs."""
+    from milesial_unet import MilesialUNet
+    torch.manual_seed(0)
+    model = MilesialUNet().eval()
+    converted = unet_ext.convert(model, policy="always")
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.onnx.export(converted, (x,), dynamo=True, verbose=False)
+    names = {t for _, t in _op_types(program.model_proto)}
+    assert {"Conv", "Relu", "ConvTranspose", "MaxPool", "Concat"} <= names <= STANDARD
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(_run_onnx(program.model_proto.SerializeToString(), x), expected,
+                               rtol=1e-4, atol=1e-4)

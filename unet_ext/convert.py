@@ -81,6 +81,8 @@ def _weights(conv, bn):
     if bn is None or bn.training:
         return conv.weight, conv.bias
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if _tracing(tensors):
+        return _folded(conv, bn)  # export/compile: the fold becomes part of the graph
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     key = tuple((t.data_ptr(), t._version, t.dtype) if t is not None else None for t in tensors) \
         + (torch.is_inference_mode_enabled(),)
@@ -131,9 +133,18 @@ class FusedConv2d(nn.Conv2d):
         return super().forward(input)
 
 
+def _tracing(tensors):
+    """Whether these are the fake tensors of torch.export / torch.compile (no data pointers)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors if t is not None)
+
+
 def _uncropped(view, crop_of, up):
     """The skip that `view` centre-crops (so the fused op reads it in place), or view itself."""
-    if crop_of is None or view.dim() != 4 or crop_of.dim() != 4 or view.stride() != crop_of.stride():
+    if crop_of is None or _tracing((view, crop_of)) or view.dim() != 4 or crop_of.dim() != 4 or view.stride() != crop_of.stride():
         return view
     top = (crop_of.shape[-2] - up.shape[-2]) // 2
     left = (crop_of.shape[-1] - up.shape[-1]) // 2

@@ -288,3 +288,21 @@ def test_auto_policy_matches_too():
 def test_policy_is_checked():
     with pytest.raises(ValueError, match="policy"):
         unet_ext.convert(nn.Conv2d(1, 1, 1), policy="fast")
+
+
+def test_a_converted_model_pickles_and_deep_copies():
+    """torch.save(model) / torch.load and copy.deepcopy keep the rewritten forward."""
+    import io
+    torch.manual_seed(0)
+    model = _randomise_bn(MilesialUNet()).eval()
+    converted = unet_ext.convert(model, policy="always")
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(loaded)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for m in (loaded, copied):
+            assert "_fused_conv" in m._unet_ext_code
+            torch.testing.assert_close(m(x), model(x), **TOL)

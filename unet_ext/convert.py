@@ -7,6 +7,8 @@ rewritten (same code, fused calls) on the model itself. Each converted layer pic
 or the stock one per call, by the measured rule in `ours_is_faster` (see benchmarks/bench_convert.py).
 """
 import copy
+import functools
+import importlib
 import operator
 import types
 import warnings
@@ -190,12 +192,13 @@ def _max_pool2x2(input, policy):
 @dataclass
 class ConversionReport:
     """What convert() did: `replaced` and `kept` are (module name, what / why) pairs; `traced`
-    says whether the forward was rewritten with torch.fx (None: nothing to trace), `trace_error`
-    why not."""
+    says whether the model's forward was rewritten with torch.fx, `trace_error` why not (its
+    submodules may still have been); `policy` is convert's."""
     replaced: List[Tuple[str, str]] = field(default_factory=list)
     kept: List[Tuple[str, str]] = field(default_factory=list)
     traced: Optional[bool] = None
     trace_error: Optional[str] = None
+    policy: str = "auto"
 
     @property
     def nothing_converted(self):
@@ -207,6 +210,9 @@ class ConversionReport:
             lines.append("forward rewritten with torch.fx (functional calls included)")
         elif self.trace_error:
             lines.append(f"module level only: the forward was not rewritten with torch.fx ({self.trace_error})")
+        if self.replaced and self.policy == "auto":
+            lines.append("each replaced layer runs ours or stock per call, whichever is faster for its "
+                         "input (unet_ext.convert.ours_is_faster)")
         if not self.replaced:
             lines.append("nothing to convert: no Conv2d(+BatchNorm2d)(+ReLU), ConvTranspose2d(2, stride 2) "
                          "or MaxPool2d(2) that unet_ext's kernels run")
@@ -305,7 +311,7 @@ class _Converter:
     def __init__(self, model, policy, captured):
         self.model, self.policy = model, policy
         self.captured = captured  # module -> (args, kwargs) of its first call on the example
-        self.report = ConversionReport()
+        self.report = ConversionReport(policy=policy)
         self.names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self.in_graphs = set()  # convs that a rewritten forward runs through _fused_conv
 
@@ -383,7 +389,14 @@ class _Converter:
                 module.train(was_training)
             if not same:
                 return f"the traced forward does not match the real one on the example input ({why})"
-        module.forward = forward
+        # The source and its globals (importable functions) plus a partial of a module-level
+        # function keep the model picklable: torch.save(model) works as before conversion.
+        python_code = gm.graph.python_code(root_module="self")
+        # Python modules among the globals (torch) are kept by name.
+        globals_ = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
+                    for k, v in python_code.globals.items()}
+        object.__setattr__(module, "_unet_ext_source", (python_code.src, globals_))
+        module.forward = functools.partial(_run_graph, module)
         object.__setattr__(module, "_unet_ext_code", gm.code)
         for conv, what in replaced:
             if conv is not None:
@@ -401,6 +414,26 @@ class _Converter:
                     self.report.replaced.append((name, "Conv2d -> conv2d_bias"))
                 else:
                     self.report.kept.append((name, why))
+
+
+class _ModuleName(str):
+    """A Python module among a rewritten forward's globals, kept by name (modules do not pickle)."""
+
+
+_COMPILED = {}  # source text of a rewritten forward -> the compiled function
+
+
+def _run_graph(module, *args, **kwargs):
+    """module's rewritten forward: the traced graph's code, run on module itself (the code
+    reaches every submodule by its path from the root, which module has too)."""
+    source, globals_ = module._unet_ext_source
+    forward = _COMPILED.get(source)
+    if forward is None:  # the same source text has the same globals (names of fx's code)
+        namespace = {k: importlib.import_module(v) if isinstance(v, _ModuleName) else v
+                     for k, v in globals_.items()}
+        exec(compile(source, "<unet_ext.convert>", "exec"), namespace)  # noqa: S102 - fx's own code
+        forward = _COMPILED[source] = namespace["forward"]
+    return forward(module, *args, **kwargs)
 
 
 class _Tracer(torch.fx.Tracer):

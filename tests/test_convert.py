@@ -11,7 +11,7 @@ from torch import nn
 
 import unet_ext
 from milesial_unet import MilesialUNet
-from unet_ext.convert import FusedConv2d, FusedConvTranspose2d, FusedMaxPool2d, ours_is_faster
+from unet_ext.convert import FusedConv2d, FusedConvTranspose2d, FusedMaxPool2d, _uncropped, ours_is_faster
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -171,7 +171,7 @@ def test_functional_relu_and_crop_concat_are_fused_when_the_model_traces():
             super().__init__()
             self.conv = nn.Conv2d(4, 8, 3)
             self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
-            self.merge = nn.Conv2d(8, 6, 3)
+            self.merge = nn.Conv2d(12, 6, 3)
 
         def forward(self, x):
             skip = F.relu(self.conv(x))             # functional ReLU
@@ -179,7 +179,7 @@ def test_functional_relu_and_crop_concat_are_fused_when_the_model_traces():
             up = self.up(down)
             top = (skip.shape[-2] - up.shape[-2]) // 2
             left = (skip.shape[-1] - up.shape[-1]) // 2
-            crop = skip[:, :4, top:top + up.shape[-2], left:left + up.shape[-1]]
+            crop = skip[:, :, top:top + up.shape[-2], left:left + up.shape[-1]]  # centre crop
             return torch.relu(self.merge(torch.cat([crop, up], 1)))
 
     torch.manual_seed(0)
@@ -190,6 +190,11 @@ def test_functional_relu_and_crop_concat_are_fused_when_the_model_traces():
     whats = [w for _, w in report.replaced]
     assert "F.max_pool2d(x, 2) -> max_pool2x2" in whats
     assert any(w.startswith("torch.cat") and w.endswith("conv2d_relu_concat") for w in whats)
+    # The crop is recognised per call and the fused op reads the whole skip in place.
+    skip, up = torch.randn(1, 8, 21, 21), torch.randn(1, 4, 10, 10)
+    assert _uncropped(skip[:, :, 5:15, 5:15], skip, up) is skip
+    assert _uncropped(skip[:, :, 4:14, 5:15], skip, up) is not skip
+    assert _uncropped(skip[:, :4, 5:15, 5:15], skip, up) is not skip
     _check_training(Net(), torch.randn(2, 4, 23, 23))
 
 

@@ -407,7 +407,9 @@ class _Converter:
     def lone_convs(self):
         """Conv2d run on their own (not by a rewritten forward): conv2d_bias."""
         for name, m in self.model.named_modules():
-            if type(m) is nn.Conv2d and m not in self.in_graphs:
+            if isinstance(m, nn.Conv2d) and type(m) not in (nn.Conv2d, FusedConv2d):
+                self.report.kept.append((name, f"{type(m).__name__} subclasses nn.Conv2d (its forward may differ)"))
+            elif type(m) is nn.Conv2d and m not in self.in_graphs:
                 why = _conv_why_not(m)
                 if why is None:
                     self.mark(m, FusedConv2d)

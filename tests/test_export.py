@@ -21,9 +21,10 @@ STANDARD = {"Conv", "Relu", "ConvTranspose", "MaxPool", "Slice", "Concat", "Shap
             "Less", "GatherElements", "Pad", "CastLike", "Greater", "Abs", "And"}
 
 
-def _small_unet(padding="valid", seed=0):
+def _small_unet(padding="valid", depth=2, seed=0):
     torch.manual_seed(seed)
-    return unet_ext.UNet(in_channels=1, num_classes=2, base_channels=4, depth=2, padding=padding).eval()
+    return unet_ext.UNet(in_channels=1, num_classes=2, base_channels=4 if depth == 2 else 2, depth=depth,
+                         padding=padding).eval()
 
 
 def _run_onnx(path_or_bytes, x):
@@ -38,11 +39,16 @@ def _op_types(model_proto):
     return types
 
 
-@pytest.mark.parametrize("padding", ["valid", "same"])
-def test_onnx_export_is_standard_ops_with_dynamic_batch_and_size(tmp_path, padding):
-    model = _small_unet(padding)
+# (padding, depth): three sizes each that the network takes, the first one traced.
+SIZES = {("valid", 2): [44, 60, 76], ("same", 2): [32, 48, 64], ("valid", 4): [188, 204, 220]}
+
+
+@pytest.mark.parametrize("padding,depth", list(SIZES))
+def test_onnx_export_is_standard_ops_with_dynamic_batch_and_size(tmp_path, padding, depth):
+    model = _small_unet(padding, depth)
     path = str(tmp_path / "unet.onnx")
-    example = unet_ext.export.example_input(model, 44 if padding == "valid" else 32)
+    sizes = SIZES[padding, depth]
+    example = unet_ext.export.example_input(model, sizes[0])
     unet_ext.export_onnx(model, path, example)
     proto = onnx.load(path)
     onnx.checker.check_model(proto)
@@ -51,7 +57,6 @@ def test_onnx_export_is_standard_ops_with_dynamic_batch_and_size(tmp_path, paddi
     names = {t for _, t in types}
     assert {"Conv", "Relu", "ConvTranspose", "MaxPool", "Concat"} <= names
     assert names <= STANDARD, names - STANDARD
-    sizes = [44, 60, 76] if padding == "valid" else [32, 48, 64]
     for batch, size in ((1, sizes[0]), (3, sizes[1]), (2, sizes[2])):
         x = torch.randn(batch, 1, size, size)
         with torch.no_grad():

@@ -311,3 +311,22 @@ def test_a_converted_model_pickles_and_deep_copies():
         for m in (loaded, copied):
             assert "_fused_conv" in m._unet_ext_code
             torch.testing.assert_close(m(x), model(x), **TOL)
+
+
+def test_functional_conv_relu_in_conv2d_subclasses_our_stock_reference_unet():
+    """unet_ext.reference.UNet's forward does not trace (its input checks), and its convs are
+    Conv2d subclasses whose forward is relu(F.conv2d(x, self.weight, self.bias)): each of
+    those forwards is rewritten to conv2d_relu, the up-convs swapped."""
+    torch.manual_seed(0)
+    model = unet_ext.reference.UNet(base_channels=4, depth=3)
+    x = torch.randn(2, 1, 124, 124)
+    with pytest.warns(UserWarning, match="not rewritten with torch.fx"):
+        _, report = _check_eval(model, x)
+    whats = [w for _, w in report.replaced]
+    assert whats.count("F.conv2d + ReLU (functional) -> conv2d_relu") == 14
+    assert whats.count("ConvTranspose2d(2, stride 2) -> conv_transpose2x2") == 3
+    assert dict(report.replaced)["encoder.0.conv1"] == "F.conv2d + ReLU (functional) -> conv2d_relu"
+    assert not report.kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check_training(unet_ext.reference.UNet(base_channels=4, depth=3), x)

@@ -344,7 +344,8 @@ class _Converter:
         """Rewrites module's forward with torch.fx; where that is not possible (or not checked
         against the real forward), its children's. Returns why module itself was not
         rewritten, or None."""
-        if isinstance(module, _LEAVES) or (_is_torch_nn(module) and not isinstance(module, nn.Sequential)):
+        containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        if isinstance(module, _LEAVES) or (_is_torch_nn(module) and not isinstance(module, containers)):
             return None
         if type(module).forward is nn.Module.forward:  # containers (ModuleList, ModuleDict)
             error = "no forward"
@@ -363,7 +364,7 @@ class _Converter:
             gm = _trace(module)
         except Exception as exc:  # noqa: BLE001 - any tracing failure: a level down
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        replaced = _rewrite_graph(gm, self)
+        replaced = _rewrite_graph(gm, module, self)
         if not replaced:
             return None  # nothing functional to fuse here; the modules convert on their own
         forward = types.MethodType(type(gm).forward, module)
@@ -407,9 +408,11 @@ class _Converter:
     def lone_convs(self):
         """Conv2d run on their own (not by a rewritten forward): conv2d_bias."""
         for name, m in self.model.named_modules():
+            if m in self.in_graphs:
+                continue
             if isinstance(m, nn.Conv2d) and type(m) not in (nn.Conv2d, FusedConv2d):
                 self.report.kept.append((name, f"{type(m).__name__} subclasses nn.Conv2d (its forward may differ)"))
-            elif type(m) is nn.Conv2d and m not in self.in_graphs:
+            elif type(m) is nn.Conv2d:
                 why = _conv_why_not(m)
                 if why is None:
                     self.mark(m, FusedConv2d)
@@ -485,6 +488,38 @@ def _is_max_pool2x2_call(node):
             and all(k in defaults and _pair(v) == _pair(defaults[k]) for k, v in rest.items()))
 
 
+def _functional_conv(node):
+    """(input, weight, bias, padding) if node is F.conv2d(input, <parameter>, <parameter or
+    None>, ...) with stride 1, dilation 1, groups 1 and one zero padding; else None."""
+    if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d):
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    values = dict(zip(names, defaults))
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    weight, bias, padding = values["weight"], values["bias"], values["padding"]
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+        return None
+    if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
+        return None
+    if padding == "valid":
+        padding = 0
+    if isinstance(padding, str) or len(set(_pair(padding))) != 1 or _pair(values["stride"]) != (1, 1) \
+            or _pair(values["dilation"]) != (1, 1) or values["groups"] != 1:
+        return None
+    return (values["input"], weight, bias, _pair(padding)[0])
+
+
+def _conv2d_relu(input, weight, bias, padding, policy):
+    """relu(F.conv2d(input, weight, bias, padding=padding)) as traced, on our kernel where the
+    rule (or policy) says so."""
+    if policy == "always" or ours_is_faster("conv2d_relu", input, weight.shape[1], weight.shape[0],
+                                            tuple(weight.shape[-2:])):
+        return ops.conv2d_relu(input, weight, bias, padding)
+    return F.relu(F.conv2d(input, weight, bias, padding=padding))
+
+
 def _cat_inputs(node):
     """(skip, up, crop_of) if node is torch.cat([skip, up], 1) (crop_of: what skip slices)."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.cat
@@ -502,10 +537,11 @@ def _cat_inputs(node):
     return skip, up, crop_of
 
 
-def _rewrite_graph(gm, converter):
+def _rewrite_graph(gm, root, converter):
     """In gm's graph: conv [-> bn] [-> relu] chains (module or functional ReLU) -> _fused_conv;
+    F.relu(F.conv2d(x, self.weight, self.bias, ...)) -> conv2d_relu;
     a cat([crop(skip), up], 1) feeding a conv + ReLU -> its conv2d_relu_concat form;
-    F.max_pool2d(x, 2) -> max_pool2x2. Returns [(conv module or None, what)] replaced."""
+    F.max_pool2d(x, 2) -> max_pool2x2. Returns [(conv module of root or None, what)] replaced."""
     modules = dict(gm.named_modules())
     graph = gm.graph
     calls = {}
@@ -517,6 +553,20 @@ def _rewrite_graph(gm, converter):
         if _is_max_pool2x2_call(node):
             node.target, node.args, node.kwargs = _max_pool2x2, (node.args[0], converter.policy), {}
             replaced.append((None, "F.max_pool2d(x, 2) -> max_pool2x2"))
+            continue
+        conv_call = _functional_conv(node)
+        if conv_call is not None:
+            nxt = _only_user(node)
+            if _is_relu_node(nxt, modules) and nxt.args and nxt.args[0] is node:
+                with graph.inserting_before(node):
+                    fused_node = graph.call_function(_conv2d_relu, conv_call + (converter.policy,))
+                nxt.replace_all_uses_with(fused_node)
+                graph.erase_node(nxt)
+                graph.erase_node(node)
+                prefix = conv_call[1].target.rpartition(".")[0]
+                # gm holds placeholders for modules reached only through get_attr: ask root.
+                owner = root.get_submodule(prefix)  # "": root itself (a Conv2d subclass)
+                replaced.append((owner, "F.conv2d + ReLU (functional) -> conv2d_relu"))
             continue
         if node.op != "call_module" or type(modules.get(node.target)) is not nn.Conv2d:
             continue
@@ -610,7 +660,8 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False, repo
       (``F.relu(self.bn(self.conv(x)))``): one conv with bias and ReLU in its epilogue; the BN is
       folded into the weights in eval mode and runs stock in training mode. A lone Conv2d runs
       conv2d_bias. A ``torch.cat([skip, up], 1)`` (skip possibly a crop) feeding such a
-      conv + ReLU runs as conv2d_relu_concat, without the concatenation.
+      conv + ReLU runs as conv2d_relu_concat, without the concatenation, and
+      ``relu(F.conv2d(x, self.weight, self.bias, padding=p))`` as conv2d_relu.
     - ConvTranspose2d(kernel 2, stride 2) -> conv_transpose2x2; MaxPool2d(2) and
       ``F.max_pool2d(x, 2)`` -> max_pool2x2.
 

@@ -272,7 +272,7 @@ def test_speed_rule_keeps_stock_where_stock_is_faster():
     assert ours_is_faster("conv2d_relu", x, 64, 64)
     assert not ours_is_faster("conv2d_relu", torch.randn(1, 128, 64, 64), 128, 256)   # 0.95-0.97x
     assert not ours_is_faster("conv2d_relu", torch.randn(1, 256, 64, 64), 256, 256)   # oneDNN both
-    assert ours_is_faster("conv2d_relu", torch.randn(1, 64, 14, 14), 64, 64)          # 100x at 12x12
+    assert ours_is_faster("conv2d_relu", torch.randn(1, 64, 14, 14), 64, 64)          # stock: 0.12-37 ms
     assert not ours_is_faster("conv2d_relu", x.to(memory_format=torch.channels_last), 64, 64)
     assert not ours_is_faster("conv2d_relu", x.double(), 64, 64)
     assert ours_is_faster("max_pool2x2", x)

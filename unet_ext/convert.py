@@ -37,10 +37,11 @@ def ours_is_faster(kind, x, in_channels=0, out_channels=0, kernel_size=(3, 3)):
 
     - conv ("conv2d_relu", "conv2d_bias", "conv2d_relu_concat"; in_channels counts both inputs
       of the concat): our per-tap GEMMs win where both channel counts are <= 128, at every map
-      size measured (1.6-7.8x at 3-64 channels and 512x512, 2.7x 64 -> 64 at 128x128, 1.8x
-      128 -> 128 at 64x64; at 12x12 stock takes 100x as long), and 1x1 heads too (7-11x). From
-      256 input channels both run oneDNN (0.98-1.02x: stock, nothing to gain); 128 -> 256
-      measured 0.95-0.97x at 140x140 in bench_conv (1.16x at 64x64 here), so it stays stock.
+      size measured (1.2-7.8x at 3-64 channels and 512x512, 2.7x 64 -> 64 at 128x128, 1.6-1.8x
+      128 -> 128 at 64x64; at 12x12 stock is bimodal, 0.12-37 ms, ours 0.15-0.3 ms), and 1x1
+      heads too (7-11x). From 256 input channels both run oneDNN (0.98-1.02x: stock, nothing
+      to gain); 128 -> 256 measured 0.95-0.97x at 140x140 in bench_conv (1.2-1.3x at 64x64 in
+      bench_convert), so it stays stock.
     - "conv_transpose2x2": 1.3-4.8x below 512 input channels, 0.99-1.01x from 512 (oneDNN both).
     - "max_pool2x2": 7-24x NCHW; channels_last measured 0.73-0.78x at 128-256 channels: stock.
     Only the CPU: the CUDA kernels have not been timed against cuDNN yet, so stock keeps CUDA.

@@ -181,6 +181,10 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["numpy", "tqdm", "scipy", "tifffile", "pillow", "matplotlib"],
+    # The tests of unet_ext.convert (on other projects' U-Nets) and of the ONNX export; install
+    # with torch pinned to the one the extension is built against (scripts/setup.sh does).
+    extras_require={"test": ["pytest", "hypothesis", "segmentation-models-pytorch", "monai",
+                             "onnx", "onnxscript", "onnxruntime"]},
     entry_points={"console_scripts": ["unet-ext=unet_ext.__main__:main"]},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

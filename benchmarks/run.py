@@ -12,9 +12,10 @@ import torch
 import unet_ext
 
 try:
-    from . import bench_conv, bench_crop_concat, bench_max_pool, bench_unet, bench_weighted_cross_entropy, harness
+    from . import bench_conv, bench_convert, bench_crop_concat, bench_max_pool, bench_unet, bench_weighted_cross_entropy, harness
 except ImportError:  # run as a script
     import bench_conv
+    import bench_convert
     import bench_crop_concat
     import bench_max_pool
     import bench_unet
@@ -22,7 +23,8 @@ except ImportError:  # run as a script
     import harness
 
 BENCHES = {"crop_concat": bench_crop_concat, "weighted_cross_entropy": bench_weighted_cross_entropy,
-           "max_pool2x2": bench_max_pool, "conv": bench_conv, "unet": bench_unet}
+           "max_pool2x2": bench_max_pool, "conv": bench_conv, "unet": bench_unet,
+           "convert": bench_convert}
 # quick: a CI-sized run (about a minute on a 2-core CPU); full: ~1 s and >= 10 rounds per case.
 TIMING = {True: dict(budget_s=0.25, min_iters=5, warmup=1),
           False: dict(budget_s=1.0, min_iters=10, warmup=2)}

@@ -26,6 +26,28 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086
   pip_install $missing
 fi
+# Test extras (setup.py's "test"): other projects' U-Nets for unet_ext.convert's tests and the ONNX
+# export's toolchain. torch is pinned to the installed version so pip cannot move it (torchvision,
+# which smp pulls in, must match it too).
+extras=(segmentation_models_pytorch:segmentation-models-pytorch monai:monai onnx:onnx
+        onnxscript:onnxscript onnxruntime:onnxruntime hypothesis:hypothesis)
+missing_extras=$("$PYTHON" - "${extras[@]}" <<'PY'
+import importlib.util, sys
+print(" ".join(d.split(":")[1] for d in sys.argv[1:] if importlib.util.find_spec(d.split(":")[0]) is None))
+PY
+)
+if [ -n "$missing_extras" ]; then
+  torch_version=$("$PYTHON" -c "import torch; print(torch.__version__.split('+')[0])")
+  echo "setup: installing test extras $missing_extras (torch pinned to $torch_version)" >&2
+  if [ -d wheels ]; then
+    # shellcheck disable=SC2086
+    pip_install --no-index --find-links wheels "torch==$torch_version" $missing_extras \
+      || pip_install "torch==$torch_version" $missing_extras || echo "setup: test extras not installed: their tests skip" >&2
+  else
+    # shellcheck disable=SC2086
+    pip_install "torch==$torch_version" $missing_extras || echo "setup: test extras not installed: their tests skip" >&2
+  fi
+fi
 # The default training data: the 512x512 nuclei image shipped in the stardist wheel (only its
 # data files are used, so none of its dependencies).
 if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('stardist') is None)"; then

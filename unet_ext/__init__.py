@@ -44,6 +44,27 @@ from .model import UNet  # noqa: E402,F401
 from ._unet_shape import output_size, valid_input_size  # noqa: E402,F401
 from .weight_map import weight_map  # noqa: E402,F401
 from .tiling import predict_tiled  # noqa: E402,F401
+from . import reference  # noqa: E402,F401
+from .convert import ConversionReport, convert  # noqa: E402,F401
+# Registers our ops' aten decompositions, which torch.onnx.export uses (onnx is imported only
+# when exporting).
+from . import export  # noqa: E402,F401
+from .export import export_onnx  # noqa: E402,F401
+
+# Submodules that pull in more than torch (scipy, tifffile) load on first use, so
+# `import unet_ext; unet_ext.data....` works without making `import unet_ext` slower.
+_LAZY_SUBMODULES = ("data", "metrics", "predict", "train")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 __version__ = "0.1.0"
 

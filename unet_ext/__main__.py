@@ -1,6 +1,7 @@
 """The ``unet-ext`` command (also ``python -m unet_ext``): ``info`` says what this build contains
 and what it runs on; ``bench`` runs the repository's benchmarks/ (a source checkout only).
-``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py).
+``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py);
+``export`` writes a training checkpoint as ONNX (unet_ext/export.py).
 Subcommands are entries of COMMANDS. Bad usage prints one line and exits 2.
 """
 import importlib.util
@@ -143,12 +144,20 @@ def predict(args):
     return command.main(args.rest, prog="unet-ext predict")
 
 
+def export(args):
+    from . import export as command
+
+    return command.main(args.rest, prog="unet-ext export")
+
+
 # name -> (help, takes the remaining arguments itself, function)
 COMMANDS = {
     "train": ("train a U-Net (default: the bundled nuclei image; see `unet-ext train --help`)",
               True, train),
     "predict": ("segment images of any size with a checkpoint (see `unet-ext predict --help`)",
                 True, predict),
+    "export": ("write a checkpoint as ONNX of standard ops (see `unet-ext export --help`)",
+               True, export),
     "info": ("print what this build contains and the device it runs on", False, info),
     "bench": ("run the op benchmarks (options: see `unet-ext bench --help`)", True, bench),
 }

@@ -99,7 +99,8 @@ class UNetBase(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects {self.in_channels} input channels, got {x.shape[1]}")
         for size in x.shape[-2:]:
-            check_input_size(int(size), self.depth, self.padding)
+            if not isinstance(size, torch.SymInt):  # symbolic under torch.export: its dims say which
+                check_input_size(int(size), self.depth, self.padding)
         recompute = self.checkpointing and torch.is_grad_enabled()
 
         def run(fn, *args):

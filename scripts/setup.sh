@@ -39,14 +39,8 @@ PY
 if [ -n "$missing_extras" ]; then
   torch_version=$("$PYTHON" -c "import torch; print(torch.__version__.split('+')[0])")
   echo "setup: installing test extras $missing_extras (torch pinned to $torch_version)" >&2
-  if [ -d wheels ]; then
-    # shellcheck disable=SC2086
-    pip_install --no-index --find-links wheels "torch==$torch_version" $missing_extras \
-      || pip_install "torch==$torch_version" $missing_extras || echo "setup: test extras not installed: their tests skip" >&2
-  else
-    # shellcheck disable=SC2086
-    pip_install "torch==$torch_version" $missing_extras || echo "setup: test extras not installed: their tests skip" >&2
-  fi
+  # shellcheck disable=SC2086
+  pip_install "torch==$torch_version" $missing_extras || echo "setup: test extras not installed: their tests skip" >&2
 fi
 # The default training data: the 512x512 nuclei image shipped in the stardist wheel (only its
 # data files are used, so none of its dependencies).

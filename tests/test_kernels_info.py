@@ -46,9 +46,11 @@ def test_parsers_on_a_sample():
     assert _kernels.parse_sass(SASS.splitlines()) == {key: dict(HMMA=1, HGMMA=1, IMMA=0, STL=1, LDL=1)}
 
 
-def test_shorten_elides_templates():
+def test_shorten_keeps_the_first_template_level():
     name = "void cutlass::device_kernel<cutlass::conv::kernel::ImplicitGemm<A<B>, C>>(C::Params)"
-    assert _kernels.shorten(name) == "void cutlass::device_kernel<...>(...)"
+    assert _kernels.shorten(name) == "void cutlass::device_kernel<cutlass::conv::kernel::ImplicitGemm<...>>(...)"
+    name = "void (anonymous namespace)::tiled_kernel<8, 4>((anonymous namespace)::Shape, float const*)"
+    assert _kernels.shorten(name) == "void (anon)::tiled_kernel<8, 4>(...)"
 
 
 KERNELS_CU = r"""

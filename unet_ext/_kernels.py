@@ -68,18 +68,28 @@ def demangle(names):
 
 
 def shorten(name, width=96):
-    """Template arguments and parameter lists elided: unet_ext::(anonymous)::wce_forward<...>(...)."""
-    out, depth = [], 0
-    for ch in name:
+    """Parameter lists and nested template arguments elided, the first level kept, so that
+    instantiations stay apart: (anon)::tiled_kernel<8, 4>(...), cutlass::Kernel<cutlass::Conv<...>>(...)."""
+    name = name.replace("(anonymous namespace)", "(anon)")
+    out, depth, kinds = [], 0, []
+    for i, ch in enumerate(name):
+        if ch == "(" and name.startswith("(anon)", i) and not kinds:
+            out.append("(anon)")
+            kinds.append("skip")
+            continue
         if ch in "<(":
-            if depth == 0:
+            kinds.append(ch)
+            if len(kinds) == 1 and ch == "<":
+                out.append(ch)
+            elif len(kinds) == (1 if ch == "(" else 2):
                 out.append(ch + "..." + {"<": ">", "(": ")"}[ch])
-            depth += 1
-        elif ch in ">)":
-            depth = max(0, depth - 1)
-        elif depth == 0:
+        elif ch in ">)" and kinds:
+            kind = kinds.pop()
+            if kind == "<" and not kinds:
+                out.append(">")
+        elif not kinds or (len(kinds) == 1 and kinds[0] == "<"):
             out.append(ch)
-    short = "".join(out).replace("(anonymous namespace)", "(anon)")
+    short = "".join(out)
     return short if len(short) <= width else short[:width - 3] + "..."
 
 

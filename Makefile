@@ -3,7 +3,7 @@
 # plain command (printed as it runs), so it also works without make.
 #   make build [CUDA=1 ARCH=9.0a] [JOBS=2]   incremental in-place build (ninja): unet_ext/_C.abi3.so
 #   make test OP=conv                        tests/test_conv*.py     (OP: crop_concat, conv, max_pool,
-#   make bench OP=conv                       benchmarks, that op     weighted_cross_entropy, unet, ...)
+#   make bench OP=conv [CASE=64x130]         benchmarks, that op     weighted_cross_entropy, unet, ...)
 #   make loop OP=conv                        build + test + bench (+ compare with the previous bench)
 #   make kernels                             registers / smem / spills / HMMA per CUDA kernel (cuobjdump)
 #   make compare OLD=a.json NEW=b.json       per-case ratio changes, noise band, regressions
@@ -17,6 +17,7 @@ CUDA ?= 0
 ARCH ?= 9.0a
 OP ?=
 QUICK ?= 1
+CASE ?=
 DEVICE ?= cpu
 BENCH_OUT ?= build/bench
 CUDA_HOME ?= /usr/local/cuda-13.0
@@ -61,7 +62,7 @@ test: check-op
 # with the previous run there, if any.
 bench: check-op
 	@prev=$$(ls -t $(BENCH_OUT)/results-*.json 2>/dev/null | head -n 1); \
-	$(PYTHON) -m benchmarks.run --op $(BENCH_OP) $(if $(filter 1,$(QUICK)),--quick) --device $(DEVICE) --out $(BENCH_OUT) || exit $$?; \
+	$(PYTHON) -m benchmarks.run --op $(BENCH_OP) $(if $(filter 1,$(QUICK)),--quick) $(if $(CASE),--case "$(CASE)") --device $(DEVICE) --out $(BENCH_OUT) || exit $$?; \
 	new=$$(ls -t $(BENCH_OUT)/results-*.json | head -n 1); \
 	if [ -n "$$prev" ] && [ "$$prev" != "$$new" ]; then echo; $(PYTHON) -m benchmarks.run --compare "$$prev" "$$new"; fi
 

@@ -210,10 +210,15 @@ def bench_case(case, device, budget_s=1.0, min_iters=10, max_iters=500, warmup=2
     return rows
 
 
+# Substrings of Case.name to keep (run.py's --case; [] = all): one shape in the daily loop.
+CASE_FILTER = []
+
+
 def run_cases(cases, device, **timing):
     """All cases, with a tqdm bar on stderr; timing: budget_s, min_iters, max_iters, warmup."""
     from tqdm import tqdm
 
+    cases = [c for c in cases if not CASE_FILTER or any(f in c.name for f in CASE_FILTER)]
     rows = []
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in bar:

@@ -60,6 +60,8 @@ def main(argv=None, prog=None):
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--op", choices=sorted(BENCHES), action="append",
                         help="only this op (repeatable; default: all)")
+    parser.add_argument("--case", action="append", default=[],
+                        help="only cases whose name (op shape dtype layout mode) contains this (repeatable)")
     parser.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                         help="compare two runs' results (per-case ratios, noise band, regressions); runs nothing")
     parser.add_argument("--metric", choices=["time", "speedup"], default="time",
@@ -78,6 +80,7 @@ def main(argv=None, prog=None):
     if device == "cuda" and best_device() != "cuda":
         parser.error("--device cuda: no CUDA device, or unet_ext was built without CUDA kernels")
 
+    harness.CASE_FILTER[:] = args.case
     rows = []
     for name in args.op or list(BENCHES):
         rows += BENCHES[name].run(device, quick=args.quick, **TIMING[args.quick])

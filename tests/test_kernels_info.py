@@ -93,7 +93,8 @@ def test_counts_on_a_compiled_object(tmp_path):
     rows = {r["kernel"].split("(")[0]: r for r in _kernels.collect(str(obj), _cuobjdump())}
     assert set(rows) == {"tc_kernel", "spill_kernel"}
     assert rows["tc_kernel"]["HMMA"] > 0 and rows["tc_kernel"]["STL"] == 0
-    assert rows["spill_kernel"]["STL"] > 0 and rows["spill_kernel"]["LOCAL"] > 0
+    # ptxas puts spills in the stack frame (STACK), LOCAL counts other local arrays.
+    assert rows["spill_kernel"]["STL"] > 0 and rows["spill_kernel"]["STACK"] > 0
     assert rows["spill_kernel"]["REG"] <= 32 and rows["spill_kernel"]["arch"] == "sm_80"
     out = subprocess.run([sys.executable, "-m", "unet_ext", "info", "--kernels", "--library", str(obj)],
                          capture_output=True, text=True, cwd=REPO)

@@ -15,7 +15,7 @@ import sys
 COUNTED = ("HMMA", "HGMMA", "IMMA", "STL", "LDL")
 _RESOURCE = re.compile(r"^\s*Function (\S+):\s*$")
 _FIELDS = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
-_ARCH = re.compile(r"^\s*arch = (sm_\w+)")
+_ARCH = re.compile(r"^\s*(?:arch = |code for )(sm_\w+)")
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)")
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]*)?\b")
 
@@ -96,6 +96,8 @@ def shorten(name, width=96):
 def collect(library, tool):
     """One row per (arch, kernel): resource usage joined with the SASS opcode counts."""
     usage = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True)
+    if "does not contain device code" in usage.stderr:
+        return []
     if usage.returncode != 0:
         raise RuntimeError(f"{tool} --dump-resource-usage {library}: {usage.stderr.strip()}")
     resources = parse_resource_usage(usage.stdout)

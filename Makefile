@@ -8,6 +8,7 @@
 #   make kernels                             registers / smem / spills / HMMA per CUDA kernel (cuobjdump)
 #   make compare OLD=a.json NEW=b.json       per-case ratio changes, noise band, regressions
 #   make dev-loss / dev-conv [DEVICE=cuda]   the dev/ workshops: variants, validation, sweep, table
+#   make dev-kit [KIT=.kit]                  the CUDA variants prebuilt (sm_90a) for the GPU lease kit
 #   make cmake [CUDA=1 ARCH=9.0a]            the same library with CMake (build-cmake/), for clangd
 # CPU-only and CUDA builds keep their objects apart (build/temp.* and build/cuda-<arch>), so
 # switching between them relinks instead of recompiling.
@@ -41,10 +42,12 @@ CMAKE_DIR = build-cmake
 CMAKE_ARGS = -DUNET_EXT_CUDA=OFF
 endif
 
-.PHONY: help build test bench loop kernels compare dev-loss dev-conv cmake check-op
+KIT ?= .kit
+
+.PHONY: help build test bench loop kernels compare dev-loss dev-conv dev-kit cmake check-op
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
 
 # --force: setuptools would skip the extension when the .so is newer than the .cpp/.cu files
 # (it does not see headers, nor a CPU/CUDA switch); ninja then decides what to recompile.
@@ -79,6 +82,11 @@ dev-loss:
 
 dev-conv:
 	$(PYTHON) -m dev.conv --device $(DEVICE)
+
+# The lease has no nvcc to rely on: its run finds these by content hash (dev/README.md).
+dev-kit:
+	DEV_CUDA_ARCH=sm_90a $(PYTHON) -m dev.loss --device cuda --build-only --build-dir $(KIT)/dev
+	DEV_CUDA_ARCH=sm_90a $(PYTHON) -m dev.conv --device cuda --build-only --build-dir $(KIT)/dev
 
 cmake:
 	cmake -S . -B $(CMAKE_DIR) -G Ninja $(CMAKE_ARGS) -DPython3_EXECUTABLE=$$(command -v $(PYTHON))

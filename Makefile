@@ -47,7 +47,7 @@ KIT ?= .kit
 .PHONY: help build test bench loop kernels compare dev-loss dev-conv dev-kit cmake check-op
 
 help:
-	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
 
 # --force: setuptools would skip the extension when the .so is newer than the .cpp/.cu files
 # (it does not see headers, nor a CPU/CUDA switch); ninja then decides what to recompile.

@@ -22,8 +22,10 @@ CACHE = os.path.join(REPO, "build", "dev")
 # As setup.py: no -march (the files pick their ISA with #pragma GCC target), no fast math.
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra",
              "-Wno-unused-parameter", "-shared", "-fPIC"]
+# -cudart=shared: the variants use the CUDA runtime torch has loaded (libcudart.so.13), so one
+# runtime owns the context, the default stream and the pointers torch hands over.
 NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr", "-shared",
-              "-Xcompiler=-fPIC", "-Xptxas=--warn-on-spills"]
+              "-Xcompiler=-fPIC", "-Xptxas=--warn-on-spills", "-cudart=shared"]
 
 
 def nvcc():

@@ -16,12 +16,12 @@ try:
     from . import bench_conv, bench_crop_concat, bench_max_pool, bench_unet, bench_weighted_cross_entropy, harness
     from . import compare
 except ImportError:  # run as a script
-    import compare
     import bench_conv
     import bench_crop_concat
     import bench_max_pool
     import bench_unet
     import bench_weighted_cross_entropy
+    import compare
     import harness
 
 BENCHES = {"crop_concat": bench_crop_concat, "weighted_cross_entropy": bench_weighted_cross_entropy,

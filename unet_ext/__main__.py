@@ -1,5 +1,6 @@
 """The ``unet-ext`` command (also ``python -m unet_ext``): ``info`` says what this build contains
-and what it runs on (``info --kernels``: each CUDA kernel's resources and SASS, unet_ext/_kernels.py); ``bench`` runs the repository's benchmarks/ (a source checkout only).
+and what it runs on (``info --kernels``: each CUDA kernel's resources and SASS, unet_ext/_kernels.py);
+``bench`` runs the repository's benchmarks/ (a source checkout only).
 ``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py).
 Subcommands are entries of COMMANDS. Bad usage prints one line and exits 2.
 """

@@ -79,9 +79,9 @@ def shorten(name, width=96):
             continue
         if ch in "<(":
             kinds.append(ch)
-            if len(kinds) == 1 and ch == "<":
+            if kinds == ["<"]:
                 out.append(ch)
-            elif len(kinds) == (1 if ch == "(" else 2):
+            elif kinds in (["("], ["<", "<"], ["<", "("]):  # params, or nested in the first template level
                 out.append(ch + "..." + {"<": ">", "(": ")"}[ch])
         elif ch in ">)" and kinds:
             kind = kinds.pop()

@@ -91,6 +91,16 @@ def build(source, defines=(), arch=None, out_dir=CACHE, verbose=True):
     return path
 
 
+def load_reference():
+    """unet_ext/reference.py (plain torch) without the package, whose import loads the library."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unet_ext_reference", os.path.join(REPO, "unet_ext", "reference.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load(path):
     return ctypes.CDLL(path)
 

@@ -1,6 +1,7 @@
 """Builds unet_ext._C: the fused U-Net ops as a PyTorch C++/CUDA extension.
 
-CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1.
+CUDA kernels are built when torch has CUDA and nvcc is found, or when FORCE_CUDA=1 (FORCE_CUDA=0:
+never, a CPU-only build even on a GPU machine).
 Environment: FORCE_CUDA, TORCH_CUDA_ARCH_LIST (default "8.0+PTX;9.0a": sm_80 mma.sync SASS plus
 its PTX, which later GPUs (Blackwell sm_100/sm_120) JIT-compile at load, and Hopper's sm_90a, whose
 wgmma/TMA conv kernels need the "a"), MAX_JOBS, DEBUG=1, UNET_EXT_WERROR=1 (warnings, spills
@@ -104,7 +105,8 @@ force_cuda = flag("FORCE_CUDA")
 cuda_home = find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # cpp_extension reads it at import
-with_cuda = force_cuda or (torch.cuda.is_available() and cuda_home is not None)
+with_cuda = force_cuda or (torch.cuda.is_available() and cuda_home is not None
+                           and os.environ.get("FORCE_CUDA", "") == "")
 if with_cuda and torch.version.cuda is None:
     fail(f"FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU build; install a "
          "CUDA build (e.g. `pip install torch==2.14.1`) or unset FORCE_CUDA.")

@@ -210,10 +210,15 @@ def bench_case(case, device, budget_s=1.0, min_iters=10, max_iters=500, warmup=2
     return rows
 
 
+# Substrings of Case.name to keep (run.py's --case; [] = all): one shape in the daily loop.
+CASE_FILTER = []
+
+
 def run_cases(cases, device, **timing):
     """All cases, with a tqdm bar on stderr; timing: budget_s, min_iters, max_iters, warmup."""
     from tqdm import tqdm
 
+    cases = [c for c in cases if not CASE_FILTER or any(f in c.name for f in CASE_FILTER)]
     rows = []
     bar = tqdm(cases, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in bar:
@@ -287,23 +292,68 @@ def write_results(rows, meta, out_dir):
 
 
 def bar_chart(rows, path, title):
-    """PNG of the speed-ups (stock/ours) of every stock row; a line marks parity."""
+    """PNG of the speed-ups (stock median / ours) as small multiples: one row of panels per op,
+    forward on the left, forward+backward (and the training step) on the right; one line per case
+    (shape, dtype, layout), one marker per stock impl, the p20/p80 band as a whisker, a log axis
+    shared by all panels, 1x (parity) marked. Green: ours faster, red: slower."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    stock = [r for r in rows if r["impl"] != OURS]
-    labels = [f"{r['op']} {r['shape']} {r['dtype']} {r['layout']} {r['mode']} vs {r['impl']}"
-              for r in stock]
-    fig, ax = plt.subplots(figsize=(13, 0.3 * len(stock) + 1.2))
-    ax.barh(range(len(stock)), [r["speedup"] for r in stock],
-            color=["tab:green" if r["speedup"] >= 1 else "tab:red" for r in stock])
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(stock)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speed-up of unet_ext (stock median / ours)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    stock = [r for r in rows if r["impl"] != OURS and r.get("speedup")]
+    ours = {(r["op"], r["shape"], r["dtype"], r["layout"], r["mode"]): r for r in rows if r["impl"] == OURS}
+    group = lambda r: "unet (whole model)" if r["op"].startswith("unet ") else r["op"]  # noqa: E731
+    ops = list(dict.fromkeys(group(r) for r in stock))
+    columns = ("forward", "forward+backward")
+    column_of = lambda r: 0 if r["mode"] == "forward" else 1  # noqa: E731 (train, backward: right)
+    panels = {(op, c): [] for op in ops for c in range(2)}
+    for r in stock:
+        panels[(group(r), column_of(r))].append(r)
+    heights = [max(1, *(len({(r["shape"], r["dtype"], r["layout"]) for r in panels[(op, c)]}) for c in range(2)))
+               for op in ops] or [1]
+    lows = [r["speedup"] for r in stock] or [1.0]
+    lo = 2.0 ** np.floor(np.log2(min(min(lows), 1.0) / 1.15))
+    hi = 2.0 ** np.ceil(np.log2(max(max(lows), 1.0) * 1.15))
+    impls = list(dict.fromkeys(r["impl"] for r in stock))
+    markers = dict(zip(impls, "os^Dv<>"))
+    fig, axes = plt.subplots(len(heights), 2, figsize=(13, 0.24 * sum(heights) + 0.75 * len(heights) + 1.0),
+                             gridspec_kw=dict(height_ratios=heights), squeeze=False)
+    for i, op in enumerate(ops or [""]):
+        for c in range(2):
+            ax = axes[i][c]
+            cases = list(dict.fromkeys((r["shape"], r["dtype"], r["layout"]) for r in panels.get((op, c), [])))
+            modes = list(dict.fromkeys(r["op"].replace("unet ", "") if op != r["op"] else r["mode"]
+                                       for r in panels.get((op, c), []))) or [columns[c]]
+            for r in panels.get((op, c), []):
+                y = cases.index((r["shape"], r["dtype"], r["layout"]))
+                base = ours.get((r["op"], r["shape"], r["dtype"], r["layout"], r["mode"]))
+                if base and base["p80_ms"] and base["p20_ms"]:  # band: stock p20/ours p80 .. stock p80/ours p20
+                    ax.plot([r["p20_ms"] / base["p80_ms"], r["p80_ms"] / base["p20_ms"]], [y, y],
+                            color="0.6", linewidth=1.2, zorder=1)
+                color = "tab:green" if r["speedup"] >= 1 else "tab:red"
+                ax.scatter([r["speedup"]], [y], marker=markers[r["impl"]], color=color, s=22, zorder=2,
+                           label=r["impl"])
+                if r["impl"] == impls[0]:  # one label per case (several impls would overlap)
+                    ax.annotate(f"{r['speedup']:.2f}x", (r["speedup"], y), xytext=(5, -3),
+                                textcoords="offset points", fontsize=6.5)
+            ax.axvline(1.0, color="black", linewidth=0.9)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            ticks = [2.0 ** k for k in range(int(np.log2(lo)), int(np.log2(hi)) + 1)]
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{t:g}x" for t in ticks], fontsize=7)
+            ax.set_yticks(range(len(cases)), [" ".join(k) for k in cases], fontsize=6.5)
+            ax.set_ylim(len(cases) - 0.5 if cases else 0.5, -0.5)
+            ax.grid(axis="x", color="0.9", linewidth=0.6)
+            ax.set_title(f"{op}: {', '.join(modes)}" if cases else f"{op}: {columns[c]} (no cases)", fontsize=8.5,
+                         loc="left")
+    handles = [plt.Line2D([], [], marker=markers[m], linestyle="", color="0.3", label=f"vs {m}") for m in impls]
+    fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles) or 1, frameon=False)
+    fig.suptitle(f"{title}\nspeed-up of unet_ext = stock median / ours (log axis; > 1x: ours faster; "
+                 "whisker: p20/p80 band)", fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

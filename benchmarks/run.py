@@ -1,7 +1,8 @@
 """Runs every op benchmark on the best device present (CUDA when the GPU and our CUDA kernels are
 both there, else CPU): markdown table on stdout; CSV (appended), JSON and a PNG of the speed-ups in
 --out (default benchmarks/results). Exit status: 0, 1 if an impl disagreed with ours, 2 on bad
-usage. ``python -m benchmarks.run [--device cpu|cuda] [--quick] [--out DIR] [--op NAME]``.
+usage. ``python -m benchmarks.run [--device cpu|cuda] [--quick] [--out DIR] [--op NAME]``;
+``--compare OLD.json NEW.json`` compares two runs instead (benchmarks/compare.py).
 """
 import argparse
 import os
@@ -13,6 +14,7 @@ import unet_ext
 
 try:
     from . import bench_conv, bench_convert, bench_crop_concat, bench_max_pool, bench_unet, bench_weighted_cross_entropy, harness
+    from . import compare
 except ImportError:  # run as a script
     import bench_conv
     import bench_convert
@@ -20,6 +22,7 @@ except ImportError:  # run as a script
     import bench_max_pool
     import bench_unet
     import bench_weighted_cross_entropy
+    import compare
     import harness
 
 BENCHES = {"crop_concat": bench_crop_concat, "weighted_cross_entropy": bench_weighted_cross_entropy,
@@ -59,11 +62,27 @@ def main(argv=None, prog=None):
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--op", choices=sorted(BENCHES), action="append",
                         help="only this op (repeatable; default: all)")
+    parser.add_argument("--case", action="append", default=[],
+                        help="only cases whose name (op shape dtype layout mode) contains this (repeatable)")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
+                        help="compare two runs' results (per-case ratios, noise band, regressions); runs nothing")
+    parser.add_argument("--metric", choices=["time", "speedup"], default="time",
+                        help="with --compare: our median (time), or our time relative to stock's in each run")
+    parser.add_argument("--tol", type=float, default=0.05, help="with --compare: slow-down tolerated beyond noise")
+    parser.add_argument("--strict", action="store_true", help="with --compare: exit 1 on a regression")
     args = parser.parse_args(argv)
+    if args.compare:
+        for path in args.compare:
+            if not os.path.isfile(path):
+                parser.error(f"--compare: no file {path}")
+        text, regressions = compare.report(*args.compare, metric=args.metric, tol=args.tol)
+        print(text)
+        return 1 if (regressions and args.strict) else 0
     device = args.device or best_device()
     if device == "cuda" and best_device() != "cuda":
         parser.error("--device cuda: no CUDA device, or unet_ext was built without CUDA kernels")
 
+    harness.CASE_FILTER[:] = args.case
     rows = []
     for name in args.op or list(BENCHES):
         rows += BENCHES[name].run(device, quick=args.quick, **TIMING[args.quick])

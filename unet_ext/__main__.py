@@ -1,5 +1,6 @@
 """The ``unet-ext`` command (also ``python -m unet_ext``): ``info`` says what this build contains
-and what it runs on; ``bench`` runs the repository's benchmarks/ (a source checkout only).
+and what it runs on (``info --kernels``: each CUDA kernel's resources and SASS, unet_ext/_kernels.py);
+``bench`` runs the repository's benchmarks/ (a source checkout only).
 ``train`` and ``predict`` are the paper's workflow (unet_ext/train.py, unet_ext/predict.py);
 ``export`` writes a training checkpoint as ONNX (unet_ext/export.py).
 Subcommands are entries of COMMANDS. Bad usage prints one line and exits 2.
@@ -84,6 +85,23 @@ def _huge_pages():
 
 
 def info(args):
+    parser = Parser(prog="unet-ext info", description="what this build contains and the device it runs on")
+    parser.add_argument("--kernels", action="store_true",
+                        help="per CUDA kernel: registers, shared memory, local/stack, spills, HMMA/HGMMA (cuobjdump)")
+    parser.add_argument("--library", help="with --kernels: another file than the loaded library (a .so, .o, cubin)")
+    parser.add_argument("--filter", help="with --kernels: only kernels whose name contains this")
+    parser.add_argument("--json", action="store_true", help="with --kernels: JSON rows instead of the table")
+    options = parser.parse_args(args.rest)
+    if options.kernels:
+        from . import _kernels
+
+        library = options.library
+        if library is None:
+            import unet_ext
+
+            library = unet_ext.build_info()["library"]
+        return _kernels.main(library, _cuobjdump(), options.filter, options.json)
+
     import torch
 
     import unet_ext
@@ -158,7 +176,8 @@ COMMANDS = {
                 True, predict),
     "export": ("write a checkpoint as ONNX of standard ops (see `unet-ext export --help`)",
                True, export),
-    "info": ("print what this build contains and the device it runs on", False, info),
+    "info": ("print what this build contains and the device it runs on (--kernels: the CUDA kernels' "
+             "registers, shared memory, spills, tensor-core instructions)", True, info),
     "bench": ("run the op benchmarks (options: see `unet-ext bench --help`)", True, bench),
 }
 

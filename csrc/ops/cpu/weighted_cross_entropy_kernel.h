@@ -4,27 +4,19 @@
 // Pixels are processed in blocks of B (one sample each): the block's logits are gathered once
 // into a (C, B) opmath buffer, then max, sum of exp and per-pixel losses run as unit-stride
 // loops the compiler vectorises (vec_math.h). Block sums are kept per block and added in order,
-// so results do not depend on the thread count.
+// so results do not depend on the thread count. The per-block code is
+// weighted_cross_entropy_block.h; this file adds the threads, the dtypes and the checks.
 #ifndef UNET_CPU_ISA
 #error "define UNET_CPU_ISA before including weighted_cross_entropy_kernel.h"
 #endif
+
+#include "weighted_cross_entropy_block.h"  // the per-block kernels (torch-free, shared with dev/)
 
 namespace unet_ext {
 namespace wce {
 namespace UNET_CPU_ISA {
 
 namespace vm = ::unet_ext::cpu::UNET_CPU_ISA;
-
-// Pixels per block: up to 256, fewer for many classes so the (C, B) buffer stays in L2.
-int64_t block_pixels(int64_t classes) {
-  const int64_t b = std::clamp<int64_t>(16384 / classes, 1, 256);
-  return b >= 8 ? b - b % 8 : b;
-}
-
-// Grain in blocks so that one parallel task covers at least ~32K logits.
-int64_t grain_blocks(int64_t classes, int64_t block) {
-  return std::max<int64_t>(1, 32768 / (classes * block));
-}
 
 // First out-of-range target seen by any thread (reported after the parallel region).
 struct BadTarget {
@@ -41,140 +33,6 @@ struct BadTarget {
   }
 };
 
-template <typename scalar_t, typename acc_t>
-void gather_logits(const Geometry& g, const scalar_t* logits, int64_t n, int64_t s0, int64_t len,
-                   int64_t block, acc_t* buf) {
-  for (int64_t c = 0; c < g.classes; ++c) {
-    const scalar_t* src = logits + g.logit_offset(n, c, s0);
-    acc_t* row = buf + c * block;
-    if (g.logits.s == 1) {
-      for (int64_t j = 0; j < len; ++j) row[j] = static_cast<acc_t>(src[j]);
-    } else {
-      for (int64_t j = 0; j < len; ++j) row[j] = static_cast<acc_t>(src[j * g.logits.s]);
-    }
-  }
-}
-
-// Per-block scratch, on the stack (no allocation per task). kMaxBlock bounds B; the logits
-// buffer holds C * B values with C * B <= kMaxBuffer (block_pixels keeps to that).
-constexpr int64_t kMaxBlock = 256;
-constexpr int64_t kMaxBuffer = 16384;
-
-// The (C, B) logits buffer: on the stack, or on the heap for more than kMaxBuffer classes.
-template <typename acc_t>
-struct LogitsBuffer {
-  explicit LogitsBuffer(int64_t size) {
-    if (size > kMaxBuffer) heap.resize(size);
-  }
-  acc_t* data() { return heap.empty() ? stack : heap.data(); }
-  acc_t stack[kMaxBuffer];
-  std::vector<acc_t> heap;
-};
-
-// Class index of each pixel as int32 (so the per-class selects vectorise): the class, or
-// kIgnored, or kBad for an out-of-range target. Returns whether any target was bad.
-constexpr int32_t kIgnored = -1, kBad = -2;
-inline bool load_classes(const Geometry& g, const int64_t* target, int64_t n, int64_t s0,
-                         int64_t len, int32_t* cls, int64_t* first_bad) {
-  const int64_t* src = target + n * g.target_n + s0 * g.target_s;
-  const int64_t step = g.target_s, ignore_index = g.ignore_index, classes = g.classes;
-  // Branch-free with an OR-reduced flag, so it vectorises; the bad value is looked up after.
-  int32_t any_bad = 0;
-  auto classify = [&](int64_t j, int64_t t) {
-    const bool ignored = is_ignored(t, ignore_index);
-    const bool valid = in_range(t, classes);
-    cls[j] = ignored ? kIgnored : (valid ? static_cast<int32_t>(t) : kBad);
-    any_bad |= static_cast<int32_t>(!ignored && !valid);
-  };
-  if (step == 1) {
-    for (int64_t j = 0; j < len; ++j) classify(j, src[j]);
-  } else {
-    for (int64_t j = 0; j < len; ++j) classify(j, src[j * step]);
-  }
-  if (!any_bad) return false;
-  for (int64_t j = 0; j < len; ++j) {
-    if (cls[j] == kBad) {
-      *first_bad = src[j * step];
-      break;
-    }
-  }
-  return true;
-}
-
-// lse[j] = logsumexp over classes of buf[:, j], two passes (max, then sum of exp).
-template <typename acc_t>
-void block_logsumexp(int64_t classes, int64_t len, int64_t block, const acc_t* buf, acc_t* lse) {
-  acc_t mx[kMaxBlock], sum[kMaxBlock];
-  for (int64_t j = 0; j < len; ++j) mx[j] = buf[j];
-  for (int64_t c = 1; c < classes; ++c) {
-    const acc_t* row = buf + c * block;
-    // NaN wins, as in torch's logsumexp.
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t current = mx[j], candidate = row[j];
-      mx[j] = (candidate > current || candidate != candidate) ? candidate : current;
-    }
-  }
-  for (int64_t j = 0; j < len; ++j) sum[j] = acc_t(0);
-  for (int64_t c = 0; c < classes; ++c) {
-    const acc_t* row = buf + c * block;
-    for (int64_t j = 0; j < len; ++j) sum[j] += vm::vexp(row[j] - mx[j]);
-  }
-  for (int64_t j = 0; j < len; ++j) lse[j] = mx[j] + vm::vlog(sum[j]);
-}
-
-// Per-pixel factor w * class_weight[t] (0 for ignored or bad pixels) and, if picked is given,
-// the target's logit.
-template <typename acc_t>
-void block_weights(const Geometry& g, const acc_t* weight_map, const acc_t* class_weight,
-                   int64_t n, int64_t s0, int64_t len, int64_t block, const int32_t* cls,
-                   const acc_t* buf, acc_t* factor, acc_t* class_factor, acc_t* picked) {
-  for (int64_t j = 0; j < len; ++j) class_factor[j] = cls[j] >= 0 ? acc_t(1) : acc_t(0);
-  if (class_weight) {
-    for (int64_t j = 0; j < len; ++j) {  // unconditional (clamped) gather, then select
-      const int32_t k = cls[j] >= 0 ? cls[j] : 0;
-      const acc_t cw = class_weight[k];
-      class_factor[j] = cls[j] >= 0 ? cw : acc_t(0);
-    }
-  }
-  // Select the target's logit class by class: branch-free, so it vectorises (C is small in U-Net).
-  // The backward needs no picked logit (picked == nullptr).
-  if (picked) std::fill(picked, picked + len, acc_t(0));
-  for (int32_t c = 0; c < g.classes && picked; ++c) {  // int32 c: an int64 compare would not vectorise
-    const acc_t* row = buf + c * block;
-    for (int64_t j = 0; j < len; ++j) {
-      // Both loads before the select: GCC turns `p = cond ? v : p` into a scalar masked store.
-      const acc_t current = picked[j], candidate = row[j];
-      picked[j] = cls[j] == c ? candidate : current;
-    }
-  }
-  if (weight_map) {
-    const acc_t* w = weight_map + n * g.weight_n + s0 * g.weight_s;
-    if (g.weight_s == 1) {
-      for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j] * w[j];
-    } else {
-      for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j] * w[j * g.weight_s];
-    }
-  } else {
-    for (int64_t j = 0; j < len; ++j) factor[j] = class_factor[j];
-  }
-}
-
-// Sum in double over kLanes independent accumulators, added in a fixed order at the end: a
-// single accumulator is a serial chain of dependent adds (the compiler may not reorder them),
-// which cost more than the rest of the forward.
-template <typename acc_t>
-double sum_in_lanes(const acc_t* values, int64_t len) {
-  constexpr int64_t kLanes = 8;
-  double lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= len; j += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(values[j + k]);
-  }
-  for (; j < len; ++j) lanes[0] += static_cast<double>(values[j]);
-  double total = 0.0;
-  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
-}
 
 // What both passes read: the block decomposition and the input pointers.
 template <typename scalar_t>
@@ -229,23 +87,13 @@ void forward_kernel(const Prepared& p, ForwardOutputs& out) {
   BadTarget bad;
 
   for_each_block(in, bad, [&](int64_t b, int64_t n, int64_t s0, int64_t len, const int32_t* cls, acc_t* buf) {
-    acc_t factor[kMaxBlock], class_factor[kMaxBlock], picked[kMaxBlock];
-    acc_t* lse = lse_out + n * g.pixels + s0;
-    block_logsumexp(g.classes, len, in.block, buf, lse);
-    block_weights(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, factor, class_factor, picked);
-    // Separate simple loops: fused, GCC's AVX-512 if-conversion gives up and goes scalar.
-    acc_t* loss = picked;  // reused in place
-    for (int64_t j = 0; j < len; ++j) {
-      // factor is 0 for ignored pixels; the select keeps a NaN/inf logit there from leaking.
-      const acc_t value = factor[j] * (lse[j] - picked[j]);
-      loss[j] = factor[j] != acc_t(0) ? value : acc_t(0);
-    }
+    acc_t loss[kMaxBlock];
+    forward_block(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, lse_out + n * g.pixels + s0,
+                  loss, &block_loss[b], &block_weight[b]);
     if (loss_map) {
       scalar_t* loss_row = loss_map + n * g.pixels + s0;
       for (int64_t j = 0; j < len; ++j) loss_row[j] = static_cast<scalar_t>(loss[j]);
     }
-    block_loss[b] = sum_in_lanes(loss, len);
-    block_weight[b] = sum_in_lanes(class_factor, len);
   });
   bad.raise_if_seen("unet_ext.weighted_cross_entropy", g);
 

@@ -5,9 +5,10 @@
 #   tests     every CUDA test, a per-test timeout
 #   memcheck  compute-sanitizer memcheck over a small subset of our kernels' tests
 #   racecheck compute-sanitizer racecheck over the same, filtered to unet_ext's own kernels
-#   bench     the GPU benchmarks at --quick (every op and the UNet against stock, same run)
+#   dev       the workshop's CUDA kernel variants (dev/), validated, then timed
+#   bench     the GPU benchmarks at --quick, the UNet first, then every op, against stock
 # and writes to $OUT: summary.md, results.json (every figure, device, date, commit, torch,
-# driver), the logs and the speed-up chart (8 files at most). It exits 0 even when a step fails:
+# driver), the logs and the speed-up charts (8 files at most). It exits 0 even when a step fails:
 # the summary says which, and nothing of a lease is lost.
 # --dry-run (this machine, no GPU): the kit's library must load in the kit's torch venv and the CPU
 # tests pass against it; each GPU step's command line is built and the summary written; exit 1 if
@@ -32,7 +33,7 @@ WORK=$(mktemp -d /tmp/unet_ext-lease.XXXXXX)
 STEPS=$WORK/steps.tsv
 : >"$STEPS"
 START=$SECONDS
-TOTAL=${KIT_BUDGET_S:-$([ "$DRY" = 1 ] && echo 2400 || echo 450)}
+TOTAL=${KIT_BUDGET_S:-$([ "$DRY" = 1 ] && echo 2400 || echo 465)}
 export PYTHONUNBUFFERED=1 UNET_EXT_LIBRARY=$KIT/lib/unet_ext/_C.abi3.so
 
 left() { echo $((TOTAL - (SECONDS - START))); }
@@ -101,7 +102,7 @@ if [ "$DRY" = 1 ]; then
   run_step tests-cpu "$(left)" "$WORK/tests.log" "${PYTEST[@]}" -m "not cuda and not slow" --timeout=300 \
     --junitxml="$WORK/tests.xml" tests
 else
-  run_step tests-cuda 170 "$WORK/tests.log" "${PYTEST[@]}" -m cuda --timeout=60 --junitxml="$WORK/tests.xml" tests
+  run_step tests-cuda 140 "$WORK/tests.log" "${PYTEST[@]}" -m cuda --timeout=60 --junitxml="$WORK/tests.xml" tests
 fi
 
 # compute-sanitizer: our kernels' tests at small shapes: the copies, the loss, the pool, the generic
@@ -122,32 +123,40 @@ MEMCHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SAN
   "${PYTEST[@]}" --timeout=120 "${SUBSET[@]}")
 RACECHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SANITIZER:-compute-sanitizer}" --tool racecheck "${KERNEL_FILTER[@]}"
   --error-exitcode 1 "${PYTEST[@]}" --timeout=120 "${SUBSET[@]}")
-BENCH=("$PYTHON" -m benchmarks.run --device cuda --quick --out "$WORK/bench")
+DEV_LOSS=("$PYTHON" -m dev.loss --device cuda --build-dir "$WORK/dev" --budget 0.5)
+DEV_CONV=("$PYTHON" -m dev.conv --device cuda --build-dir "$WORK/dev" --budget 0.5 --shape 1,64,258,258,64,3)
+# The UNet first (the figures a lease is for), then the ops; each run writes its own JSON.
+BENCH_UNET=("$PYTHON" -m benchmarks.run --device cuda --quick --op unet --out "$WORK/bench-unet")
+BENCH_OPS=("$PYTHON" -m benchmarks.run --device cuda --quick --op conv --op crop_concat --op max_pool2x2
+  --op weighted_cross_entropy --out "$WORK/bench-ops")
 if [ "$DRY" = 1 ]; then
-  for name in memcheck racecheck bench; do
-    case $name in
-      memcheck) cmd="${MEMCHECK[*]}" ;;
-      racecheck) cmd="${RACECHECK[*]}" ;;
-      bench) cmd="${BENCH[*]}" ;;
-    esac
-    record "$name" "SKIP (dry run: no GPU)" 0 "$cmd"
-  done
+  record memcheck "SKIP (dry run: no GPU)" 0 "${MEMCHECK[*]}"
+  record racecheck "SKIP (dry run: no GPU)" 0 "${RACECHECK[*]}"
+  record dev-loss "SKIP (dry run: no GPU)" 0 "${DEV_LOSS[*]}"
+  record dev-conv "SKIP (dry run: no GPU)" 0 "${DEV_CONV[*]}"
+  record bench-unet "SKIP (dry run: no GPU)" 0 "${BENCH_UNET[*]}"
+  record bench-ops "SKIP (dry run: no GPU)" 0 "${BENCH_OPS[*]}"
 else
   if [ -z "$SANITIZER" ]; then
     record memcheck "FAIL (compute-sanitizer not found)" 0 "${MEMCHECK[*]}"
     record racecheck "FAIL (compute-sanitizer not found)" 0 "${RACECHECK[*]}"
   else
-    run_step memcheck 75 "$WORK/memcheck.log" "${MEMCHECK[@]}"
-    run_step racecheck 55 "$WORK/racecheck.log" "${RACECHECK[@]}"
+    run_step memcheck 55 "$WORK/sanitizer.log" "${MEMCHECK[@]}"
+    run_step racecheck 40 "$WORK/sanitizer.log" "${RACECHECK[@]}"
   fi
-  run_step bench $(( $(left) - 15 )) "$WORK/bench.log" "${BENCH[@]}"
+  run_step dev-loss 25 "$WORK/dev.log" "${DEV_LOSS[@]}"
+  run_step dev-conv 25 "$WORK/dev.log" "${DEV_CONV[@]}"
+  run_step bench-unet 100 "$WORK/bench.log" "${BENCH_UNET[@]}"
+  run_step bench-ops $(( $(left) - 12 )) "$WORK/bench.log" "${BENCH_OPS[@]}"
 fi
 
 # Everything that comes back: 8 files at most, each under 16 MiB.
-for log in setup tests memcheck racecheck bench; do
+cat "$WORK/dev.log" >>"$WORK/bench.log" 2>/dev/null
+for log in setup tests sanitizer bench; do
   [ -f "$WORK/$log.log" ] && tail -c 15M "$WORK/$log.log" >"$OUT/$log.log"
 done
-cp "$WORK"/bench/speedup-*.png "$OUT/speedup.png" 2>/dev/null || true
+cp "$WORK"/bench-unet/speedup-*.png "$OUT/speedup-unet.png" 2>/dev/null || true
+cp "$WORK"/bench-ops/speedup-*.png "$OUT/speedup-ops.png" 2>/dev/null || true
 "$PYTHON" scripts/device_summary.py --work "$WORK" --out "$OUT" --dry-run "$DRY" --kit "$KIT" \
   --seconds $((SECONDS - START)) >&2 || python3 scripts/device_summary.py --work "$WORK" --out "$OUT" \
   --dry-run "$DRY" --kit "$KIT" --seconds $((SECONDS - START)) >&2 || echo "run.sh: the summary failed; the logs are in $OUT" >&2

@@ -48,11 +48,16 @@ def read_tests(path):
 
 
 def read_bench(work):
-    paths = sorted(glob.glob(os.path.join(work, "bench", "results-*.json")))
+    """Every benchmark run's rows (the UNet run, the ops run), with the first run's meta."""
+    paths = sorted(glob.glob(os.path.join(work, "bench*", "results-*.json")))
     if not paths:
         return None
-    with open(paths[-1]) as f:
-        bench = json.load(f)
+    bench = {"meta": None, "rows": []}
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        bench["meta"] = bench["meta"] or run["meta"]
+        bench["rows"] += run["rows"]
     for row in bench["rows"]:
         batch = re.search(r"\bb(\d+)\b", row["shape"])
         if row["op"].startswith("unet") and batch and row.get("median_ms"):

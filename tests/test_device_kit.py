@@ -26,7 +26,7 @@ def _row(impl, median_ms, speedup, shape="UNet base 64 572x572 b8", op="unet tra
 
 def _summarise(tmp_path, work_files):
     work, out = tmp_path / "work", tmp_path / "out"
-    (work / "bench").mkdir(parents=True)
+    (work / "bench-unet").mkdir(parents=True)
     out.mkdir()
     for name, text in work_files.items():
         (work / name).write_text(text)
@@ -46,7 +46,7 @@ def test_summary_of_a_lease_run(tmp_path):
         "tests.xml": JUNIT,
         "setup.log": "| NVIDIA-SMI 580.65 Driver Version: 580.65.06 CUDA Version: 13.0 |\n"
                      "python 3.12.3 torch 2.11.0+cu130 CUDA 13.0 GPU NVIDIA H200\n",
-        "bench/results-20261129T000000-cuda.json": json.dumps(bench),
+        "bench-unet/results-20261129T000000-cuda.json": json.dumps(bench),
     })
     assert results["gpu"] == "NVIDIA H200" and results["driver"] == "580.65.06"
     assert results["torch"] == "2.11.0+cu130" and results["seconds"] == 421

@@ -165,10 +165,13 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
 // The deep up-convs (512 input channels and more) in float32: oneDNN's deconvolution, as stock
 // PyTorch's, which runs near the FMA peak where our per-block GEMMs stream the large weights
 // (1024 -> 512 at 28x28: forward+backward 0.71x of stock on ours). The rest stays ours.
+// bfloat16: oneDNN's at every size where the CPU has bf16 dot products (cpu::has_bf16_dot_products),
+// for the same reason as the convolutions (conv2d_kernel.h, use_onednn).
 constexpr int64_t kOneDnnChannels = 512;
 bool use_onednn(const ConvGeometry& g, at::ScalarType dtype) {
-  return dtype == at::kFloat && g.in_channels >= kOneDnnChannels && g.batch * g.in_h * g.in_w > 0 &&
-         at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  if (g.batch * g.in_h * g.in_w == 0 || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (dtype == at::kBFloat16) return cpu::has_bf16_dot_products();
+  return dtype == at::kFloat && g.in_channels >= kOneDnnChannels;
 }
 
 at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& weight,

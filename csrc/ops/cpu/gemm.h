@@ -29,16 +29,6 @@ inline bool float_brgemm_available() {
   return available;
 }
 
-// Whether the CPU multiplies bfloat16 pairs into float32 in hardware (AVX512-BF16, AMX), so that
-// oneDNN's bf16 convolutions run at twice the float32 rate.
-inline bool has_bf16_dot_products() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-  }();
-  return has;
-}
-
 template <typename T>
 void gemm_with_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
                   T* c, int64_t ldc, bool accumulate) {

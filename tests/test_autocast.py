@@ -275,3 +275,34 @@ def test_float16_grad_scaler_step_matches_stock():
     for (name, p), q, e in zip(ours.named_parameters(), stock.parameters(), exact.parameters()):
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
         assert_gradient_within_twice_stock(p.grad, q.grad, e.grad, name)
+
+
+@pytest.mark.parametrize("threshold", [0, 10**9], ids=["onednn", "ours"])
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cpu_bf16_paths_both_within_twice_stock_error(op, threshold, monkeypatch):
+    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (64
+    by default) and on our kernels below: both paths, forward and backward, by the rule."""
+    monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+    if op == "conv2d_relu_concat":
+        args = (randn(1, 32, 14, 14), randn(1, 32, 10, 10), randn(16, 64, 3, 3, scale=0.05), randn(16), 0)
+    elif op == "conv_transpose2x2":
+        args = (randn(1, 64, 6, 7), randn(64, 16, 2, 2, scale=0.1), randn(16))
+    else:
+        args = (randn(1, 64, 12, 13), randn(16, 64, 3, 3, scale=0.05), randn(16), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = getattr(ops, op)(*args)
+        stock = getattr(reference, op)(*args)
+    exact = getattr(reference, op)(*(a.double() if torch.is_tensor(a) else a for a in args))
+    assert ours.dtype == torch.bfloat16
+    assert_low_precision(ours, stock, exact)
+    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    tensors = [a for a in args if torch.is_tensor(a)]
+    got = torch.autograd.grad(ours, tensors, grad)
+    want = torch.autograd.grad(stock, tensors, grad)
+    want_exact = torch.autograd.grad(exact, tensors, grad.double())
+    for a, b, e in zip(got, want, want_exact):
+        assert_low_precision(a, b, e)

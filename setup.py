@@ -120,7 +120,7 @@ arch_list = os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";
 debug = flag("DEBUG")
 werror = flag("UNET_EXT_WERROR")
 
-sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp"))
+sources = sorted(glob.glob("csrc/ops/*.cpp") + glob.glob("csrc/ops/cpu/*.cpp") + glob.glob("csrc/ops/autocast/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/ops/cuda/*.cu"))
 
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]

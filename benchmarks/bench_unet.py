@@ -1,9 +1,13 @@
 """Whole-model benchmark: unet_ext.UNet against the stock-layer reference (unet_ext.reference.UNet)
 with the same weights, eager (and torch.compile of the reference on CUDA), interleaved. Training
 step = forward, weighted loss, backward, SGD step; inference = forward under no_grad. CPU: base 32
-at 316x316 batch 2 (training) and the paper's network at 572x572 batch 1 (inference); CUDA: the
-paper's network at 572x572, batch 1 and 8, fp32 and bf16 autocast, channels_last. TFLOP/s count
-the convolutions (300.9 GFLOP per 572 tile forward for the paper's net; training counts 3x).
+at 316x316 batch 2 (training) and the paper's network at 572x572 batch 1 (inference), float32 and
+bf16 autocast; CUDA: the paper's network at 572x572, batch 1 and 8, fp32 and bf16 autocast,
+channels_last. Under autocast both sides run the whole step in it (each op by its autocast policy:
+convolutions in bf16, the loss in float32 from the bf16 logits), so the rows compare like with
+like; the CPU autocast rows also time our float32 step ("unet_ext float32") in the same
+interleaved run, so "bf16 beats our own float32" is measured, not inferred. TFLOP/s count the
+convolutions (300.9 GFLOP per 572 tile forward for the paper's net; training counts 3x).
 """
 import torch
 
@@ -38,7 +42,10 @@ def forward_flops(model, size):
     return flops
 
 
-def _case(device, base, size, batch, train, dtype, autocast, with_compile):
+OURS_FLOAT32 = OURS + " float32"
+
+
+def _case(device, base, size, batch, train, dtype, autocast, with_compile, with_float32=False):
     def make():
         torch.manual_seed(0)
         ours = unet_ext.UNet(base_channels=base).to(device)
@@ -48,21 +55,24 @@ def _case(device, base, size, batch, train, dtype, autocast, with_compile):
         models = {OURS: ours.to(memory_format=fmt), "stock": stock.to(memory_format=fmt)}
         if with_compile:
             models["compile(stock)"] = torch.compile(stock)
+        if with_float32:  # our own float32 step, the same model outside autocast
+            models[OURS_FLOAT32] = ours
         x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
         out = ours.output_size(size)
         target = torch.randint(0, 2, (batch, out, out), device=device)
         weight = torch.rand(batch, out, out, device=device) + 0.5
-        losses = {OURS: unet_ext.weighted_cross_entropy}
+        losses = {OURS: unet_ext.weighted_cross_entropy, OURS_FLOAT32: unet_ext.weighted_cross_entropy}
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-6, momentum=0.99) for name, m in models.items()}
 
         def run(name):
             model = models[name]
             loss_fn = losses.get(name, reference.weighted_cross_entropy_unfused)
-            with torch.autocast(device, dtype=dtype, enabled=autocast):
+            with torch.autocast(device, dtype=dtype, enabled=autocast and name != OURS_FLOAT32):
                 if not train:
                     with torch.no_grad():
                         return model(x).float()
-                loss = loss_fn(model(x).float(), target, weight)
+                # The loss's own autocast policy takes the logits as they come (float32 math).
+                loss = loss_fn(model(x), target, weight)
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()
@@ -83,9 +93,11 @@ def _case(device, base, size, batch, train, dtype, autocast, with_compile):
 
 def cases(device, quick=False):
     if device == "cpu":
-        result = [_case("cpu", 32, 316, 2, True, torch.float32, False, False)]
-        if not quick:
-            result.append(_case("cpu", 64, 572, 1, False, torch.float32, False, False))
+        result = []
+        for autocast in (False, True):
+            result.append(_case("cpu", 32, 316, 2, True, torch.bfloat16, autocast, False, autocast))
+            if not quick:
+                result.append(_case("cpu", 64, 572, 1, False, torch.bfloat16, autocast, False, autocast))
         return result
     result = []
     for batch in ((1,) if quick else (1, 8)):

@@ -19,12 +19,14 @@
 #include <ATen/core/stack.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "../common/dispatch.h"
 #include "../conv_host.h"
+#include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
 
@@ -459,11 +461,23 @@ inline at::Tensor dgrad_matrix(const at::Tensor& weight) {
 // the fusion pays, stay on the kernels above.
 // Taken where the weights are not small against the image (kh*kw*C_out >= H*W / 10): at
 // 256 -> 128 channels on 200x200 the fused path is still ahead (122 vs 134 ms).
-constexpr int64_t kOneDnnChannels = 256;
+// bfloat16 goes to oneDNN from kBf16OneDnnChannels input channels on where the CPU has bf16 dot
+// products (AVX512-BF16, AMX): its bf16 convolution accumulates in float32 at about twice its
+// float32 rate, where the kernels above convert each window to float32 and run float32 GEMMs.
+// Below that the kernels above stay ahead even so (they are up to 6x oneDNN's float32 on the
+// shallow layers; all-oneDNN bf16 made the base-16 training epoch 1.33x slower than float32).
+// The fusions kept on oneDNN: bias + ReLU as post-ops, the backward's mask in one pass.
+// UNET_EXT_BF16_ONEDNN_CHANNELS overrides the threshold (read per call: a knob for benchmarks).
+constexpr int64_t kOneDnnChannels = 256, kBf16OneDnnChannels = 64;
+inline int64_t bf16_onednn_channels() {
+  const char* value = std::getenv("UNET_EXT_BF16_ONEDNN_CHANNELS");
+  return value != nullptr ? std::atoll(value) : kBf16OneDnnChannels;
+}
 inline bool use_onednn(const ConvGeometry& g, at::ScalarType dtype) {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (dtype == at::kBFloat16) return cpu::has_bf16_dot_products() && g.in_channels >= bf16_onednn_channels();
   return dtype == at::kFloat && g.in_channels >= kOneDnnChannels &&
-         10 * g.kernel_h * g.kernel_w * g.out_channels >= g.in_h * g.in_w && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn();
+         10 * g.kernel_h * g.kernel_w * g.out_channels >= g.in_h * g.in_w;
 }
 
 inline at::Tensor onednn_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -471,7 +485,9 @@ inline at::Tensor onednn_forward(const at::Tensor& input, const at::Tensor& weig
   static const c10::OperatorHandle pointwise =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
   torch::jit::Stack stack;
-  torch::jit::push(stack, input.contiguous(), weight.contiguous(),
+  // channels_last stays channels_last: oneDNN runs it as nhwc directly (bf16 fwd+bwd 10-25% faster
+  // than NCHW here); converting it to NCHW and back cost two copies on top.
+  torch::jit::push(stack, input.contiguous(conv_memory_format(input)), weight.contiguous(),
                    bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt,
                    std::vector<int64_t>{padding, padding}, std::vector<int64_t>{1, 1}, std::vector<int64_t>{1, 1},
                    int64_t{1}, std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(),

@@ -87,10 +87,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
         {output_mask[0] || output_mask[1], output_mask[2], output_mask[3]});
     at::Tensor grad_skip = at::empty({0}, skip_arg.options()), grad_up = at::empty({0}, up_arg.options());
     if (output_mask[0]) {  // zero outside the crop window
-      grad_skip = at::zeros_like(skip_arg, format);
+      grad_skip = at::zeros_like(skip_arg, conv_memory_format(skip_arg));  // each grad in its input's layout
       grad_skip.narrow(2, c.top, g.in_h).narrow(3, c.left, g.in_w).copy_(gi.narrow(1, 0, c.skip_channels));
     }
-    if (output_mask[1]) grad_up = gi.narrow(1, c.skip_channels, g.in_channels - c.skip_channels).contiguous(format);
+    if (output_mask[1]) grad_up = gi.narrow(1, c.skip_channels, g.in_channels - c.skip_channels).contiguous(conv_memory_format(up_arg));
     return {grad_skip, grad_up,
             output_mask[2] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
             output_mask[3] ? gb : at::empty({0}, weight.options())};

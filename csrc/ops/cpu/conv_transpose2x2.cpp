@@ -14,6 +14,8 @@
 
 #include "../common/dispatch.h"
 #include "../conv_host.h"
+#include "conv2d_kernel.h"
+#include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
 
@@ -165,10 +167,13 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
 // The deep up-convs (512 input channels and more) in float32: oneDNN's deconvolution, as stock
 // PyTorch's, which runs near the FMA peak where our per-block GEMMs stream the large weights
 // (1024 -> 512 at 28x28: forward+backward 0.71x of stock on ours). The rest stays ours.
+// bfloat16: oneDNN's from the same input-channel threshold as the convolutions (conv2d_kernel.h,
+// use_onednn, bf16_onednn_channels), for the same reason.
 constexpr int64_t kOneDnnChannels = 512;
 bool use_onednn(const ConvGeometry& g, at::ScalarType dtype) {
-  return dtype == at::kFloat && g.in_channels >= kOneDnnChannels && g.batch * g.in_h * g.in_w > 0 &&
-         at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  if (g.batch * g.in_h * g.in_w == 0 || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  if (dtype == at::kBFloat16) return cpu::has_bf16_dot_products() && g.in_channels >= cpu_kernel::bf16_onednn_channels();
+  return dtype == at::kFloat && g.in_channels >= kOneDnnChannels;
 }
 
 at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& weight,

@@ -35,6 +35,18 @@ Isa best_isa() {
   return isa;
 }
 
+bool has_bf16_dot_products() {
+  static const bool has = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";

@@ -15,6 +15,10 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 Isa best_isa();
 const char* isa_name(Isa isa);
 
+// Whether the CPU multiplies bfloat16 pairs into float32 in hardware (AVX512-BF16, AMX): then
+// oneDNN's bf16 convolutions run at about twice its float32 rate (conv2d_kernel.h, use_onednn).
+bool has_bf16_dot_products();
+
 }  // namespace cpu
 
 namespace wce {

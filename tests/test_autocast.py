@@ -1,0 +1,308 @@
+"""torch.autocast reaches every op, with stock PyTorch's policy for the op it replaces: the
+convolutions run in the autocast dtype (as F.conv2d), crop_concat promotes (as torch.cat),
+max_pool2x2 keeps its input's dtype (as F.max_pool2d), the loss computes and returns float32
+(as F.cross_entropy). Values against stock under the same autocast (our error against float64 at
+most twice stock's), the UNet against reference.UNet, torch.compile, channels_last, clear errors.
+CPU: bfloat16; CUDA (on the GPU lease): bfloat16 and float16 (+ GradScaler in test_unet_cuda.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unet_ext
+from unet_ext import ops, reference
+
+from conftest import assert_low_precision
+
+AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
+            pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda, id="cuda-bfloat16"),
+            pytest.param("cuda", torch.float16, marks=pytest.mark.cuda, id="cuda-float16")]
+
+
+def _conv_args(device, op):
+    """float32 arguments of `op` (leaf tensors requiring grad) and the matching reference op."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+    if op == "conv2d_relu_concat":
+        return (randn(2, 6, 20, 21), randn(2, 5, 16, 17), randn(7, 11, 3, 3, scale=0.2), randn(7), 1)
+    if op == "conv_transpose2x2":
+        return (randn(2, 6, 9, 10), randn(6, 5, 2, 2, scale=0.3), randn(5))
+    return (randn(2, 6, 18, 19), randn(7, 6, 3, 3, scale=0.2), randn(7), 1)
+
+
+CONV_OPS = ["conv2d_relu", "conv2d_bias", "conv2d_relu_concat", "conv_transpose2x2"]
+
+
+@pytest.mark.parametrize("op", CONV_OPS)
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_convolutions_run_in_the_autocast_dtype(device, dtype, op):
+    args = _conv_args(device, op)
+    with torch.autocast(device, dtype=dtype):
+        ours = getattr(ops, op)(*args)
+        stock = getattr(reference, op)(*args)
+    assert stock.dtype == dtype
+    assert ours.dtype == dtype
+    exact = getattr(reference, op)(*(a.double() if torch.is_tensor(a) else a for a in args))
+    assert_low_precision(ours, stock, exact)
+    # Gradients reach the float32 leaves in float32, close to stock's.
+    grad = torch.randn_like(exact).to(dtype)
+    tensors = [a for a in args if torch.is_tensor(a)]
+    got = torch.autograd.grad(ours, tensors, grad)
+    want = torch.autograd.grad(stock, tensors, grad)
+    want_exact = torch.autograd.grad(exact, tensors, grad.double(), allow_unused=True)
+    for g, w, e, leaf in zip(got, want, want_exact, tensors):
+        assert g.dtype == leaf.dtype == torch.float32
+        assert_low_precision(g, w, e)
+
+
+@pytest.mark.parametrize("op", CONV_OPS)
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_convolutions_leave_float64_alone(device, dtype, op):
+    """Autocast does not cast float64 (stock's rule), so float64 stays exact."""
+    args = [a.detach().double() if torch.is_tensor(a) else a for a in _conv_args(device, op)]
+    with torch.autocast(device, dtype=dtype):
+        ours = getattr(ops, op)(*args)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, getattr(reference, op)(*args), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_convolution_channels_last_under_autocast(device, dtype):
+    x, w, b, padding = _conv_args(device, "conv2d_relu")
+    x = x.detach().contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device, dtype=dtype):
+        ours = ops.conv2d_relu(x, w, b, padding)
+        stock = reference.conv2d_relu(x, w, b, padding)
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+    assert_low_precision(ours, stock, reference.conv2d_relu(x.double(), w.double(), b.double(), padding))
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_autocast_off_changes_nothing(device, dtype):
+    x, w, b, padding = _conv_args(device, "conv2d_relu")
+    plain = ops.conv2d_relu(x, w, b, padding)
+    with torch.autocast(device, dtype=dtype, enabled=False):
+        off = ops.conv2d_relu(x, w, b, padding)
+    assert off.dtype == torch.float32
+    assert torch.equal(off, plain)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_crop_concat_promotes_like_cat(device, dtype):
+    skip = torch.randn(2, 3, 12, 13, device=device)
+    up = torch.randn(2, 4, 8, 9, device=device).to(dtype)
+    with torch.autocast(device, dtype=dtype):
+        mixed = ops.crop_concat(skip, up)
+        stock = reference.crop_concat(skip, up)
+        low = ops.crop_concat(skip.to(dtype), up)
+    assert stock.dtype == mixed.dtype == torch.float32
+    assert torch.equal(mixed, stock)
+    assert low.dtype == dtype
+    assert torch.equal(low, reference.crop_concat(skip.to(dtype), up))
+    # Differentiable through the cast: each input's gradient in its own dtype.
+    skip.requires_grad_()
+    up.requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        out = ops.crop_concat(skip, up)
+    grad_skip, grad_up = torch.autograd.grad(out, [skip, up], torch.ones_like(out))
+    assert grad_skip.dtype == torch.float32 and grad_up.dtype == dtype
+    assert grad_skip.sum().item() == 3 * 8 * 9 * 2 and grad_up.sum().item() == 4 * 8 * 9 * 2
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_max_pool_keeps_its_input_dtype(device, dtype):
+    x = torch.randn(2, 3, 10, 11, device=device)
+    with torch.autocast(device, dtype=dtype):
+        for t in (x, x.to(dtype)):
+            out, stock = ops.max_pool2x2(t), F.max_pool2d(t, 2)
+            assert out.dtype == stock.dtype == t.dtype
+            assert torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_loss_computes_and_returns_float32(device, dtype, reduction):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 17, 19, device=device) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, 3, (2, 17, 19), device=device)
+    weight_map = torch.rand(2, 17, 19, device=device) + 0.5
+    with torch.autocast(device, dtype=dtype):
+        ours = ops.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+        stock = reference.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+    assert stock.dtype == ours.dtype == torch.float32
+    # Both read the same 16-bit logits and compute in float32: float32 agreement.
+    torch.testing.assert_close(ours, stock, rtol=2e-5, atol=2e-6)
+    grad = torch.rand_like(ours)
+    got, = torch.autograd.grad(ours, logits, grad)
+    want, = torch.autograd.grad(stock, logits, grad)
+    assert got.dtype == want.dtype == dtype
+    exact, = torch.autograd.grad(
+        reference.weighted_cross_entropy(logits.double(), target, weight_map.double(), reduction=reduction),
+        logits, grad.double())
+    assert_low_precision(got, want, exact)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_bad_input_is_still_a_clear_error(device, dtype):
+    w = torch.randn(4, 3, 3, 3, device=device)
+    with torch.autocast(device, dtype=dtype):
+        with pytest.raises(RuntimeError, match="input must be a floating-point tensor, got Int"):
+            ops.conv2d_relu(torch.ones(1, 3, 8, 8, dtype=torch.int32, device=device), w)
+        with pytest.raises(RuntimeError, match="target must hold class indices"):
+            ops.weighted_cross_entropy(torch.randn(1, 2, 4, 4, device=device),
+                                       torch.zeros(1, 4, 4, device=device))
+        with pytest.raises(RuntimeError, match="same dtype"):
+            ops.crop_concat(torch.ones(1, 2, 6, 6, dtype=torch.int64, device=device),
+                            torch.randn(1, 2, 4, 4, device=device))
+        with pytest.raises(RuntimeError, match="weight must have shape"):
+            ops.conv2d_relu(torch.randn(1, 2, 8, 8, device=device), w)
+
+
+@pytest.mark.cuda
+def test_mismatched_devices_under_autocast():
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(4, 3, 3, 3, device="cuda")
+    for device_type in ("cpu", "cuda"):
+        dtype = torch.bfloat16 if device_type == "cpu" else torch.float16
+        with torch.autocast(device_type, dtype=dtype):
+            with pytest.raises(RuntimeError, match="must be on the same device"):
+                ops.conv2d_relu(x, w)
+            with pytest.raises(RuntimeError, match="must be on the same device"):
+                ops.crop_concat(torch.randn(1, 2, 6, 6), torch.randn(1, 2, 4, 4, device="cuda"))
+
+
+# ------------------------------------------------------------------------------- the UNet
+
+
+def assert_gradient_within_twice_stock(ours, stock, exact, name):
+    """A 16-bit network's gradient is dominated by ReLUs whose output rounds to the other side of
+    0 (10-30% of the norm at base 8 in bfloat16, for stock too), so a single element's error is
+    a lottery: the rule (our error at most twice stock's) is applied to the norm of the error."""
+    ours_err = (ours.double() - exact).norm().item()
+    stock_err = (stock.double() - exact).norm().item()
+    assert ours_err <= 2 * stock_err + 1e-3 * exact.norm().item(), (name, ours_err, stock_err)
+
+
+def _unet_pair(device, **config):
+    torch.manual_seed(0)
+    ours = unet_ext.UNet(**config).to(device)
+    stock = reference.UNet(**config).to(device)
+    stock.load_state_dict(ours.state_dict())
+    exact = reference.UNet(**config).to(device).double()
+    exact.load_state_dict(ours.state_dict())
+    return ours, stock, exact
+
+
+@pytest.mark.parametrize("padding,size", [("valid", 92), ("same", 36)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_unet_under_autocast_matches_reference(device, dtype, padding, size, layout):
+    ours, stock, exact = _unet_pair(device, base_channels=8, depth=3, padding=padding, num_classes=3)
+    x = torch.randn(2, 1, size, size, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        ours, stock = ours.to(memory_format=torch.channels_last), stock.to(memory_format=torch.channels_last)
+    out_size = ours.output_size(size)
+    target = torch.randint(0, 3, (2, out_size, out_size), device=device)
+    weight_map = torch.rand(2, out_size, out_size, device=device) + 0.5
+    with torch.autocast(device, dtype=dtype):
+        out, expected = ours(x), stock(x)
+        loss = ops.weighted_cross_entropy(out, target, weight_map)
+        stock_loss = reference.weighted_cross_entropy(expected, target, weight_map)
+    reference_out = exact(x.double())
+    assert out.dtype == expected.dtype == dtype
+    assert loss.dtype == stock_loss.dtype == torch.float32
+    assert_low_precision(out, expected, reference_out)
+    # The training step's gradients: float32, within twice stock's error of the float64 model's.
+    loss.backward()
+    stock_loss.backward()
+    reference.weighted_cross_entropy(reference_out, target, weight_map.double()).backward()
+    for (name, p), q, e in zip(ours.named_parameters(), stock.parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        assert_gradient_within_twice_stock(p.grad, q.grad, e.grad, name)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_unet_compiled_under_autocast(device, dtype):
+    torch._dynamo.reset()
+    ours, stock, exact = _unet_pair(device, base_channels=4, depth=2)
+    x = torch.randn(2, 1, 60, 60, device=device, requires_grad=True)
+
+    def step(model, x):
+        with torch.autocast(device, dtype=dtype):
+            out = model(x)
+            return out, ops.weighted_cross_entropy(out, (x[:, 0, 20:40, 20:40] > 0).long())
+    compiled = torch.compile(step, fullgraph=True)
+    out, loss = compiled(ours, x)
+    eager_out, eager_loss = step(ours, x)
+    assert out.dtype == eager_out.dtype == dtype and loss.dtype == torch.float32
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    torch.testing.assert_close(loss, eager_loss)
+    got = torch.autograd.grad(loss, [x, *ours.parameters()])
+    want = torch.autograd.grad(eager_loss, [x, *ours.parameters()])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_float16_grad_scaler_step_matches_stock():
+    """fp16 autocast + GradScaler: the scaled backward runs through our fp16 kernels, the
+    unscaled float32 gradients are finite and within twice stock's error of float64's, and the
+    scaler's step and update behave as stock's (no inf found, the same scale afterwards)."""
+    device = "cuda"
+    ours, stock, exact = _unet_pair(device, base_channels=8, depth=3)
+    x = torch.randn(2, 1, 92, 92, device=device)
+    out_size = ours.output_size(92)
+    target = torch.randint(0, 2, (2, out_size, out_size), device=device)
+    weight_map = torch.rand(2, out_size, out_size, device=device) + 0.5
+    scales = []
+    for model, loss_fn in ((ours, ops.weighted_cross_entropy), (stock, reference.weighted_cross_entropy)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay comparable
+        scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 12)
+        with torch.autocast(device, dtype=torch.float16):
+            logits = model(x)
+            loss = loss_fn(logits, target, weight_map)
+        assert logits.dtype == torch.float16 and loss.dtype == torch.float32
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales[0] == scales[1] == 2.0 ** 12  # no inf/NaN found in either
+    reference.weighted_cross_entropy(exact(x.double()), target, weight_map.double()).backward()
+    for (name, p), q, e in zip(ours.named_parameters(), stock.parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        assert_gradient_within_twice_stock(p.grad, q.grad, e.grad, name)
+
+
+@pytest.mark.parametrize("threshold", [0, 10**9], ids=["onednn", "ours"])
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cpu_bf16_paths_both_within_twice_stock_error(op, threshold, monkeypatch):
+    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (64
+    by default) and on our kernels below: both paths, forward and backward, by the rule."""
+    monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+    if op == "conv2d_relu_concat":
+        args = (randn(1, 32, 14, 14), randn(1, 32, 10, 10), randn(16, 64, 3, 3, scale=0.05), randn(16), 0)
+    elif op == "conv_transpose2x2":
+        args = (randn(1, 64, 6, 7), randn(64, 16, 2, 2, scale=0.1), randn(16))
+    else:
+        args = (randn(1, 64, 12, 13), randn(16, 64, 3, 3, scale=0.05), randn(16), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = getattr(ops, op)(*args)
+        stock = getattr(reference, op)(*args)
+    exact = getattr(reference, op)(*(a.double() if torch.is_tensor(a) else a for a in args))
+    assert ours.dtype == torch.bfloat16
+    assert_low_precision(ours, stock, exact)
+    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    tensors = [a for a in args if torch.is_tensor(a)]
+    got = torch.autograd.grad(ours, tensors, grad)
+    want = torch.autograd.grad(stock, tensors, grad)
+    want_exact = torch.autograd.grad(exact, tensors, grad.double())
+    for a, b, e in zip(got, want, want_exact):
+        assert_low_precision(a, b, e)

@@ -2,8 +2,8 @@
 with the same weights, eager (and torch.compile of the reference on CUDA), interleaved. Training
 step = forward, weighted loss, backward, SGD step; inference = forward under no_grad. CPU: base 32
 at 316x316 batch 2 (training) and the paper's network at 572x572 batch 1 (inference), float32 and
-bf16 autocast; CUDA: the paper's network at 572x572, batch 1 and 8, fp32 and bf16 autocast,
-channels_last. Under autocast both sides run the whole step in it (each op by its autocast policy:
+bf16 autocast; CUDA: the paper's network at batch 8 (and 1), 572x572 valid and 512x512 same
+padding, float32, bf16 (models and input cast) and bf16 autocast, channels_last. Under autocast both sides run the whole step in it (each op by its autocast policy:
 convolutions in bf16, the loss in float32 from the bf16 logits), so the rows compare like with
 like; the CPU autocast rows also time our float32 step ("unet_ext float32") in the same
 interleaved run, so "bf16 beats our own float32" is measured, not inferred. TFLOP/s count the
@@ -45,19 +45,25 @@ def forward_flops(model, size):
 OURS_FLOAT32 = OURS + " float32"
 
 
-def _case(device, base, size, batch, train, dtype, autocast, with_compile, with_float32=False):
+def _case(device, base, size, batch, train, dtype, autocast, with_compile, with_float32=False,
+          padding="valid", cast=False):
+    """cast: the models and the input in `dtype` (no autocast); autocast: float32 models under
+    torch.autocast(dtype); neither: float32."""
     def make():
         torch.manual_seed(0)
-        ours = unet_ext.UNet(base_channels=base).to(device)
-        stock = reference.UNet(base_channels=base).to(device)
+        ours = unet_ext.UNet(base_channels=base, padding=padding).to(device)
+        stock = reference.UNet(base_channels=base, padding=padding).to(device)
         stock.load_state_dict(ours.state_dict())
+        if cast:
+            ours, stock = ours.to(dtype), stock.to(dtype)
         fmt = torch.channels_last if device == "cuda" else torch.contiguous_format
         models = {OURS: ours.to(memory_format=fmt), "stock": stock.to(memory_format=fmt)}
         if with_compile:
             models["compile(stock)"] = torch.compile(stock)
         if with_float32:  # our own float32 step, the same model outside autocast
             models[OURS_FLOAT32] = ours
-        x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
+        x = torch.randn(batch, 1, size, size, device=device, dtype=dtype if cast else torch.float32)
+        x = x.contiguous(memory_format=fmt)
         out = ours.output_size(size)
         target = torch.randint(0, 2, (batch, out, out), device=device)
         weight = torch.rand(batch, out, out, device=device) + 0.5
@@ -79,13 +85,13 @@ def _case(device, base, size, batch, train, dtype, autocast, with_compile, with_
             return loss.detach()
         return {name: (lambda name=name: run(name)) for name in models}
 
-    probe = unet_ext.UNet(base_channels=base)
+    probe = unet_ext.UNet(base_channels=base, padding=padding)
     flops = forward_flops(probe, size) * batch * (3 if train else 1)
-    label = f"UNet base {base} {size}x{size} b{batch}"
+    label = f"UNet base {base} {size}x{size} b{batch}" + (" same" if padding == "same" else "")
     # Training steps move the weights: outputs agree only loosely (and each impl steps its own copy).
-    tol = dict(rtol=0.1, atol=0.1) if train or autocast else dict(rtol=1e-3, atol=1e-3)
+    tol = dict(rtol=0.1, atol=0.1) if train or autocast or cast else dict(rtol=1e-3, atol=1e-3)
     return Case(op="unet " + ("train step" if train else "inference"), shape=label,
-                dtype=("bf16 autocast" if autocast else "float32"),
+                dtype=("bf16 autocast" if autocast else str(dtype)[6:] if cast else "float32"),
                 layout="channels_last" if device == "cuda" else "contiguous",
                 mode="train" if train else "forward", make=make, bytes_moved=0, tol=tol,
                 flops=flops, no_memory=("compile(stock)",))
@@ -99,11 +105,15 @@ def cases(device, quick=False):
             if not quick:
                 result.append(_case("cpu", 64, 572, 1, False, torch.bfloat16, autocast, False, autocast))
         return result
+    # CUDA: the paper's network at batch 8 (572 valid; 512 same padding), float32, bf16 (models
+    # and input cast) and bf16 autocast, channels_last; the full run adds batch 1 and compile.
     result = []
-    for batch in ((1,) if quick else (1, 8)):
-        for autocast in (True, False):
-            for train in (True, False):
-                result.append(_case("cuda", 64, 572, batch, train, torch.bfloat16, autocast, not quick))
+    for batch in ((8,) if quick else (1, 8)):
+        for size, padding in ((572, "valid"), (512, "same")):
+            for precision in ("float32", "bfloat16", "autocast"):
+                for train in (True, False):
+                    result.append(_case("cuda", 64, size, batch, train, torch.bfloat16, precision == "autocast",
+                                        not quick, padding=padding, cast=precision == "bfloat16"))
     return result
 
 

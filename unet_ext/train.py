@@ -124,7 +124,10 @@ def _load_data(args):
         if not pairs:
             raise UsageError(f"no image/mask pairs in {args.data} (expected images/ and masks/)")
         source = args.data
-        names = [os.path.join(args.data, "images", n) for n in names]
+        folder = os.path.join(args.data, "images")
+        files = {os.path.splitext(f)[0]: os.path.join(folder, f) for f in os.listdir(folder)
+                 if os.path.splitext(f)[1].lower() in data.IMAGE_SUFFIXES}
+        names = [files.get(n, n) for n in names]  # the image files, for messages
     if args.data is None:
         names = [source]
     train, val = [], []

@@ -116,24 +116,34 @@ def test_every_op_under_each_isa_and_without_huge_pages(env):
 
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     """A child forked while another thread holds the cache's lock must still allocate (the lock
-    is held across fork() by pthread_atfork handlers)."""
+    is held across fork() by pthread_atfork handlers). The other threads cycle through many
+    output sizes, so the 512 MiB cache keeps evicting (unmapping under its lock)."""
     out = run_python("""
         import os, signal, threading, time, torch, unet_ext
-        from unet_ext.ops import crop_concat
-        skip, up = torch.randn(1, 8, 128, 256), torch.randn(1, 8, 128, 256)  # 2 MiB outputs
+        from unet_ext.ops import conv2d_bias, crop_concat
+        # channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
+        # (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
+        # the cache's lock, a window in which the main thread forks.
+        w = torch.ones(2, 2, 1, 1)
         stop = False
         def churn():
             while not stop:
-                crop_concat(skip, up)
+                for k in range(8, 73, 2):
+                    x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
+                    conv2d_bias(x, w, None, 0)
         threads = [threading.Thread(target=churn) for _ in range(2)]
         for t in threads: t.start()
         hung = 0
-        for _ in range(150):
+        for _ in range(30):
             pid = os.fork()
             if pid == 0:
-                crop_concat(skip, up); crop_concat(skip, up)
+                # One thread, as DataLoader workers: libgomp itself is not fork-safe while
+                # other threads' OpenMP teams are busy (stock torch ops hang there too).
+                torch.set_num_threads(1)
+                x = torch.zeros(1, 1, 256, 8192)
+                crop_concat(x, x[:, :0]); crop_concat(x, x)
                 os._exit(0)
-            deadline = time.time() + 10
+            deadline = time.time() + 5
             while True:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
@@ -144,10 +154,12 @@ def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
                     os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
                     break
                 time.sleep(0.001)
+            if hung:
+                break
         stop = True
         for t in threads: t.join()
         print("hung", hung)
-    """, timeout=400)
+    """, timeout=900)
     assert out.split()[-1] == "0", out
 
 

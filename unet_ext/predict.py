@@ -3,6 +3,8 @@ checkpoint from `unet-ext train` (it carries the model config, so nothing else i
 Per image it writes the class map (<stem>_seg), optionally the foreground probability
 (<stem>_prob, float32 TIFF) and instance labels from connected components (<stem>_instances);
 with --labels it scores the result (foreground IoU, Dice, instance F1 at IoU 0.5).
+Before anything is written, inputs whose outputs would collide, an output that would replace an
+input, and (without --overwrite) existing outputs are refused.
 """
 import os
 

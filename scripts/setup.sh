@@ -16,7 +16,7 @@ fi
 # Build, test and workflow dependencies (module:pip name); a local wheels/ folder serves machines
 # without internet.
 deps=(ninja:ninja numpy:numpy tqdm:tqdm matplotlib:matplotlib pytest:pytest scipy:scipy
-      tifffile:tifffile PIL:pillow)
+      tifffile:tifffile PIL:pillow hypothesis:hypothesis)
 missing=$("$PYTHON" - "${deps[@]}" <<'PY'
 import importlib.util, sys
 print(" ".join(d.split(":")[1] for d in sys.argv[1:] if importlib.util.find_spec(d.split(":")[0]) is None))

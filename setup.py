@@ -108,6 +108,13 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
 if werror:
     cxx_flags.append("-Werror")
+# UNET_EXT_SANITIZE=address,undefined: the CPU code built for AddressSanitizer/UBSan
+# (scripts/sanitize.sh builds such a copy in its own folder and runs the op tests on it).
+sanitize = os.environ.get("UNET_EXT_SANITIZE", "")
+sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize=vptr",
+                  "-fno-sanitize-recover=all"] if sanitize else []
+if sanitize:
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g"] + sanitize_flags
 nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
 # No -std here: cpp_extension picks the standard the installed torch needs (C++20 for 2.14).
 # No --use_fast_math: it turns expf/logf into bare MUFU.EX2/MUFU.LG2 (log's absolute error
@@ -132,12 +139,13 @@ else:
 print(f"unet_ext: torch {torch.__version__}, CUDA kernels: "
       f"{'ON, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', toolkit ' + cuda_home if with_cuda else 'OFF (CPU-only build)'}"
       f"{', CUTLASS ' + cutlass_dir if cutlass_dir else (', no CUTLASS' if with_cuda else '')}"
-      f"{', warnings are errors' if werror else ''}", flush=True)
+      f"{', warnings are errors' if werror else ''}"
+      f"{', sanitizers ' + sanitize if sanitize else ''}", flush=True)
 
 common = dict(
     name="unet_ext._C",
     include_dirs=[os.path.join(ROOT, "csrc")],
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp"] + sanitize_flags,
     py_limited_api=False,
 )
 if with_cuda:

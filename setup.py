@@ -128,6 +128,13 @@ cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
 cxx_flags += ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
 if werror:
     cxx_flags.append("-Werror")
+# UNET_EXT_SANITIZE=address,undefined: the CPU code built for AddressSanitizer/UBSan
+# (scripts/sanitize.sh builds such a copy in its own folder and runs the op tests on it).
+sanitize = os.environ.get("UNET_EXT_SANITIZE", "")
+sanitize_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize=vptr",
+                  "-fno-sanitize-recover=all"] if sanitize else []
+if sanitize:
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", "-g"] + sanitize_flags
 # -DNDEBUG: device asserts (CUTLASS/CuTe have many) compile to calls of __assertfail, and a call
 # inside a wgmma pipeline makes ptxas serialise every wgmma of the Hopper kernels (C7510).
 nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo", "-DNDEBUG"]
@@ -154,12 +161,13 @@ else:
 print(f"unet_ext: torch {torch.__version__}, CUDA kernels: "
       f"{'ON, archs ' + os.environ['TORCH_CUDA_ARCH_LIST'] + ', toolkit ' + cuda_home if with_cuda else 'OFF (CPU-only build)'}"
       f"{', CUTLASS ' + cutlass_dir if cutlass_dir else (', no CUTLASS' if with_cuda else '')}"
-      f"{', warnings are errors' if werror else ''}", flush=True)
+      f"{', warnings are errors' if werror else ''}"
+      f"{', sanitizers ' + sanitize if sanitize else ''}", flush=True)
 
 common = dict(
     name="unet_ext._C",
     include_dirs=[os.path.join(ROOT, "csrc")],
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-fopenmp"] + sanitize_flags,
     # One library for every CPython: no pybind11, no libtorch_python (cpp_extension then defines
     # Py_LIMITED_API and leaves them out); the module is named _C.abi3.so.
     py_limited_api=True,

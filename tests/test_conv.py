@@ -290,6 +290,49 @@ def test_nan_propagates_like_stock(device, op):
     assert not failures, "\n".join(failures)
 
 
+def border_pixels(height, width):
+    """The four corners and a pixel in the middle of each edge."""
+    return [(0, 0), (0, width - 1), (height - 1, 0), (height - 1, width - 1),
+            (0, width // 2), (height // 2, 0), (height // 2, width - 1), (height - 1, width // 2)]
+
+
+def assert_same_gradients(got, want, tolerances):
+    failures = []
+    for name, g, e in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        try:
+            assert torch.equal(g.isnan(), e.isnan()), "NaN pattern differs"
+            assert torch.equal(g.isinf(), e.isinf()), "inf pattern differs"
+            torch.testing.assert_close(g, e, equal_nan=True, **tolerances)
+        except AssertionError as error:
+            failures.append(f"{name}: {error}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("op", ["conv2d_relu", "conv2d_bias"])
+def test_non_finite_input_at_the_border_like_stock(op, value, padding, dtype):
+    """The CPU wgrad GEMMs run over "wide" rows whose extra columns read the border pixels with a
+    zero gradient: 0 * NaN must not leak into taps that stock PyTorch leaves finite."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 9, 11, generator=gen, dtype=dtype)
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=dtype)
+    b = torch.randn(5, generator=gen, dtype=dtype)
+    out_shape = (2, 5, 9 - 2 + 2 * padding, 11 - 2 + 2 * padding)
+    grad_out = torch.randn(out_shape, generator=gen, dtype=dtype)
+    for y, x in border_pixels(9, 11):
+        inp = x0.clone()
+        inp[1, 1, y, x] = value
+        xs, ws, bs = (t.clone().requires_grad_() for t in (inp, w, b))
+        xr, wr, br = (t.clone().requires_grad_() for t in (inp, w, b))
+        out = call(op, xs, ws, bs, padding)
+        ref = call(op, xr, wr, br, padding, fn_index=1)
+        got = torch.autograd.grad(out, (xs, ws, bs), grad_out)
+        want = torch.autograd.grad(ref, (xr, wr, br), grad_out)
+        assert_same_gradients(got, want, TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck(layout):
     def make(*shape):

@@ -348,3 +348,30 @@ def test_cuda_does_not_synchronize():
                                                             [True, True, True, True])
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_at_the_border_like_stock(value, padding, dtype):
+    """NaN/inf at the crop window's corners and edges (in the skip) and the up map's: the wgrad's
+    wide rows must not turn them into NaN taps that stock leaves finite."""
+    gen = torch.Generator().manual_seed(5)
+    skip0 = torch.randn(2, 3, 13, 15, generator=gen, dtype=dtype)
+    up0 = torch.randn(2, 4, 9, 11, generator=gen, dtype=dtype)
+    w = torch.randn(5, 7, 3, 3, generator=gen, dtype=dtype)
+    b = torch.randn(5, generator=gen, dtype=dtype)
+    grad_out = torch.randn(2, 5, 7 + 2 * padding, 9 + 2 * padding, generator=gen, dtype=dtype)
+    corners = [(0, 0), (0, 10), (8, 0), (8, 10), (0, 5), (4, 0), (4, 10), (8, 5)]
+    for source, (y, x) in [("skip", (y + 2, x + 2)) for y, x in corners] + [("up", p) for p in corners]:
+        skip, up = skip0.clone(), up0.clone()
+        (skip if source == "skip" else up)[1, 1, y, x] = value
+        leaves = [t.clone().requires_grad_() for t in (skip, up, w, b)]
+        leaves_ref = [t.clone().requires_grad_() for t in (skip, up, w, b)]
+        out = conv2d_relu_concat(*leaves, padding=padding)
+        ref = reference.conv2d_relu_concat(*leaves_ref, padding=padding)
+        got = torch.autograd.grad(out, leaves, grad_out)
+        want = torch.autograd.grad(ref, leaves_ref, grad_out)
+        for name, g, e in zip(("skip", "up", "weight", "bias"), got, want):
+            assert torch.equal(g.isnan(), e.isnan()), f"{source} {(y, x)}: grad_{name} NaN pattern differs"
+            torch.testing.assert_close(g, e, equal_nan=True, **TOLERANCES[dtype])

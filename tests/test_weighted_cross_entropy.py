@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from unet_ext import reference
 from unet_ext.ops import weighted_cross_entropy
 
-from conftest import TOLERANCES, assert_low_precision, device_dtype_params, to_layout
+from conftest import DEVICES, TOLERANCES, assert_low_precision, device_dtype_params, to_layout
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -293,3 +293,33 @@ def test_cuda_does_not_synchronize(reduction):
             torch.ones_like(loss), logits, target, weight_map, class_weight, lse, total, -100, reduction)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ignored_pixels_get_a_zero_gradient_like_stock(device, dtype, weighted):
+    """Every pixel ignored: 'mean' is 0/0 = NaN in the forward (as stock), but the gradient of an
+    ignored pixel is 0, not 0 * inf = NaN, which would poison the weights (found by the
+    hypothesis tests). Likewise a non-finite upstream gradient at an ignored pixel ('none')."""
+    logits = torch.randn(2, 3, 5, 4, dtype=dtype, device=device)
+    target = torch.full((2, 5, 4), -100, device=device)
+    weight_map = torch.rand(2, 5, 4, dtype=dtype, device=device) if weighted else None
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = weighted_cross_entropy(ours_in, target, weight_map)
+    ref = reference.weighted_cross_entropy(ref_in, target, weight_map)
+    assert ours.isnan() and ref.isnan()
+    ours.backward()
+    ref.backward()
+    assert torch.equal(ref_in.grad, torch.zeros_like(logits))
+    assert torch.equal(ours_in.grad, ref_in.grad)
+    # reduction='none', half the pixels ignored, inf/NaN upstream gradient on the ignored ones.
+    target = torch.randint(0, 3, (2, 5, 4), device=device)
+    target[:, ::2] = -100
+    upstream = torch.rand(2, 5, 4, dtype=dtype, device=device)
+    upstream[:, ::2] = float("inf")
+    upstream[0, 0, 0] = float("nan")
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    weighted_cross_entropy(ours_in, target, weight_map, reduction="none").backward(upstream)
+    reference.weighted_cross_entropy(ref_in, target, weight_map, reduction="none").backward(upstream)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, **TOLERANCES[dtype])

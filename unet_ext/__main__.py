@@ -28,13 +28,15 @@ def _cpu_flags():
 
 
 def cpu_isa():
-    """(isa, how) of the loss CPU kernels: csrc/ops/cpu/cpu_isa.cpp's rule (AVX-512 F/BW/VL/DQ,
-    else AVX2+FMA, else baseline; UNET_EXT_CPU_ISA=baseline|avx2 caps it), applied here to
-    /proc/cpuinfo because the library does not report its choice to Python."""
+    """(isa, how) of the loss CPU kernels: csrc/ops/cpu/cpu_isa.cpp's rule (AVX-512 F/BW/VL/DQ
+    plus the AVX2 set, else the AVX2 set: AVX2, FMA, BMI1, BMI2, F16C; else baseline;
+    UNET_EXT_CPU_ISA=baseline|avx2 caps it), applied to /proc/cpuinfo (the library's own choice
+    is torch.ops.unet_ext._cpu_isa(); tests check that the two agree)."""
     flags = _cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+    avx2 = {"avx2", "fma", "bmi1", "bmi2", "f16c"}  # /proc/cpuinfo calls GCC's "bmi" bmi1
+    if avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         isa = "avx512"
-    elif {"avx2", "fma"} <= flags:
+    elif avx2 <= flags:
         isa = "avx2"
     else:
         isa = "baseline"

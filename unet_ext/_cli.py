@@ -23,5 +23,7 @@ def run(prog, function, *args):
     try:
         return function(*args)
     except (UsageError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        sys.stderr.write(f"{prog}: error: {error}\n")
+        # One line even when the message quotes a library's multi-line error.
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        sys.stderr.write(f"{prog}: error: {message}\n")
         return EXIT_USAGE

@@ -18,13 +18,15 @@ import torch
 from scipy import ndimage
 
 __all__ = [
-    "nuclei_files", "load_nuclei", "read_image", "write_image", "load_folder", "normalize",
+    "nuclei_files", "load_nuclei", "read_image", "read_labels", "write_image", "load_folder", "normalize",
     "displacement_field", "elastic_deform", "SegmentationDataset", "split_image",
 ]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES
+# Label masks must be lossless: JPEG's artefacts turn into spurious tiny instances.
+MASK_SUFFIXES = TIFF_SUFFIXES + (".png",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +101,26 @@ def read_image(path):
         raise ValueError(f"cannot read image file {path}: {error}") from error
 
 
+def read_labels(path):
+    """An instance mask (H, W) as int32 (int64 if needed): a lossless file (.tif, .tiff, .png)
+    holding non-negative integers. Lossy formats (JPEG) are refused with ValueError."""
+    if Path(path).suffix.lower() not in MASK_SUFFIXES:
+        raise ValueError(f"mask {path}: masks must be lossless ({', '.join(MASK_SUFFIXES)}); a lossy "
+                         "format such as JPEG adds spurious label values")
+    return _as_labels(read_image(path), path)
+
+
+def check_finite(image, path):
+    """Raises ValueError naming `path` if the image holds NaN or inf pixels: one of them would make
+    the whole normalised image NaN (its percentiles are NaN)."""
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.inexact):
+        bad = image.size - np.count_nonzero(np.isfinite(image))
+        if bad:
+            raise ValueError(f"image {path} holds {bad} non-finite pixel(s) (NaN or inf); "
+                             "replace them (e.g. with the image's minimum) before use")
+
+
 def write_image(path, array):
     """Write a numpy array to .tif/.tiff (any dtype, tifffile) or .png (Pillow: uint8 (H, W),
     (H, W, 3) or (H, W, 4), or uint16 (H, W))."""
@@ -135,11 +157,16 @@ def load_folder(folder):
     masks as int32 (int64 if needed) (H, W) arrays.
 
     Raises FileNotFoundError if a folder or an image's mask is missing, ValueError if a mask has
-    no image, two files share a stem, or a mask's (H, W) differs from its image's.
+    no image, two files share a stem, a mask is in a lossy format (JPEG), an image holds NaN or
+    inf pixels, or a mask's (H, W) differs from its image's.
     """
     folder = Path(folder)
     images = _files_by_stem(folder / "images")
     masks = _files_by_stem(folder / "masks")
+    lossy = [str(path) for path in masks.values() if path.suffix.lower() not in MASK_SUFFIXES]
+    if lossy:
+        raise ValueError(f"masks must be lossless ({', '.join(MASK_SUFFIXES)}); a lossy format such "
+                         f"as JPEG adds spurious label values: {', '.join(lossy)}")
     orphans = sorted(set(masks) - set(images))
     if orphans:
         raise ValueError(f"masks without an image in {folder / 'images'}: "
@@ -150,6 +177,7 @@ def load_folder(folder):
             raise FileNotFoundError(f"no mask for image {images[stem]}: expected "
                                     f"{folder / 'masks' / stem}.<tif|tiff|png>")
         image = read_image(images[stem])
+        check_finite(image, images[stem])
         mask = read_image(masks[stem])
         hw = _to_chw(image).shape[1:]
         if mask.ndim != 2 or mask.shape != hw:
@@ -209,9 +237,13 @@ def normalize(image, low=1.0, high=99.8, clip=True):
 
     Takes (H, W), (C, H, W) or (H, W, C) (see the layout rule in ``_to_chw``: a trailing axis of
     <= 4 entries after a longer first one is channels) and returns (C, H, W) float32, C = 1 for
-    gray. A constant channel becomes 0.
+    gray. A constant channel becomes 0. Raises ValueError if a pixel is NaN or inf (it would make
+    every pixel NaN).
     """
     image = _to_chw(image).astype(np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError(f"the image holds {image.size - np.count_nonzero(np.isfinite(image))} "
+                         "non-finite pixel(s) (NaN or inf; or values beyond float32)")
     lo, hi = np.percentile(image, [low, high], axis=(1, 2), keepdims=True).astype(np.float32)
     scale = hi - lo
     out = (image - lo) / np.where(scale > 0, scale, 1)

@@ -3,6 +3,8 @@ checkpoint from `unet-ext train` (it carries the model config, so nothing else i
 Per image it writes the class map (<stem>_seg), optionally the foreground probability
 (<stem>_prob, float32 TIFF) and instance labels from connected components (<stem>_instances);
 with --labels it scores the result (foreground IoU, Dice, instance F1 at IoU 0.5).
+Before anything is written, inputs whose outputs would collide, an output that would replace an
+input, and (without --overwrite) existing outputs are refused.
 """
 import os
 
@@ -10,7 +12,8 @@ import numpy as np
 import torch
 
 from ._cli import Parser, UsageError, run
-from ._unet_shape import check_input_size, output_size, valid_input_size
+from .data import MASK_SUFFIXES
+from ._unet_shape import check_input_size, check_model_config, output_size, valid_input_size
 
 __all__ = ["main", "build_parser", "load_model", "default_tile_size"]
 
@@ -19,7 +22,10 @@ def build_parser(prog="unet-ext predict"):
     p = Parser(prog=prog, description=__doc__.split("\n")[0].strip("`"))
     p.add_argument("checkpoint", help="a checkpoint written by `unet-ext train`")
     p.add_argument("images", nargs="+", help="TIFF or PNG images (2-D, or with a channel axis)")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True,
+                   help="output folder; outputs are <stem>_seg, <stem>_prob, <stem>_instances")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that already exist (never an input)")
     p.add_argument("--labels", nargs="+", default=None,
                    help="ground-truth instance masks, one per image, to score the prediction")
     p.add_argument("--tile-size", type=int, default=None,
@@ -50,8 +56,12 @@ def load_model(path, device="cpu"):
 
     checkpoint = load_checkpoint(path)
     config = checkpoint.get("model_config") if isinstance(checkpoint, dict) else None
-    if not config or any(k not in config for k in MODEL_KEYS):
+    if not isinstance(config, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UsageError(f"{path} is not a unet-ext training checkpoint (no model_config)")
+    try:
+        check_model_config(config)  # before building: a hostile config must not allocate terabytes
+    except ValueError as error:
+        raise UsageError(f"{path}: {error}") from None
     model = UNet(**{k: config[k] for k in MODEL_KEYS})
     try:
         model.load_state_dict(checkpoint["model"])
@@ -72,8 +82,47 @@ def default_tile_size(model, height, width):
     return valid_input_size(min(max(height, width) + margin, cap), model.depth, "valid")
 
 
+def output_names(args):
+    """{input path: [output file names]} for every image, in the order they are written."""
+    names = {}
+    for path in args.images:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        names[path] = ([f"{stem}_seg.{args.format}"] + ([f"{stem}_prob.tif"] if args.prob else [])
+                       + ([f"{stem}_instances.{args.format}"] if args.instances else []))
+    return names
+
+
+def _check_outputs(args):
+    """Before anything is written: no two inputs may share an output file (outputs are named by
+    the stem: a/img.tif and b/img.tif, or img.png and img.tif), no output may be an input or a
+    mask (x_seg.tif among the inputs of x.tif with -o their folder), and an existing output is
+    replaced only with --overwrite."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"-o {args.out} is an existing file, not a folder")
+    inputs = {os.path.realpath(p): p for p in args.images + (args.labels or [])}
+    owner = {}
+    for path, names in output_names(args).items():
+        for name in names:
+            target = os.path.realpath(os.path.join(args.out, name))
+            if target in owner and owner[target] != path:
+                raise UsageError(f"{owner[target]} and {path} would both be written to "
+                                 f"{os.path.join(args.out, name)} (outputs are named by the file "
+                                 "stem): rename one, or predict them into separate -o folders")
+            if target in owner:
+                raise UsageError(f"{path} is given twice")
+            if target in inputs:
+                raise UsageError(f"the output {os.path.join(args.out, name)} of {path} would replace "
+                                 f"the input {inputs[target]}: choose another -o")
+            owner[target] = path
+    existing = [t for t in owner if os.path.exists(t)]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise UsageError(f"{existing[0]}{more} already exist(s): pass --overwrite to replace, or "
+                         "choose another -o")
+
+
 def predict(args):
-    from .data import normalize, read_image, write_image
+    from .data import normalize, read_image, read_labels, write_image
     from .metrics import dice, foreground_iou, instance_f1, instances
     from .tiling import predict_tiled
     from .train import _device
@@ -86,6 +135,11 @@ def predict(args):
     for path in args.images + (args.labels or []):
         if not os.path.isfile(path):
             raise UsageError(f"file not found: {path}")
+    for path in args.labels or []:
+        if os.path.splitext(path)[1].lower() not in MASK_SUFFIXES:
+            raise UsageError(f"--labels {path}: masks must be lossless ({', '.join(MASK_SUFFIXES)}); "
+                             "a lossy format such as JPEG changes label values")
+    _check_outputs(args)
     device = _device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
@@ -114,6 +168,15 @@ def predict(args):
         logits = predict_tiled(model, torch.from_numpy(image), tile_size=tile,
                                batch_size=args.batch_size, autocast=autocast,
                                progress=False if args.no_progress else None)
+        truth = None
+        if args.labels is not None:  # read (and checked) before this image's outputs are written
+            try:
+                truth = read_labels(args.labels[index])
+            except ValueError as error:
+                raise UsageError(f"--labels {args.labels[index]}: {error}") from None
+            if truth.shape != (height, width):
+                raise UsageError(f"mask {args.labels[index]} is {truth.shape}, image {path} is "
+                                 f"{(height, width)}")
         classes = logits.argmax(0).numpy().astype(np.uint8)
         stem = os.path.splitext(os.path.basename(path))[0]
         write_image(os.path.join(args.out, f"{stem}_seg.{args.format}"), classes)
@@ -133,11 +196,7 @@ def predict(args):
             written.append(f"{stem}_instances.{args.format}")
         line = (f"{path}: {height}x{width}, tile {tile}, {int(labels_pred.max())} instances -> "
                 f"{', '.join(written)}")
-        if args.labels is not None:
-            truth = read_image(args.labels[index])
-            if truth.shape != (height, width):
-                raise UsageError(f"mask {args.labels[index]} is {truth.shape}, image {path} is "
-                                 f"{(height, width)}")
+        if truth is not None:
             f1 = instance_f1(labels_pred, truth)
             line += (f"; IoU {foreground_iou(classes, truth):.3f}, Dice {dice(classes, truth):.3f}, "
                      f"instance F1@0.5 {f1['f1']:.3f} ({f1['tp']} TP, {f1['fp']} FP, {f1['fn']} FN)")

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ._cli import Parser, UsageError, run
-from ._unet_shape import check_input_size
+from ._unet_shape import check_input_size, check_model_config
 
-__all__ = ["main", "build_parser", "MODEL_KEYS"]
+__all__ = ["main", "build_parser", "MODEL_KEYS", "make_loader", "save_checkpoint", "load_checkpoint"]
 
 # Arguments that define the network: stored in checkpoints; `predict` and `--resume` rebuild it.
 MODEL_KEYS = ("in_channels", "num_classes", "base_channels", "depth", "padding", "dropout")
@@ -28,15 +28,21 @@ def build_parser(prog="unet-ext train"):
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("data", nargs="?", default=None,
                    help="folder with images/ and masks/ (default: the stardist nuclei image)")
-    p.add_argument("-o", "--out", default="runs/nuclei", help="output folder (checkpoints, curves)")
+    p.add_argument("-o", "--out", default="runs/nuclei",
+                   help="output folder (checkpoints, curves); a folder that holds a run is refused "
+                        "unless --resume continues that run or --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoints, history and figures)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--steps", type=int, default=25, help="optimizer steps per epoch")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per step (per process)")
     p.add_argument("--tile-size", type=int, default=None,
                    help="input tile size (default: 252 for valid padding, 128 for same)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-3 (adam), 1e-2 (sgd)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                   help="adam, or sgd with momentum 0.99 as the paper")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default 1e-3 (adam), 1e-2 (sgd); with --resume: the checkpoint's, unless given")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None,
+                   help="adam (default), or sgd with momentum 0.99 as the paper; with --resume: the "
+                        "checkpoint's (another one is refused)")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                    help="autocast dtype (fp16 uses a gradient scaler; CUDA only)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -70,6 +76,8 @@ def _validate(args):
     for name in ("epochs", "steps", "batch_size", "base_channels", "depth"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not 0.0 < args.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.tile_size is None:
@@ -80,8 +88,10 @@ def _validate(args):
         raise UsageError(f"--tile-size: {error}") from None
     if args.padding == "same" and args.tile_size % 2 ** args.depth:
         raise UsageError(f"--tile-size must be a multiple of {2 ** args.depth} for same padding")
-    if args.lr is None:
-        args.lr = 1e-3 if args.optimizer == "adam" else 1e-2
+    try:
+        check_model_config(_model_config(args, 1))
+    except ValueError as error:
+        raise UsageError(f"--base-channels/--depth: {error}") from None
 
 
 def _device(name):
@@ -107,20 +117,91 @@ def _load_data(args):
         if not os.path.isdir(args.data):
             raise UsageError(f"data folder not found: {args.data}")
         try:
-            images, masks, _ = data.load_folder(args.data)
+            images, masks, names = data.load_folder(args.data)
         except ValueError as error:
             raise UsageError(str(error)) from None
         pairs = list(zip(images, masks))
         if not pairs:
             raise UsageError(f"no image/mask pairs in {args.data} (expected images/ and masks/)")
         source = args.data
+        folder = os.path.join(args.data, "images")
+        files = {os.path.splitext(f)[0]: os.path.join(folder, f) for f in os.listdir(folder)
+                 if os.path.splitext(f)[1].lower() in data.IMAGE_SUFFIXES}
+        names = [files.get(n, n) for n in names]  # the image files, for messages
+    if args.data is None:
+        names = [source]
     train, val = [], []
-    for image, labels in pairs:
-        image = data.normalize(image)
-        (ti, tl), (vi, vl) = data.split_image(image, labels, 1.0 - args.val_fraction)
+    for name, (image, labels) in zip(names, pairs):
+        try:
+            image = data.normalize(image)
+        except ValueError as error:
+            raise UsageError(f"{name}: {error}") from None
+        if train and image.shape[0] != train[0][0].shape[0]:
+            raise UsageError(f"{name} has {image.shape[0]} channel(s), {names[0]} has "
+                             f"{train[0][0].shape[0]}: all images of a folder need the same "
+                             "number (all gray or all RGB)")
+        try:
+            (ti, tl), (vi, vl) = data.split_image(image, labels, 1.0 - args.val_fraction)
+        except ValueError:
+            raise UsageError(f"{name} is {labels.shape[1]} pixels wide: --val-fraction "
+                             f"{args.val_fraction} leaves an empty training or validation part") from None
         train.append((ti, tl))
         val.append((vi, vl))
     return train, val, source
+
+
+# What a run writes into --out: a folder holding any of these holds a run.
+RUN_FILES = ("last.pt", "best.pt", "history.json", "curves.png", "result.png")
+
+
+def _check_out(args):
+    """Refuses, before anything is written, an --out that is a file, or a folder holding a run
+    that this command would overwrite: allowed are an empty or new folder, --overwrite, and
+    --resume of a checkpoint inside that same folder (continuing that run)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"-o {args.out} is an existing file, not a folder")
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if not found or args.overwrite:
+        return
+    if args.resume and os.path.samefile(os.path.dirname(os.path.abspath(args.resume)), args.out):
+        return
+    raise UsageError(f"{args.out} already holds a run ({', '.join(found)}): continue it with "
+                     f"--resume {os.path.join(args.out, 'last.pt')}, replace it with --overwrite, "
+                     "or choose another -o")
+
+
+def _optimizer_of(checkpoint):
+    """'adam' or 'sgd': from the saved arguments, else from the optimizer state's hyperparameters."""
+    saved = checkpoint.get("args", {}).get("optimizer") if isinstance(checkpoint.get("args"), dict) else None
+    if saved in ("adam", "sgd"):
+        return saved
+    groups = checkpoint["optimizer"].get("param_groups") or [{}]
+    return "sgd" if "momentum" in groups[0] and "betas" not in groups[0] else "adam"
+
+
+def _load_resume(args):
+    """Reads and checks the --resume checkpoint up front (a dict with model_config, model,
+    optimizer, epoch) and settles the optimizer: the checkpoint's; another --optimizer is refused
+    (its state does not fit). --lr, when given, replaces the saved learning rate."""
+    checkpoint = load_checkpoint(args.resume)
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"{args.resume} is not a unet-ext training checkpoint "
+                         f"(it holds a {type(checkpoint).__name__}, not a dict)")
+    missing = [k for k in ("model_config", "model", "optimizer", "epoch") if k not in checkpoint]
+    if missing:
+        raise UsageError(f"{args.resume} is not a unet-ext training checkpoint (no {', '.join(missing)})")
+    if not isinstance(checkpoint["optimizer"], dict) or type(checkpoint["epoch"]) is not int:
+        raise UsageError(f"{args.resume} is not a unet-ext training checkpoint (bad optimizer or epoch)")
+    try:
+        check_model_config(checkpoint["model_config"])
+    except ValueError as error:
+        raise UsageError(f"{args.resume}: {error}") from None
+    saved = _optimizer_of(checkpoint)
+    if args.optimizer is not None and args.optimizer != saved:
+        raise UsageError(f"{args.resume} was trained with --optimizer {saved}; resuming with "
+                         f"--optimizer {args.optimizer} is not possible (its state does not carry over)")
+    args.optimizer = saved
+    return checkpoint
 
 
 def _model_config(args, in_channels):
@@ -130,27 +211,77 @@ def _model_config(args, in_channels):
 
 def _check_resume(checkpoint, config, args):
     """The checkpoint's network must be the one asked for: name every difference."""
-    saved = checkpoint.get("model_config")
-    if saved is None:
-        raise UsageError(f"{args.resume} is not a unet-ext training checkpoint (no model_config)")
+    saved = checkpoint["model_config"]
     diff = [f"{k}={saved.get(k)!r} (asked {config[k]!r})" for k in MODEL_KEYS
             if saved.get(k) != config[k]]
     if diff:
         raise UsageError(f"{args.resume} was trained with a different model: {', '.join(diff)}")
 
 
+def _fsync_folder(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path, payload):
-    """torch.save to a temporary file in the same folder, then an atomic rename: a crash never
-    leaves a truncated checkpoint behind."""
+    """torch.save to a temporary file in the same folder, fsync, then an atomic rename and an
+    fsync of the folder: a crash or power loss leaves the previous checkpoint or the new one,
+    never a truncated file. A failed save (disk full) removes its temporary file and leaves the
+    previous checkpoint as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+# torch.load(weights_only=True) could still run code before torch 2.6 (CVE-2025-32434).
+SAFE_TORCH = (2, 6)
+
+
+def _check_safe_torch(version=None):
+    version = version or torch.__version__
+    release = tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
+    if release < SAFE_TORCH:
+        raise UsageError(f"loading checkpoints needs torch >= {'.'.join(map(str, SAFE_TORCH))} "
+                         f"(torch {version} may run code from a checkpoint file, CVE-2025-32434)")
+
+
+def remove_stale_temporaries(folder):
+    """Deletes checkpoint temporaries (<name>.pt.tmp<pid>) that a killed run left in `folder`:
+    those whose process is gone."""
+    import glob
+
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.pt.tmp*")):
+        pid = path.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.unlink(path)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
+    _check_safe_torch()
     try:
+        # weights_only: a pickled payload (code) is refused, never run.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is a usage error here
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -258,23 +389,46 @@ def _distributed():
 
 
 def train(args):
+    _validate(args)
+    _check_out(args)  # before anything is written
+    checkpoint = _load_resume(args) if args.resume else None
+    lr_given = args.lr is not None
+    args.optimizer = args.optimizer or "adam"
+    if args.lr is None:
+        args.lr = 1e-3 if args.optimizer == "adam" else 1e-2
+    rank, world = _distributed()
+    device = _device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    if world == 1:
+        return _train(args, checkpoint, lr_given, device, rank, world)
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:  # every way out tears the group down, so no rank is left waiting in a collective
+        return _train(args, checkpoint, lr_given, device, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def make_loader(dataset, batch_size, sampler=None, workers=0, pin_memory=False):
+    """The training DataLoader. Workers are started per epoch, not persistent: a persistent
+    worker keeps the dataset copy of its first fork, so SegmentationDataset.set_epoch would
+    never reach it and every epoch would replay epoch 0's crops and augmentations."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=True,
+        num_workers=workers, persistent_workers=False, pin_memory=pin_memory)
+
+
+def _train(args, checkpoint, lr_given, device, rank, world):
     from . import UNet
     from .data import SegmentationDataset
     from .ops import weighted_cross_entropy
     from .weight_map import weight_map
 
-    _validate(args)
-    rank, world = _distributed()
-    device = _device(args.device)
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
     autocast = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     leader = rank == 0
     log = print if leader else (lambda *a, **k: None)
@@ -289,11 +443,18 @@ def train(args):
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99)
     start_epoch, history, best_iou = 0, [], -1.0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+    if checkpoint is not None:
         _check_resume(checkpoint, config, args)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise UsageError(f"{args.resume}: its weights or optimizer state do not fit its "
+                             f"model_config: {str(error).splitlines()[0]}") from None
+        if lr_given:  # it replaces the saved rate
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr
+        args.lr = optimizer.param_groups[0]["lr"]
         start_epoch, history = checkpoint["epoch"], checkpoint.get("history", [])
         best_iou = max((h["iou"] for h in history), default=-1.0)
         log(f"resumed from {args.resume} at epoch {start_epoch}")
@@ -311,12 +472,11 @@ def train(args):
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, shuffle=False, drop_last=True,
-        num_workers=args.workers, persistent_workers=args.workers > 0,
-        pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, args.batch_size, sampler, args.workers, device.type == "cuda")
 
     os.makedirs(args.out, exist_ok=True)
+    if leader:
+        remove_stale_temporaries(args.out)
     params = sum(p.numel() for p in model.parameters())
     log(f"unet-ext train: {source}; {len(train_set)} image(s), tiles {args.tile_size} -> "
         f"{output_size}, batch {args.batch_size} x {world} process(es), {args.steps} steps/epoch, "
@@ -374,8 +534,10 @@ def train(args):
                 best_iou = scores["iou"]
                 save_checkpoint(os.path.join(args.out, "best.pt"), payload)
             plot_curves(history, os.path.join(args.out, "curves.png"))
-            with open(os.path.join(args.out, "history.json"), "w") as f:
+            history_path = os.path.join(args.out, "history.json")
+            with open(history_path + ".tmp", "w") as f:  # never a half-written history
                 json.dump(history, f, indent=1)
+            os.replace(history_path + ".tmp", history_path)
         if world > 1:
             torch.distributed.barrier()
 
@@ -388,8 +550,6 @@ def train(args):
         log(f"best val IoU {best['iou']:.3f} (Dice {best['dice']:.3f}, instance F1@0.5 "
             f"{best['f1']:.3f}) at epoch {best['epoch']}; checkpoints, curves.png and result.png "
             f"in {args.out}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -5,6 +5,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/cpu_isa.h"
 #include "cpu/huge_pages.h"
 
 TORCH_LIBRARY(unet_ext, m) {
@@ -58,6 +61,8 @@ TORCH_LIBRARY(unet_ext, m) {
 
   // Frees the blocks the CPU output cache holds (cpu/huge_pages.h): unet_ext.empty_cache().
   m.def("_empty_cache() -> ()", &unet_ext::cpu::empty_cache);
+  // The instruction set the per-ISA CPU kernels run with (cpu/cpu_isa.h): unet-ext info, tests.
+  m.def("_cpu_isa() -> str", [] { return std::string(unet_ext::cpu::isa_name(unet_ext::cpu::best_isa())); });
 }
 
 #ifdef UNET_EXT_CUDA_ARCHS

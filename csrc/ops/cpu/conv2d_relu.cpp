@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "conv2d_kernel.h"
+#include "conv_wgrad_nonfinite.h"
 
 namespace unet_ext {
 namespace conv {
@@ -114,6 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
                                    masked ? output.const_data_ptr<scalar_t>() : nullptr,
                                    grad_weight_acc, bias_acc);
       });
+      if (output_mask[1]) {
+        grad_weight_acc = wgrad_matching_stock(grad_weight_acc, grad_out, input, weight,
+                                               masked ? output : at::Tensor(), padding);
+      }
     }
     if (output_mask[1]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "conv2d_kernel.h"
+#include "conv_wgrad_nonfinite.h"
 
 namespace unet_ext {
 namespace conv {
@@ -134,6 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
                                    grad_out.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
                                    grad_weight_acc, bias_acc);
       });
+      if (output_mask[2]) {
+        grad_weight_acc = wgrad_matching_stock(grad_weight_acc, grad_out, cropped_concat(c, skip, up),
+                                               weight, output, padding);
+      }
     }
     if (output_mask[2]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[3]) grad_bias = bias_acc.to(weight.scalar_type());

@@ -8,13 +8,27 @@ namespace unet_ext {
 namespace cpu {
 namespace {
 
+// Every flag in the kernels' #pragma GCC target (weighted_cross_entropy_avx2.cpp, _avx512.cpp):
+// the compiler may use any of them anywhere in those files (e.g. BMI2's shlx for a shift), so a
+// processor (or VM) that lacks one must get the narrower kernels. tests/test_cpu_runtime.py
+// checks that these lists match the pragmas.
+#if defined(__x86_64__) || defined(__i386__)
+bool has_avx2_set() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+         __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
+}
+
+bool has_avx512_set() {
+  return has_avx2_set() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
 Isa detect() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (has_avx512_set()) return Isa::kAvx512;
+  if (has_avx2_set()) return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
 }

@@ -114,14 +114,27 @@ void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
 // per 4 KiB here (U-Net's deep layers gather ~30 MiB of shifted rows per block). Grows, never
 // shrinks; `slot` tells apart the buffers one task holds at once. Contents are undefined.
 template <typename T>
-T* scratch(int slot, int64_t size) {
+std::vector<T>* scratch_buffers() {
   thread_local std::vector<T> buffers[4];
-  std::vector<T>& buffer = buffers[slot];
+  return buffers;
+}
+
+template <typename T>
+T* scratch(int slot, int64_t size) {
+  std::vector<T>& buffer = scratch_buffers<T>()[slot];
   if (static_cast<int64_t>(buffer.size()) < size) {
     buffer = std::vector<T>();  // free first: old and new are not needed at once
     buffer.resize(size);
   }
   return buffer.data();
+}
+
+// Frees the calling thread's scratch (unet_ext.empty_cache runs it on every OpenMP thread).
+inline void release_scratch() {
+  for (int slot = 0; slot < 4; ++slot) {
+    scratch_buffers<float>()[slot] = std::vector<float>();
+    scratch_buffers<double>()[slot] = std::vector<double>();
+  }
 }
 
 // Call at the end of each parallel task that used gemm (frees the brgemm's per-thread state).

@@ -1,6 +1,9 @@
 // See huge_pages.h. An allocator that hands blocks of 2 MiB or more out 2 MiB-aligned and marked
 // MADV_HUGEPAGE, from a small cache of freed blocks where it can, and anything smaller to torch's
-// CPU allocator.
+// CPU allocator. Blocks are mapped with mmap, not posix_memalign: glibc serves 2-32 MiB from its
+// heap once its dynamic mmap threshold has grown, and free() there need not return the pages,
+// so empty_cache() would not shrink the process. The cache's lock is taken around fork()
+// (pthread_atfork), so a child forked while another thread allocates finds it unlocked.
 #include "huge_pages.h"
 
 #include <ATen/EmptyTensor.h>
@@ -8,6 +11,7 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
@@ -15,8 +19,11 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
+
+#include "gemm.h"
 
 namespace unet_ext {
 namespace cpu {
@@ -35,6 +42,30 @@ bool enabled() {
   }();
   return on;
 }
+
+#if defined(__linux__)
+// size bytes (a multiple of kHugePage) at a kHugePage-aligned address, or nullptr: an oversized
+// mapping with its unaligned head and tail unmapped.
+void* map_aligned(size_t size) {
+  void* raw = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const auto start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePage - 1) & ~(uintptr_t{kHugePage} - 1);
+  if (aligned > start) munmap(raw, aligned - start);
+  const size_t tail = start + size + kHugePage - (aligned + size);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + size), tail);
+  return reinterpret_cast<void*>(aligned);
+}
+
+void unmap(void* ptr, size_t size) { munmap(ptr, size); }
+#else
+void* map_aligned(size_t size) {
+  void* ptr = nullptr;
+  return posix_memalign(&ptr, kHugePage, size) == 0 ? ptr : nullptr;
+}
+
+void unmap(void* ptr, size_t) { std::free(ptr); }
+#endif
 
 // Freed blocks are kept (up to kCacheBytes in all) and handed out again for the same rounded
 // size: a training loop allocates the same activation sizes every step, and a reused block has
@@ -63,7 +94,7 @@ class BlockCache {
 
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const Block& block : blocks_) std::free(block.ptr);
+    for (const Block& block : blocks_) unmap(block.ptr, block.bytes);
     blocks_.clear();
     cached_ = 0;
   }
@@ -71,17 +102,21 @@ class BlockCache {
   void give(void* ptr, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (bytes > kCacheBytes) {
-      std::free(ptr);
+      unmap(ptr, bytes);
       return;
     }
     while (cached_ + bytes > kCacheBytes && !blocks_.empty()) {
-      std::free(blocks_.front().ptr);
+      unmap(blocks_.front().ptr, blocks_.front().bytes);
       cached_ -= blocks_.front().bytes;
       blocks_.erase(blocks_.begin());
     }
     blocks_.push_back({ptr, bytes});
     cached_ += bytes;
   }
+
+  // fork() copies the mutex in whatever state another thread left it: hold it across the fork.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
 
  private:
   std::mutex mutex_;
@@ -91,7 +126,14 @@ class BlockCache {
 
 // Leaked on purpose: tensors may be freed during static destruction at exit.
 BlockCache& cache() {
-  static BlockCache* instance = new BlockCache();
+  static BlockCache* instance = [] {
+    auto* created = new BlockCache();
+#if defined(__linux__)
+    // prepare runs in the forking thread; parent and child resume in that same thread.
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+#endif
+    return created;
+  }();
   return *instance;
 }
 
@@ -108,7 +150,12 @@ class HugePageAllocator final : public c10::Allocator {
     const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     void* ptr = cache().take(rounded);
     if (ptr == nullptr) {
-      if (posix_memalign(&ptr, kHugePage, rounded) != 0) return c10::GetCPUAllocator()->allocate(bytes);
+      ptr = map_aligned(rounded);
+      if (ptr == nullptr) {  // out of memory (or address space): give the cached blocks back, retry
+        cache().clear();
+        ptr = map_aligned(rounded);
+      }
+      if (ptr == nullptr) return c10::GetCPUAllocator()->allocate(bytes);  // torch's error if it fails too
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       madvise(ptr, rounded, MADV_HUGEPAGE);  // best effort: with THP off the pages stay 4 KiB
 #endif
@@ -134,7 +181,13 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options, a
                                    c10::typeMetaToScalarType(options.dtype()), format);
 }
 
-void empty_cache() { cache().clear(); }
+void empty_cache() {
+  cache().clear();
+  // The conv kernels' per-thread scratch (gemm.h): one task per thread, each frees its own.
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release_scratch(); });
+  release_scratch();
+}
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
   return options.device().is_cpu() ? empty_huge(sizes, options, format)

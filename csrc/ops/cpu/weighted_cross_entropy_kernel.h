@@ -134,6 +134,9 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
     } else {
       for (int64_t j = 0; j < len; ++j) coef[j] *= grad_scalar;
     }
+    // An ignored pixel's gradient is 0, as stock's: not 0 * inf = NaN when every pixel is ignored
+    // ('mean' divides by a total weight of 0) or the upstream gradient there is not finite.
+    for (int64_t j = 0; j < len; ++j) coef[j] = cls[j] == kIgnored ? acc_t(0) : coef[j];
     const acc_t* lse = lse_in + n * g.pixels + s0;
     // d loss / d logits[c] = coef * (softmax[c] - [c == target]); coef is 0 where ignored
     // (a NaN logit there gives NaN, as in stock PyTorch's log_softmax backward).

@@ -193,6 +193,7 @@ backward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
     const acc_t cf = class_factor(t, class_weight);
     acc_t coef = weight_map != nullptr ? cf * weight_map[n * g.weight_n + s * g.weight_s] : cf;
     coef *= g.reduction == kNone ? static_cast<acc_t>(grad_loss[n * g.grad_n + s * g.grad_s]) : grad_scalar;
+    if (!t.counted && !t.bad) coef = acc_t(0);  // ignored: stock's 0, not 0 * inf = NaN (all ignored: mean / 0)
     const acc_t lse = lse_in[p];
     const int64_t target_class = t.counted ? t.cls : -1;  // ignored: no one-hot term
     const scalar_t* x = logits + g.logit_offset(n, 0, s);

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# AddressSanitizer + UndefinedBehaviorSanitizer over the CPU code: copies the tracked sources
+# into build-sanitize/src (so the normal in-place build is untouched), builds the CPU-only
+# library there with UNET_EXT_SANITIZE=address,undefined (-O1 -g, any UB report fatal) and runs
+# the op tests on it with libasan preloaded (python itself is not instrumented; leak checking is
+# off because CPython does not free everything at exit). Any report fails the script.
+#   bash scripts/sanitize.sh [pytest args]   (default: the CPU op and runtime tests)
+# Cost on the 2-core CI machine: see README.md ("Hunting tests").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+root=$PWD
+work=$root/build-sanitize/src
+mkdir -p "$work"
+start=$(date +%s)
+# The tracked files as they are in the working tree (edits included), not the last commit.
+git ls-files -z --cached --others --exclude-standard | grep -zv '^benchmarks/results/' |
+  tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$work"
+cd "$work"
+export UNET_EXT_SANITIZE=address,undefined FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2}
+echo "sanitize: building in $work" >&2
+CUDA_VISIBLE_DEVICES="" "$PYTHON" setup.py build_ext --inplace > "$root/build-sanitize/build.log" 2>&1 ||
+  { tail -30 "$root/build-sanitize/build.log"; exit 1; }
+built=$(date +%s)
+asan=$(gcc -print-file-name=libasan.so)
+if [ $# -eq 0 ]; then
+  set -- tests/test_crop_concat.py tests/test_max_pool.py tests/test_weighted_cross_entropy.py \
+         tests/test_conv.py tests/test_conv_concat.py tests/test_properties.py tests/test_cpu_runtime.py \
+         -m "not cuda" -k "not compile and not opcheck"
+fi
+echo "sanitize: pytest $*" >&2
+LD_PRELOAD="$asan" \
+ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:detect_odr_violation=0 \
+UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+CUDA_VISIBLE_DEVICES="" "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+echo "sanitize: passed (build $((built - start)) s, tests $(( $(date +%s) - built )) s)" >&2

@@ -1,0 +1,395 @@
+"""The CPU runtime under conditions examples miss (issue 12): the instruction-set choice against
+the flags the kernels are built for, and every op under UNET_EXT_CPU_ISA=baseline|avx2 and
+UNET_EXT_HUGE_PAGES=0; the output cache across fork() (another thread allocating, DataLoader
+workers), out of memory, and its RSS after empty_cache(); one OpenMP runtime governed by
+torch.set_num_threads; ops called from several Python threads at once. Each case that can hang
+or must see a fresh process runs in a subprocess with a timeout."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import unet_ext
+from unet_ext import reference
+from unet_ext.__main__ import cpu_isa as cli_cpu_isa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = os.path.join(ROOT, "csrc", "ops", "cpu")
+
+
+def run_python(code, env=None, timeout=120):
+    """Runs `code` in a fresh interpreter from the repository root; returns its stdout."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction sets
+
+
+def _pragma_flags(name):
+    text = open(os.path.join(CPU, name)).read()
+    return set(re.search(r'#pragma GCC target\("([^"]+)"\)', text).group(1).split(","))
+
+
+def _checked_flags(function):
+    text = open(os.path.join(CPU, "cpu_isa.cpp")).read()
+    body = re.search(function + r"\(\) \{(.*?)\n\}", text, re.S).group(1)
+    flags = set(re.findall(r'__builtin_cpu_supports\("(\w+)"\)', body))
+    if "has_avx2_set()" in body:
+        flags |= _checked_flags("has_avx2_set")
+    return flags
+
+
+def test_isa_choice_checks_every_flag_the_kernels_are_built_for():
+    """cpu_isa.cpp may pick a kernel only where the processor has every flag of its #pragma
+    GCC target (bmi, bmi2, f16c included, not only avx2 and fma)."""
+    assert _checked_flags("has_avx2_set") == _pragma_flags("weighted_cross_entropy_avx2.cpp")
+    assert _checked_flags("has_avx512_set") == _pragma_flags("weighted_cross_entropy_avx512.cpp")
+
+
+def test_isa_choice_matches_the_cli_rule_and_the_cap():
+    assert torch.ops.unet_ext._cpu_isa() == cli_cpu_isa()[0]
+
+
+# The ops' forward and backward against unet_ext.reference, run in a fresh process per setting.
+ISA_SCRIPT = """
+import torch, unet_ext
+from unet_ext import ops, reference
+torch.manual_seed(0)
+def check(fn, ref, *inputs, tol=1e-10):
+    a = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    b = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out, want = fn(*a), ref(*b)
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+    g = torch.randn_like(want)
+    ga = torch.autograd.grad(out, [t for t in a if t.requires_grad], g)
+    gb = torch.autograd.grad(want, [t for t in b if t.requires_grad], g)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+d = torch.float64
+for n, c in [(4, 2), (3, 5), (1, 3)]:  # sizes that leave vector remainders
+    logits = torch.randn(n, c, 37, 41, dtype=d)
+    target = torch.randint(0, c, (n, 37, 41))
+    w = torch.rand(n, 37, 41, dtype=d)
+    for red in ("mean", "sum", "none"):
+        check(lambda l, wm: ops.weighted_cross_entropy(l, target, wm, reduction=red),
+              lambda l, wm: reference.weighted_cross_entropy(l, target, wm, reduction=red), logits, w)
+    l32 = logits.float()
+    out = ops.weighted_cross_entropy(l32, target, w.float())
+    torch.testing.assert_close(out, reference.weighted_cross_entropy(l32, target, w.float()), rtol=1e-5, atol=1e-6)
+check(ops.crop_concat, reference.crop_concat, torch.randn(2, 3, 40, 41, dtype=d), torch.randn(2, 4, 30, 33, dtype=d))
+check(ops.max_pool2x2, lambda x: torch.nn.functional.max_pool2d(x, 2), torch.randn(2, 3, 40, 42, dtype=d))
+for pad in (0, 1):
+    check(lambda x, w, b: ops.conv2d_relu(x, w, b, pad), lambda x, w, b: reference.conv2d_relu(x, w, b, pad),
+          torch.randn(2, 8, 40, 40, dtype=d), torch.randn(6, 8, 3, 3, dtype=d), torch.randn(6, dtype=d))
+    check(lambda s, u, w, b: ops.conv2d_relu_concat(s, u, w, b, pad),
+          lambda s, u, w, b: reference.conv2d_relu_concat(s, u, w, b, pad),
+          torch.randn(2, 4, 44, 44, dtype=d), torch.randn(2, 4, 40, 40, dtype=d),
+          torch.randn(6, 8, 3, 3, dtype=d), torch.randn(6, dtype=d))
+check(ops.conv_transpose2x2, reference.conv_transpose2x2, torch.randn(2, 8, 20, 24, dtype=d),
+      torch.randn(8, 4, 2, 2, dtype=d), torch.randn(4, dtype=d))
+print(torch.ops.unet_ext._cpu_isa())
+"""
+
+
+@pytest.mark.parametrize("env", [{"UNET_EXT_CPU_ISA": "baseline"}, {"UNET_EXT_CPU_ISA": "avx2"},
+                                 {"UNET_EXT_HUGE_PAGES": "0"}], ids=lambda e: "-".join(e.values()))
+def test_every_op_under_each_isa_and_without_huge_pages(env):
+    chosen = run_python(ISA_SCRIPT, env).split()[-1]
+    if env.get("UNET_EXT_CPU_ISA") == "baseline":
+        assert chosen == "baseline"
+    elif env.get("UNET_EXT_CPU_ISA") == "avx2":
+        assert chosen in ("avx2", "baseline")  # baseline on a processor without the AVX2 set
+
+
+# ---------------------------------------------------------------------------------------------
+# The output cache: fork, out of memory, RSS
+
+
+def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
+    """A child forked while another thread holds the cache's lock must still allocate (the lock
+    is held across fork() by pthread_atfork handlers). The other threads cycle through many
+    output sizes, so the 512 MiB cache keeps evicting (unmapping under its lock)."""
+    out = run_python("""
+        import os, signal, threading, time, torch, unet_ext
+        from unet_ext.ops import conv2d_bias, crop_concat
+        # channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
+        # (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
+        # the cache's lock, a window in which the main thread forks.
+        w = torch.ones(2, 2, 1, 1)
+        stop = False
+        def churn():
+            while not stop:
+                for k in range(8, 73, 2):
+                    x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
+                    conv2d_bias(x, w, None, 0)
+        threads = [threading.Thread(target=churn) for _ in range(2)]
+        for t in threads: t.start()
+        hung = 0
+        for _ in range(30):
+            pid = os.fork()
+            if pid == 0:
+                # One thread, as DataLoader workers: libgomp itself is not fork-safe while
+                # other threads' OpenMP teams are busy (stock torch ops hang there too).
+                torch.set_num_threads(1)
+                x = torch.zeros(1, 1, 256, 8192)
+                crop_concat(x, x[:, :0]); crop_concat(x, x)
+                os._exit(0)
+            deadline = time.time() + 5
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    break
+                if time.time() > deadline:
+                    hung += 1
+                    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+                    break
+                time.sleep(0.001)
+            if hung:
+                break
+        stop = True
+        for t in threads: t.join()
+        print("hung", hung)
+    """, timeout=900)
+    assert out.split()[-1] == "0", out
+
+
+def test_dataloader_workers_running_the_ops():
+    """Forked DataLoader workers (persistent, across epochs) run the ops on big outputs while the
+    parent runs them too; every batch equals the serial result."""
+    run_python("""
+        import torch, unet_ext
+        from unet_ext.ops import crop_concat, max_pool2x2
+        class Ops(torch.utils.data.Dataset):
+            def __len__(self): return 8
+            def __getitem__(self, i):
+                g = torch.Generator().manual_seed(i)
+                x = torch.randn(16, 128, 130, generator=g)
+                return max_pool2x2(crop_concat(x[None], x[None]))[0]  # exact: no sums
+        data = Ops()
+        serial = torch.stack([data[i] for i in range(len(data))])
+        loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2, persistent_workers=True,
+                                             multiprocessing_context="fork")
+        for epoch in range(3):
+            got = torch.cat([b for b in loader])
+            crop_concat(torch.randn(1, 16, 128, 130), torch.randn(1, 16, 128, 130))
+            torch.testing.assert_close(got, serial, rtol=0, atol=0)
+    """, timeout=300)
+
+
+def test_out_of_memory_empties_the_cache_and_retries():
+    """With the address space capped, a new output size that fits only once the cached blocks
+    are given back still succeeds."""
+    run_python("""
+        import resource, torch, unet_ext
+        from unet_ext.ops import crop_concat
+        mib = 1 << 20
+        def vm():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize"))
+        out = crop_concat(torch.zeros(1, 1, 1, 400 * mib // 4), torch.zeros(1, 0, 1, 400 * mib // 4))
+        del out  # a 400 MiB block now sits in the cache
+        limit = vm() + 700 * mib
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        # 2 x 220 MiB inputs + a 440 MiB output (880 MiB) fit only once the 400 MiB are unmapped.
+        a = torch.zeros(1, 1, 1, 220 * mib // 4)
+        b = torch.zeros(1, 1, 1, 220 * mib // 4)
+        out = crop_concat(a, b)
+        assert out.shape[1] == 2
+    """)
+
+
+def test_rss_returns_after_empty_cache_for_blocks_of_2_to_32_mib():
+    """Outputs of 2-32 MiB (what glibc's heap serves once its mmap threshold has grown) are given
+    back to the system by empty_cache()."""
+    out = run_python("""
+        import torch, unet_ext
+        from unet_ext.ops import conv_transpose2x2
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        w = torch.ones(1, 64, 2, 2)
+        for _ in range(2):  # warm up torch and the kernels
+            conv_transpose2x2(torch.ones(1, 1, 8, 8), w)
+        unet_ext.empty_cache()
+        base = rss()
+        # Rounds: freed blocks raise glibc's mmap threshold, so later rounds would come from its heap.
+        for _ in range(3):
+            kept = []
+            for mib in range(2, 33, 2):   # output = 64 * 4 * H * W floats = mib MiB
+                side = int((mib * 2**20 / 4 / 256) ** 0.5)
+                kept.append(conv_transpose2x2(torch.ones(1, 1, side, side), w))
+            peak = rss()
+            del kept
+            unet_ext.empty_cache()
+        print(base, peak, rss())
+    """)
+    base, peak, after = map(float, out.split())
+    assert peak - base > 200, out  # the outputs were resident
+    assert after - base < 24, out
+
+
+def test_empty_cache_gives_back_the_conv_scratch():
+    """The conv kernels keep per-thread scratch between calls (gemm.h); empty_cache() frees it."""
+    out = run_python("""
+        import torch, unet_ext
+        from unet_ext.ops import conv2d_relu
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        torch.set_num_threads(1)
+        w = torch.randn(4, 128, 3, 3, dtype=torch.float64)
+        conv2d_relu(torch.randn(1, 128, 3, 30, dtype=torch.float64), w, None, 1)  # code paged in
+        unet_ext.empty_cache()
+        base = rss()
+        x = torch.randn(1, 128, 3, 20000, dtype=torch.float64)  # a ~60 MB input window
+        y = conv2d_relu(x, w, None, 1)
+        del x, y
+        used = rss()
+        unet_ext.empty_cache()
+        print(base, used, rss())
+    """)
+    base, used, after = map(float, out.split())
+    assert used - base > 30, out  # the scratch was resident
+    assert after - base < 8, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+
+
+SYSTEM_GOMP = "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+
+
+@pytest.mark.parametrize("preload", [None, pytest.param(SYSTEM_GOMP, marks=pytest.mark.skipif(
+    not os.path.exists(SYSTEM_GOMP), reason="no system libgomp"))], ids=["torch-gomp", "system-gomp-first"])
+def test_one_openmp_runtime_governed_by_torch_set_num_threads(preload):
+    """The extension links -fopenmp; its parallel regions must run on the same OpenMP runtime as
+    torch's (also when another libgomp is loaded first) with torch's thread count, and per-thread
+    partial sums (sized from at::get_num_threads, indexed by at::get_thread_num) must give the
+    same result for any count, more threads than cores too."""
+    env = {"OMP_NUM_THREADS": "1"}
+    if preload:
+        env["LD_PRELOAD"] = preload
+    out = run_python("""
+        import os, torch, unet_ext
+        from unet_ext.ops import conv2d_relu
+        maps = open("/proc/self/maps").read()
+        print(len({l.split()[-1] for l in maps.splitlines() if "gomp" in l or "iomp" in l}))
+        def threads():
+            return len(os.listdir("/proc/self/task"))
+        x = torch.randn(2, 8, 64, 64, requires_grad=True)
+        w = torch.randn(8, 8, 3, 3, requires_grad=True)
+        results = []
+        for n in (1, 3, 5):
+            torch.set_num_threads(n)
+            before = threads()
+            y = conv2d_relu(x, w, None, 1)
+            gx, gw = torch.autograd.grad(y.sum(), (x, w))
+            results.append((y, gx, gw))
+            print(n, before, threads())
+        for r in results[1:]:
+            for a, b in zip(results[0], r):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    """, env=env)
+    lines = out.splitlines()
+    assert lines[0] == "1", out  # one OpenMP runtime mapped
+    counts = {int(n): (int(b), int(a)) for n, b, a in (l.split() for l in lines[1:])}
+    assert counts[1][1] == counts[1][0], out  # one thread: no OpenMP team was started
+    assert counts[5][1] >= counts[1][1] + 4, out  # five threads: a team of four more
+
+
+OPS_CASES = {
+    "crop_concat": (unet_ext.ops.crop_concat, reference.crop_concat,
+                    lambda g: (torch.randn(2, 3, 40, 41, generator=g), torch.randn(2, 4, 30, 33, generator=g))),
+    "max_pool2x2": (unet_ext.ops.max_pool2x2, lambda x: torch.nn.functional.max_pool2d(x, 2),
+                    lambda g: (torch.randn(2, 3, 64, 66, generator=g),)),
+    "conv2d_relu": (lambda x, w: unet_ext.ops.conv2d_relu(x, w, None, 1),
+                    lambda x, w: reference.conv2d_relu(x, w, None, 1),
+                    lambda g: (torch.randn(2, 8, 40, 40, generator=g), torch.randn(6, 8, 3, 3, generator=g))),
+    "conv_transpose2x2": (unet_ext.ops.conv_transpose2x2, reference.conv_transpose2x2,
+                          lambda g: (torch.randn(2, 8, 20, 24, generator=g), torch.randn(8, 4, 2, 2, generator=g))),
+    "weighted_cross_entropy": (
+        lambda l, t, w: unet_ext.ops.weighted_cross_entropy(l, t, w),
+        reference.weighted_cross_entropy,
+        lambda g: (torch.randn(2, 3, 50, 50, generator=g), torch.randint(0, 3, (2, 50, 50), generator=g),
+                   torch.rand(2, 50, 50, generator=g))),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS_CASES))
+def test_ops_from_several_threads_equal_serial_results(name):
+    fn, _, make = OPS_CASES[name]
+    inputs = [make(torch.Generator().manual_seed(seed)) for seed in range(6)]
+
+    def run(args):
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out.sum(), [l for l in leaves if l.requires_grad])
+        return [out.detach(), *grads]
+
+    serial = [run(args) for args in inputs]
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            for repeat in range(5):
+                for i in range(k % 2, len(inputs), 1):
+                    results[(k, repeat, i)] = run(inputs[i])
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for (_, _, i), got in results.items():
+        for a, b in zip(got, serial[i]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_output_cache_under_concurrent_allocation_and_cross_thread_frees():
+    """Big outputs made in some threads and freed in others (a queue between them): the cache
+    hands every block to one owner only (contents survive until freed)."""
+    import queue
+
+    from unet_ext.ops import crop_concat
+
+    handoff, errors = queue.Queue(maxsize=8), []
+    skip = torch.randn(1, 8, 128, 256)
+
+    def producer(k):
+        try:
+            for i in range(40):
+                out = crop_concat(skip + k, skip + i)
+                handoff.put((k, i, out))
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    def consumer(count):
+        try:
+            for _ in range(count):
+                k, i, out = handoff.get()
+                assert torch.equal(out[:, :8], skip + k) and torch.equal(out[:, 8:], skip + i)
+                del out  # freed in this thread, allocated in another
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=producer, args=(k,)) for k in range(3)]
+    threads += [threading.Thread(target=consumer, args=(60,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors

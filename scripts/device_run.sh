@@ -34,7 +34,8 @@ STEPS=$WORK/steps.tsv
 : >"$STEPS"
 START=$SECONDS
 TOTAL=${KIT_BUDGET_S:-$([ "$DRY" = 1 ] && echo 2400 || echo 465)}
-export PYTHONUNBUFFERED=1 UNET_EXT_LIBRARY=$KIT/lib/unet_ext/_C.abi3.so
+# The package from this tree (also in subprocesses that tests start elsewhere), the kit's library.
+export PYTHONUNBUFFERED=1 UNET_EXT_LIBRARY=$KIT/lib/unet_ext/_C.abi3.so PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 left() { echo $((TOTAL - (SECONDS - START))); }
 record() {  # record NAME STATUS SECONDS COMMAND

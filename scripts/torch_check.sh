@@ -27,5 +27,7 @@ env -u FORCE_CUDA MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py --quiet build_ext --bui
   --build-temp "$LIB_DIR/temp" >&2
 [ $# -gt 0 ] || set -- -q -m "not cuda and not slow" tests
 echo "torch_check: tests with torch $VERSION ($((SECONDS - start)) s): $*" >&2
-UNET_EXT_LIBRARY=$PWD/$LIB_DIR/lib/unet_ext/_C.abi3.so "$PY" -m pytest -p no:cacheprovider "$@"
+# The package from this tree (also in subprocesses that tests start elsewhere), this build's library.
+PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} UNET_EXT_LIBRARY=$PWD/$LIB_DIR/lib/unet_ext/_C.abi3.so \
+  "$PY" -m pytest -p no:cacheprovider "$@"
 echo "torch_check: torch $VERSION passed in $((SECONDS - start)) s" >&2

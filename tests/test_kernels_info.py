@@ -41,9 +41,13 @@ SASS = """
 
 
 def test_parsers_on_a_sample():
-    key = ("sm_90a", "_ZN8unet_ext3wce12forward_cudaEv")
+    # Keys drop the arch suffix: cuobjdump 12.8 (torch 2.11's triton) lists the SASS of an sm_90a
+    # cubin as "code for sm_90" and its resources as "arch = sm_90a"; both must join.
+    key = ("sm_90", "_ZN8unet_ext3wce12forward_cudaEv")
     assert _kernels.parse_resource_usage(RESOURCES) == {key: dict(REG=40, STACK=16, SHARED=2048, LOCAL=8)}
-    assert _kernels.parse_sass(SASS.splitlines()) == {key: dict(HMMA=1, HGMMA=1, IMMA=0, STL=1, LDL=1)}
+    counts = dict(HMMA=1, HGMMA=1, IMMA=0, STL=1, LDL=1)
+    assert _kernels.parse_sass(SASS.splitlines()) == {key: counts}
+    assert _kernels.parse_sass(SASS.replace("code for sm_90a", "code for sm_90").splitlines()) == {key: counts}
 
 
 def test_shorten_keeps_the_first_template_level():

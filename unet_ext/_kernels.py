@@ -17,6 +17,12 @@ _RESOURCE = re.compile(r"^\s*Function (\S+):\s*$")
 _FIELDS = re.compile(r"(REG|STACK|SHARED|LOCAL):(\d+)")
 _ARCH = re.compile(r"^\s*(?:arch = |code for )(sm_\w+)")
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)")
+
+
+def _arch_of(name):
+    """sm_90a -> sm_90: cuobjdump releases disagree on whether the SASS and the resource listing
+    of an arch-specific cubin carry the suffix, and the two must join on the same key."""
+    return name.rstrip("af")
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.[A-Z0-9_.]*)?\b")
 
 
@@ -26,7 +32,7 @@ def parse_resource_usage(text):
     for line in text.splitlines():
         m = _ARCH.match(line)
         if m:
-            arch = m.group(1)
+            arch = _arch_of(m.group(1))
             continue
         m = _RESOURCE.match(line)
         if m:
@@ -44,7 +50,7 @@ def parse_sass(lines):
     for line in lines:
         m = _ARCH.match(line)
         if m:
-            arch = m.group(1)
+            arch = _arch_of(m.group(1))
             continue
         m = _SASS_FUNCTION.match(line)
         if m:

@@ -91,6 +91,18 @@ def build(source, defines=(), arch=None, out_dir=CACHE, verbose=True):
     return path
 
 
+def library():
+    """(unet_ext, unet_ext.reference), or (None, the reference module alone) when the library does
+    not load (another torch, not built): the variants still run, without a 'library op' row."""
+    try:
+        import unet_ext
+        from unet_ext import reference
+        return unet_ext, reference
+    except ImportError as error:
+        print(f"note: unet_ext's library does not load, so no 'library op' row ({str(error).splitlines()[0]})")
+        return None, load_reference()
+
+
 def load_reference():
     """unet_ext/reference.py (plain torch) without the package, whose import loads the library."""
     import importlib.util

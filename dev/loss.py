@@ -20,12 +20,7 @@ except ImportError:  # run as a script
     import harness
     import workshop
 
-try:
-    import unet_ext
-    from unet_ext import reference
-except ImportError as error:  # no loadable library (another torch, not built): the variants still run
-    unet_ext, reference = None, harness.load_reference()
-    print(f"note: unet_ext's library does not load, so no 'library op' row ({str(error).splitlines()[0]})")
+unet_ext, reference = harness.library()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {

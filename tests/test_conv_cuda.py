@@ -339,12 +339,12 @@ def test_batches_past_2gib_stay_on_tensor_cores(op):
         w = (torch.randn(c, c, 3, 3, device="cuda") / 24).half()
         b = torch.randn(c, device="cuda").half()
         run = lambda: torch.ops.unet_ext.conv2d_bias(x, w, b, 1)  # noqa: E731
-        stock = lambda t: F.conv2d(t, w, b, padding=1)  # noqa: E731
+        stock = lambda t: F.conv2d(t, w.float(), b.float(), padding=1)  # noqa: E731
     else:
         w = (torch.randn(c, c, 2, 2, device="cuda") / 16).half()
         b = torch.randn(c, device="cuda").half()
         run = lambda: torch.ops.unet_ext.conv_transpose2x2(x, w, b)  # noqa: E731
-        stock = lambda t: F.conv_transpose2d(t, w, b, stride=2)  # noqa: E731
+        stock = lambda t: F.conv_transpose2d(t, w.float(), b.float(), stride=2)  # noqa: E731
     names = _cuda_kernel_names(run)
     generic = ("conv_direct_kernel", "up_forward_kernel")
     assert names is None or not any(g in n for n in names for g in generic), names

@@ -8,6 +8,9 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "conv2d_cutlass.h"
 
 #if defined(UNET_EXT_SM90A)
@@ -18,10 +21,21 @@ namespace unet_ext {
 namespace conv {
 namespace {
 
+// UNET_EXT_SM90=0 turns the Hopper kernels off (the sm_80 ones serve): one build, one GPU, both
+// kernel families compared (scripts/device_profile.py). Read once, at the first convolution.
+[[maybe_unused]] bool sm90_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("UNET_EXT_SM90");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
 // Only 16-bit float, on an sm_90 device (the sm_90a kernels run nowhere else), and padding up to
 // k - 1 (U-Net's 0 and k / 2; larger padding gives dgrad a negative padding, left to sm_80).
 [[maybe_unused]] bool sm90_fits(const ConvGeometry& g, at::ScalarType dtype) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (!sm90_enabled()) return false;
   if (g.pad_h > g.kernel_h - 1 || g.pad_w > g.kernel_w - 1) return false;
   const cudaDeviceProp* properties = at::cuda::getCurrentDeviceProperties();
   return properties->major == 9 && properties->minor == 0 && conv2d_cutlass_fits(g, dtype);

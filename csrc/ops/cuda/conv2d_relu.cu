@@ -35,6 +35,7 @@ constexpr int kReduceThreads = 256;
 // An explicit minimum of resident blocks: with a bare __launch_bounds__(256), CUDA 13's ptxas
 // caps these kernels at 40 registers and the float64 ones spill; 2 blocks allow up to 128.
 constexpr int kMinBlocks = 2;
+constexpr int64_t kChunkChannels = 8;  // conv_direct_kernel's partial sums: 8 channels' taps each
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
 
@@ -65,24 +66,32 @@ conv_direct_kernel(const ConvGeometry g, const ChannelParts<const scalar_t> src,
       const int64_t ky1 = std::min<int64_t>(g.kernel_h, g.in_h + g.pad_h - oh);
       const int64_t kx0 = std::max<int64_t>(0, g.pad_w - ow);
       const int64_t kx1 = std::min<int64_t>(g.kernel_w, g.in_w + g.pad_w - ow);
+      // Two-level sum: a partial over kChunkChannels channels' taps, added to the total once per
+      // chunk, so the rounding error grows with the chunk plus the chunk count, not with all
+      // C_in*k*k terms (one running float32 sum over 600 channels had 5x cuDNN's error).
       acc_t acc = acc_t(0);
-      for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-        const acc_t* wc = w + ci * kernel;
-        const scalar_t* channel = src.channel(n, ci);
-        const int64_t pitch = src.row_stride(ci);
-        for (int64_t ky = ky0; ky < ky1; ++ky) {
-          // Offset of input column 0 of this row: ow - pad_w + kx >= 0 for kx >= kx0.
-          const int64_t row = (oh + ky - g.pad_h) * pitch + ow - g.pad_w;
-          for (int64_t kx = kx0; kx < kx1; ++kx) {
-            acc_t v = static_cast<acc_t>(channel[row + kx]);
-            if constexpr (kMasked) {
-              // A select, not `v * (m > 0)`: a masked-off NaN/inf gradient gives 0; a NaN
-              // output passes the gradient (torch's threshold_backward zeroes where out <= 0).
-              if (static_cast<acc_t>(mask[(channel - src.data[0]) + row + kx]) <= acc_t(0)) v = acc_t(0);
+      for (int64_t c0 = 0; c0 < g.in_channels; c0 += kChunkChannels) {
+        const int64_t c1 = std::min<int64_t>(g.in_channels, c0 + kChunkChannels);
+        acc_t part = acc_t(0);
+        for (int64_t ci = c0; ci < c1; ++ci) {
+          const acc_t* wc = w + ci * kernel;
+          const scalar_t* channel = src.channel(n, ci);
+          const int64_t pitch = src.row_stride(ci);
+          for (int64_t ky = ky0; ky < ky1; ++ky) {
+            // Offset of input column 0 of this row: ow - pad_w + kx >= 0 for kx >= kx0.
+            const int64_t row = (oh + ky - g.pad_h) * pitch + ow - g.pad_w;
+            for (int64_t kx = kx0; kx < kx1; ++kx) {
+              acc_t v = static_cast<acc_t>(channel[row + kx]);
+              if constexpr (kMasked) {
+                // A select, not `v * (m > 0)`: a masked-off NaN/inf gradient gives 0; a NaN
+                // output passes the gradient (torch's threshold_backward zeroes where out <= 0).
+                if (static_cast<acc_t>(mask[(channel - src.data[0]) + row + kx]) <= acc_t(0)) v = acc_t(0);
+              }
+              part += v * wc[ky * g.kernel_w + kx];
             }
-            acc += v * wc[ky * g.kernel_w + kx];
           }
         }
+        acc += part;
       }
       acc += shift;
       if constexpr (kRelu) acc = acc < acc_t(0) ? acc_t(0) : acc;  // keeps NaN, as torch.relu
@@ -192,8 +201,8 @@ at::Tensor conv2d_forward_cuda(const char* op, const at::Tensor& input_arg, cons
                                const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
   // The copies and casts below may see tensors that require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);  // checks devices
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
-  const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_memory_format(input_arg);
   const at::Tensor bias_arg = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
@@ -237,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   constexpr const char* op = "unet_ext._conv2d_backward";
   // The copies and casts below may see tensors that require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, std::nullopt, padding);
   UNET_CHECK_SAME_DEVICE(op, input_arg, grad_out_arg);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
               at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());
@@ -365,8 +374,8 @@ at::Tensor conv2d_relu_concat_cuda(const at::Tensor& skip_arg, const at::Tensor&
                                    int64_t padding) {
   constexpr const char* op = "unet_ext.conv2d_relu_concat";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, bias, padding);  // checks devices
   const c10::cuda::CUDAGuard device_guard(skip_arg.device());
-  const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_memory_format(skip_arg, up_arg);
   if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
@@ -397,11 +406,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
     std::array<bool, 4> output_mask) {
   constexpr const char* op = "unet_ext._conv2d_relu_concat_backward";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard device_guard(skip_arg.device());
   const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, std::nullopt, padding);
   const ConvGeometry& g = c.conv;
   UNET_CHECK_SAME_DEVICE(op, skip_arg, grad_out_arg);
   UNET_CHECK_SAME_DEVICE(op, skip_arg, output_arg);
+  const c10::cuda::CUDAGuard device_guard(skip_arg.device());
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
               at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());

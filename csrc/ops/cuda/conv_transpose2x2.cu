@@ -152,8 +152,8 @@ at::Tensor conv_transpose2x2_cuda(const at::Tensor& input_arg, const at::Tensor&
                                   const std::optional<at::Tensor>& bias) {
   // The copies and casts below may see tensors that require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);  // checks devices
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
-  const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);
   const auto format = conv_memory_format(input_arg);
 #ifdef UNET_EXT_WITH_CUTLASS
   {
@@ -186,9 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_transpose2x2_backward_cuda(
   constexpr const char* op = "unet_ext._conv_transpose2x2_backward";
   // The copies and casts below may see tensors that require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const ConvGeometry g = conv_transpose2x2_geometry(op, input_arg, weight, std::nullopt);
   UNET_CHECK_SAME_DEVICE(op, input_arg, grad_out_arg);
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK(grad_out_arg.sizes().equals(out_shape), op, ": grad_out must have shape ",
               at::IntArrayRef(out_shape), ", got ", grad_out_arg.sizes());

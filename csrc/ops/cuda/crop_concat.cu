@@ -131,9 +131,9 @@ struct Backward {
 };
 
 at::Tensor crop_concat_cuda(const at::Tensor& skip, const at::Tensor& up) {
-  const c10::cuda::CUDAGuard device_guard(skip.device());
   at::Tensor out;
-  const Geometry g = forward_geometry(skip, up, out);
+  const Geometry g = forward_geometry(skip, up, out);  // checks devices; out lives on skip's
+  const c10::cuda::CUDAGuard device_guard(skip.device());
   if (out.numel() == 0) return out;
   dispatch_element_size<Forward>(skip.element_size(), g, skip, up, out);
   return out;

@@ -115,9 +115,9 @@ at::Tensor max_pool2x2_cuda(const at::Tensor& input_arg) {
 }
 
 at::Tensor max_pool2x2_backward_cuda(const at::Tensor& grad_out_arg, const at::Tensor& input_arg) {
-  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   at::Tensor grad_out = grad_out_arg, input = input_arg, grad_input;
-  const Geometry g = backward_geometry(grad_out, input, grad_input);
+  const Geometry g = backward_geometry(grad_out, input, grad_input);  // checks devices
+  const c10::cuda::CUDAGuard device_guard(input_arg.device());
   if (grad_input.numel() == 0) return grad_input;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t outputs = grad_out.numel();  // > 0: H, W >= 2 and grad_input is not empty

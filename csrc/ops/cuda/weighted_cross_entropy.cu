@@ -219,9 +219,9 @@ const T* optional_ptr(bool has, const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight_map,
     const std::optional<at::Tensor>& class_weight, int64_t ignore_index, c10::string_view reduction) {
-  const c10::cuda::CUDAGuard device_guard(logits.device());
   Prepared p = prepare("unet_ext.weighted_cross_entropy", logits, target, weight_map, class_weight,
-                       ignore_index, reduction);
+                       ignore_index, reduction);  // checks devices first: no guard on a CPU tensor
+  const c10::cuda::CUDAGuard device_guard(logits.device());
   ForwardOutputs out = allocate_forward(p);
   const Geometry& g = p.geometry;
   const int64_t pixels = g.batch * g.pixels;
@@ -256,11 +256,11 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                          const at::Tensor& total_weight, int64_t ignore_index,
                          c10::string_view reduction) {
   constexpr const char* op = "unet_ext._weighted_cross_entropy_backward";
-  const c10::cuda::CUDAGuard device_guard(logits.device());
   // The kernel dereferences these on the device: they must live there.
   UNET_CHECK_SAME_DEVICE(op, logits, logsumexp);
   UNET_CHECK_SAME_DEVICE(op, logits, total_weight);
   Prepared p = prepare(op, logits, target, weight_map, class_weight, ignore_index, reduction);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
   at::Tensor grad = grad_loss.to(logits.scalar_type());
   at::Tensor grad_logits = prepare_backward(p, grad, logsumexp, total_weight);
   if (grad_logits.numel() == 0) return grad_logits;

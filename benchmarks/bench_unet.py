@@ -89,7 +89,14 @@ def _case(device, base, size, batch, train, dtype, autocast, with_compile, with_
     flops = forward_flops(probe, size) * batch * (3 if train else 1)
     label = f"UNet base {base} {size}x{size} b{batch}" + (" same" if padding == "same" else "")
     # Training steps move the weights: outputs agree only loosely (and each impl steps its own copy).
-    tol = dict(rtol=0.1, atol=0.1) if train or autocast or cast else dict(rtol=1e-3, atol=1e-3)
+    if train:
+        tol = dict(rtol=0.1, atol=0.1)
+    elif autocast or cast:  # bf16 through 23 layers: ~1e-2 of the output's norm
+        tol = dict(rel_norm=5e-2)
+    elif device == "cuda" and torch.backends.cudnn.allow_tf32:  # TF32 on both sides (stock's default)
+        tol = dict(rel_norm=1e-2)
+    else:
+        tol = dict(rtol=1e-3, atol=1e-3)
     return Case(op="unet " + ("train step" if train else "inference"), shape=label,
                 dtype=("bf16 autocast" if autocast else str(dtype)[6:] if cast else "float32"),
                 layout="channels_last" if device == "cuda" else "contiguous",

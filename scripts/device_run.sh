@@ -7,13 +7,15 @@
 #   racecheck compute-sanitizer racecheck over the same, filtered to unet_ext's own kernels
 #   dev       the workshop's CUDA kernel variants (dev/), validated, then timed
 #   bench     the GPU benchmarks at --quick, the UNet first, then every op, against stock
+#   profile   where the UNet's time goes, ours and stock, kernel by kernel (scripts/device_profile.py)
 # and writes to $OUT: summary.md, results.json (every figure, device, date, commit, torch,
 # driver), the logs and the speed-up charts (8 files at most). It exits 0 even when a step fails:
 # the summary says which, and nothing of a lease is lost.
 # --dry-run (this machine, no GPU): the kit's library must load in the kit's torch venv and the CPU
 # tests pass against it; each GPU step's command line is built and the summary written; exit 1 if
 # anything failed.
-# Environment: PYTHON (default python3; the kit's venv in a dry run), KIT_BUDGET_S (default 450).
+# Environment: PYTHON (default python3; the kit's venv in a dry run), KIT_BUDGET_S (default 465),
+# KIT_STEPS (the steps to run, default all).
 set -uo pipefail
 KIT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DRY=0
@@ -38,6 +40,9 @@ TOTAL=${KIT_BUDGET_S:-$([ "$DRY" = 1 ] && echo 2400 || echo 465)}
 export PYTHONUNBUFFERED=1 UNET_EXT_LIBRARY=$KIT/lib/unet_ext/_C.abi3.so PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 left() { echo $((TOTAL - (SECONDS - START))); }
+# KIT_STEPS: the steps to run (names as below, space-separated; default all), e.g. a second call
+# in one lease that reruns the tests and the profile after a fix.
+wanted() { [ -z "${KIT_STEPS:-}" ] || [[ " $KIT_STEPS " == *" $1 "* ]]; }
 record() {  # record NAME STATUS SECONDS COMMAND
   printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STEPS"
   echo "== $1: $2 ($3 s)" >&2
@@ -46,6 +51,10 @@ record() {  # record NAME STATUS SECONDS COMMAND
 run_step() {
   local name=$1 budget=$2 log=$3 t0=$SECONDS rc=0
   shift 3
+  if [ "$name" != build ] && ! wanted "$name"; then
+    record "$name" "SKIP (not in KIT_STEPS)" 0 "$*"
+    return
+  fi
   if [ "$budget" -lt 15 ]; then
     record "$name" "SKIP (budget spent)" 0 "$*"
     return
@@ -116,8 +125,11 @@ if [ -z "$SANITIZER" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/comput
   SANITIZER=$CUDA_HOME/bin/compute-sanitizer
 fi
 # racecheck only over unet_ext's own kernels: CUTLASS's and cuDNN's mbarrier/TMA pipelines are not ours.
+# (The help is read into a variable first: `--help | grep -q` under pipefail failed on the first
+# lease, since the sanitizer's help exits non-zero, and picked the old --filter, which 13.0 refuses.)
 KERNEL_FILTER=(--kernel-name kns=unet_ext)
-if [ -n "$SANITIZER" ] && ! "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name'; then
+SANITIZER_HELP=$([ -n "$SANITIZER" ] && "$SANITIZER" --help 2>&1 || true)
+if [ -n "$SANITIZER_HELP" ] && ! grep -q -- '--kernel-name' <<<"$SANITIZER_HELP"; then
   KERNEL_FILTER=(--filter kns=unet_ext)
 fi
 MEMCHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 1
@@ -127,6 +139,7 @@ RACECHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SA
 DEV_LOSS=("$PYTHON" -m dev.loss --device cuda --build-dir "$WORK/dev" --budget 0.5)
 DEV_CONV=("$PYTHON" -m dev.conv --device cuda --build-dir "$WORK/dev" --budget 0.5 --shape 1,64,258,258,64,3)
 # The UNet first (the figures a lease is for), then the ops; each run writes its own JSON.
+PROFILE=("$PYTHON" scripts/device_profile.py --out "$WORK/profile")
 BENCH_UNET=("$PYTHON" -m benchmarks.run --device cuda --quick --op unet --out "$WORK/bench-unet")
 BENCH_OPS=("$PYTHON" -m benchmarks.run --device cuda --quick --op conv --op crop_concat --op max_pool2x2
   --op weighted_cross_entropy --out "$WORK/bench-ops")
@@ -135,6 +148,7 @@ if [ "$DRY" = 1 ]; then
   record racecheck "SKIP (dry run: no GPU)" 0 "${RACECHECK[*]}"
   record dev-loss "SKIP (dry run: no GPU)" 0 "${DEV_LOSS[*]}"
   record dev-conv "SKIP (dry run: no GPU)" 0 "${DEV_CONV[*]}"
+  record profile "SKIP (dry run: no GPU)" 0 "${PROFILE[*]}"
   record bench-unet "SKIP (dry run: no GPU)" 0 "${BENCH_UNET[*]}"
   record bench-ops "SKIP (dry run: no GPU)" 0 "${BENCH_OPS[*]}"
 else
@@ -148,12 +162,17 @@ else
   run_step dev-loss 25 "$WORK/dev.log" "${DEV_LOSS[@]}"
   run_step dev-conv 25 "$WORK/dev.log" "${DEV_CONV[@]}"
   run_step bench-unet 100 "$WORK/bench.log" "${BENCH_UNET[@]}"
+  run_step profile 100 "$WORK/profile.log" "${PROFILE[@]}"
   run_step bench-ops $(( $(left) - 12 )) "$WORK/bench.log" "${BENCH_OPS[@]}"
 fi
 
 # Everything that comes back: 8 files at most, each under 16 MiB.
 cat "$WORK/dev.log" >>"$WORK/bench.log" 2>/dev/null
-for log in setup tests sanitizer bench; do
+# The profile's tables and its log in one file; the setup log heads the tests' (8 files at most:
+# summary.md, results.json, tests/sanitizer/bench logs, profile.md, two charts).
+cat "$WORK/profile/profile.md" "$WORK/profile.log" >"$OUT/profile.md" 2>/dev/null || rm -f "$OUT/profile.md"
+cat "$WORK/setup.log" "$WORK/tests.log" 2>/dev/null | tail -c 15M >"$OUT/tests.log"
+for log in sanitizer bench; do
   [ -f "$WORK/$log.log" ] && tail -c 15M "$WORK/$log.log" >"$OUT/$log.log"
 done
 cp "$WORK"/bench-unet/speedup-*.png "$OUT/speedup-unet.png" 2>/dev/null || true

@@ -47,6 +47,8 @@ SHAPES = [
     (2, 16, 32, 12, 10, 3, 1),   # CUTLASS-eligible in 16-bit
     (1, 8, 8, 7, 9, 3, 0),       # CUTLASS-eligible, valid convolution
     (2, 3, 5, 9, 8, 3, 1),       # generic (channels not multiples of 8)
+    (2, 1, 16, 11, 10, 3, 0),    # the paper's first layer: input channels zero-padded to 8 (16-bit)
+    (1, 3, 8, 9, 7, 3, 1),       # RGB: the same, 3 -> 8
     (1, 8, 16, 5, 6, 1, 0),      # 1x1 head
     (1, 4, 8, 4, 5, 3, 4),       # padding > k - 1: the dgrad geometry has negative padding
     (1, 16, 16, 5, 6, 3, 4),     # the same on the CUTLASS (sm_80) kernels in 16-bit: dgrad padding -2
@@ -243,6 +245,38 @@ def _ran(names, fragment):
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not unet_ext.build_info()["cutlass_sm80"], reason="needs a build with CUTLASS")
+@pytest.mark.parametrize("c_in", [1, 3])
+def test_first_layer_runs_on_tensor_cores(c_in):
+    """1 (grey) or 3 (RGB) input channels are padded with zero channels to the alignment, so the
+    paper's first layer and its weight gradient run on tensor cores, not on the generic kernels
+    (3x cuDNN's time there on the first H200 lease)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, c_in, 40, 36, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, c_in, 3, 3, device="cuda") / 3).bfloat16()
+    b = torch.randn(64, device="cuda").bfloat16()
+    names = _cuda_kernel_names(lambda: torch.ops.unet_ext.conv2d_relu(x, w, b, 0))
+    assert names is None or not any("conv_direct_kernel" in n for n in names), names
+    out = torch.ops.unet_ext.conv2d_relu(x, w, b, 0)
+    assert out.shape == (2, 64, 38, 34) and out.is_contiguous(memory_format=torch.channels_last)
+    exact = F.relu(F.conv2d(x.double(), w.double(), b.double()))
+    _assert_close(out.cpu(), F.relu(F.conv2d(x, w, b)).cpu(), exact.cpu(), torch.bfloat16)
+    grad = torch.randn_like(out)
+    backward = lambda: torch.ops.unet_ext._conv2d_backward(grad, x, w, out, 0, [True, True, True])  # noqa: E731
+    names = _cuda_kernel_names(backward)
+    assert names is None or not any(k in n for n in names for k in ("conv_direct_kernel", "conv_wgrad_kernel")), names
+    gi, gw, gb = backward()
+    assert gi.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    # The exact gradients through the same ReLU mask as ours.
+    masked = grad.double() * (out > 0)
+    F.conv2d(x64, w64).backward(masked)
+    xs, ws = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.conv2d(xs, ws).backward(masked.to(torch.bfloat16))
+    _assert_close(gi.cpu(), xs.grad.cpu(), x64.grad.cpu(), torch.bfloat16)
+    _assert_close(gw.cpu(), ws.grad.cpu(), w64.grad.cpu(), torch.bfloat16)
 
 
 @pytest.mark.skipif(not (HOPPER and unet_ext.build_info()["cutlass_sm90a"]),

@@ -269,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cuda(
   // Tensor-core dgrad/wgrad on the masked gradient, made once in channels_last by ReLU's own
   // backward (one pass; a select, so a masked-off NaN/inf gradient stays out, which a multiply by
   // the mask would not let it).
-  if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_fits(g, input_arg.scalar_type()) &&
+  if ((output_mask[0] || output_mask[1]) && conv2d_cutlass_takes(g, input_arg.scalar_type()) &&
       grad_out_arg.scalar_type() == input_arg.scalar_type()) {
     at::Tensor grad = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast);
     if (masked) grad = at::threshold_backward(grad, *output_arg, 0);

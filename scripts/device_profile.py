@@ -183,6 +183,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--layers-only", action="store_true", help="only the layer sweep")
+    parser.add_argument("--no-sm80", action="store_true",
+                        help="skip the second layer sweep with the Hopper kernels off (UNET_EXT_SM90=0)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cudnn.benchmark = False
@@ -194,12 +197,32 @@ def main():
     if not args.quick:
         cases += [("float32 (TF32) inference", torch.float32, False, False)]
     t0 = time.time()
-    for label, dtype, cast, train in cases:
+    for label, dtype, cast, train in ([] if args.layers_only else cases):
         profile_case(f"{label}, batch {args.batch}, 572 valid", dtype, cast, train, args.batch, args.steps,
                      lines, record["cases"])
         print(f"profile: {label} done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     layer_sweep(torch.bfloat16, args.batch, args.steps, lines, record["layers"])
     print(f"profile: layers done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if not args.layers_only and not args.no_sm80 and unet_ext.build_info().get("cutlass_sm90a"):
+        # The same sweep on the sm_80 kernels (mma.sync), in a process of its own (the switch is
+        # read once): which family wins where on this GPU.
+        import subprocess
+        sub = os.path.join(args.out, "sm80")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--out", sub, "--layers-only",
+                        "--batch", str(args.batch), "--steps", str(args.steps)],
+                       env=dict(os.environ, UNET_EXT_SM90="0"), check=False, stdout=subprocess.DEVNULL)
+        try:
+            with open(os.path.join(sub, "profile.json")) as f:
+                sm80 = {row["layer"]: row for row in json.load(f)["layers"]}
+            lines.append("\n## The same layers on the sm_80 kernels (UNET_EXT_SM90=0)\n")
+            lines.append("| layer | sm_90a ms | sm_80 ms | stock ms |\n|---|---|---|---|")
+            for row in record["layers"]:
+                other = sm80.get(row["layer"])
+                if other:
+                    lines.append(f"| {row['layer']} | {row['ours_ms']:.3f} | {other['ours_ms']:.3f} | {row['stock_ms']:.3f} |")
+                    row["sm80_ms"] = other["ours_ms"]
+        except (OSError, ValueError, KeyError) as error:
+            lines.append(f"\n(the sm_80 sweep failed: {error})\n")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "profile.md"), "w") as f:
         f.write(text)
@@ -208,7 +231,8 @@ def main():
     # The short table last (a lease's reply carries the end of the output).
     print("\n".join(line for line in lines if line.startswith(("## ", "### ", "output"))))
     for row in record["layers"]:
-        print(f"{row['layer']:>22} ours {row['ours_ms']:.3f} ms stock {row['stock_ms']:.3f} ms "
+        sm80 = f" (sm_80 {row['sm80_ms']:.3f})" if "sm80_ms" in row else ""
+        print(f"{row['layer']:>22} ours {row['ours_ms']:.3f} ms{sm80} stock {row['stock_ms']:.3f} ms "
               f"{row['stock_ms'] / row['ours_ms']:.2f}x {row['tflops']:.0f} TFLOP/s")
 
 

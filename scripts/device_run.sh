@@ -162,7 +162,7 @@ else
   run_step dev-loss 25 "$WORK/dev.log" "${DEV_LOSS[@]}"
   run_step dev-conv 25 "$WORK/dev.log" "${DEV_CONV[@]}"
   run_step bench-unet 100 "$WORK/bench.log" "${BENCH_UNET[@]}"
-  run_step profile 100 "$WORK/profile.log" "${PROFILE[@]}"
+  run_step profile 130 "$WORK/profile.log" "${PROFILE[@]}"
   run_step bench-ops $(( $(left) - 12 )) "$WORK/bench.log" "${BENCH_OPS[@]}"
 fi
 

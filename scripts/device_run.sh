@@ -4,7 +4,7 @@
 # from the carried wheels), then, each step with its own time budget and the whole under 8 minutes:
 #   tests     every CUDA test, a per-test timeout
 #   memcheck  compute-sanitizer memcheck over a small subset of our kernels' tests
-#   racecheck compute-sanitizer racecheck over the same, filtered to unet_ext's own kernels
+#   racecheck compute-sanitizer racecheck over the float32 (generic-kernel) tests, unet_ext's kernels only
 #   dev       the workshop's CUDA kernel variants (dev/), validated, then timed
 #   bench     the GPU benchmarks at --quick, the UNet first, then every op, against stock
 #   profile   where the UNet's time goes, ours and stock, kernel by kernel (scripts/device_profile.py)
@@ -134,8 +134,14 @@ if [ -n "$SANITIZER_HELP" ] && ! grep -q -- '--kernel-name' <<<"$SANITIZER_HELP"
 fi
 MEMCHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SANITIZER:-compute-sanitizer}" --tool memcheck --error-exitcode 1
   "${PYTEST[@]}" --timeout=120 "${SUBSET[@]}")
+# racecheck: float32 only (TF32 off in the tests), i.e. our own kernels, the shared-memory users
+# among them included (block sums of wgrad and the loss). On lease 2 racecheck aborted with an
+# "Internal Sanitizer Error ... failed to handle a hardware exception" inside the sm_90a CUTLASS
+# convolutions (TMA + wgmma; memcheck clean on the same tests), which are not ours to check.
+RACE_SUBSET=(tests/test_crop_concat.py tests/test_weighted_cross_entropy.py tests/test_max_pool.py tests/test_conv_cuda.py
+  -m cuda -k "float32 and ((test_forward_backward_match_reference and (contiguous-contiguous or channels_last-channels_last)) or (test_matches_reference_4d and mean and (contiguous or channels_last)) or test_paper_case_matches_unfused_mean or test_matches_stock_max_pool or test_conv2d_forward_backward or test_conv_transpose2x2_forward_backward)")
 RACECHECK=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 UNET_EXT_UNDER_SANITIZER=1 "${SANITIZER:-compute-sanitizer}" --tool racecheck "${KERNEL_FILTER[@]}"
-  --error-exitcode 1 "${PYTEST[@]}" --timeout=120 "${SUBSET[@]}")
+  --error-exitcode 1 "${PYTEST[@]}" --timeout=120 "${RACE_SUBSET[@]}")
 DEV_LOSS=("$PYTHON" -m dev.loss --device cuda --build-dir "$WORK/dev" --budget 0.5)
 DEV_CONV=("$PYTHON" -m dev.conv --device cuda --build-dir "$WORK/dev" --budget 0.5 --shape 1,64,258,258,64,3)
 # The UNet first (the figures a lease is for), then the ops; each run writes its own JSON.

@@ -98,8 +98,13 @@ def run_case(op, device, dtype, in_shape, w_shape, padding=0, has_bias=True, lay
                              in_shape[3] + 2 * padding - w_shape[3] + 1)
     if layout == "channels_last" and unambiguous_channels_last(in_shape):
         assert out.is_contiguous(memory_format=torch.channels_last)
-    elif layout != "channels_last":
-        assert out.is_contiguous()
+    # The layout stock gives: channels_last when the input or the weight is (a channels_last model
+    # fed an NCHW input computes in channels_last), NCHW when both are (or are ambiguously) NCHW.
+    with torch.no_grad():
+        stock_out = (F.conv_transpose2d(x, w, None, stride=2) if op == UP
+                     else F.conv2d(x, w, None, padding=padding))
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        assert out.is_contiguous(memory_format=fmt) == stock_out.is_contiguous(memory_format=fmt), (layout, w_layout, fmt)
 
     leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     grad_out = to_layout(torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype),

@@ -138,3 +138,35 @@ def test_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_channels_last_model_stays_channels_last(device):
+    """A model converted with .to(memory_format=torch.channels_last) and fed its one-channel input
+    (whose layout is ambiguous, so NCHW) runs every layer after the first in channels_last, as stock
+    does: the first H200 lease found every layer in NCHW, each converting its activations to NHWC
+    and back (55% of the UNet's time)."""
+    torch.manual_seed(0)
+    ours = unet_ext.UNet(base_channels=8).to(device).to(memory_format=torch.channels_last)
+    stock = reference.UNet(base_channels=8).to(device).to(memory_format=torch.channels_last)
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 1, 188, 188, device=device).contiguous(memory_format=torch.channels_last)
+
+    def layouts(model):
+        """The layout of every conv module's output in call order, and the model's output's."""
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.append(
+            "cl" if o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() else "nchw"))
+            for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, unet_ext.nn.Conv2dReLU,
+                                                       unet_ext.nn.Conv2dBias, unet_ext.nn.UpConv2x2))]
+        with torch.no_grad():
+            out = model(x)
+        for h in hooks:
+            h.remove()
+        return seen, out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+    (ours_layouts, ours_out_cl), (stock_layouts, stock_out_cl) = layouts(ours), layouts(stock)
+    # Only the first conv (one-channel input and weight: ambiguous) gives NCHW, in both.
+    assert stock_layouts[1:] == ["cl"] * (len(stock_layouts) - 1), stock_layouts
+    assert len(ours_layouts) > 10 and ours_layouts[1:] == ["cl"] * (len(ours_layouts) - 1), ours_layouts
+    assert ours_layouts[0] == stock_layouts[0] and ours_out_cl and stock_out_cl

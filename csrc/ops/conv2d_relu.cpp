@@ -42,6 +42,20 @@ at::MemoryFormat conv_memory_format(const at::Tensor& skip, const at::Tensor& up
              : at::MemoryFormat::Contiguous;
 }
 
+at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Tensor& weight) {
+  return conv_memory_format(input) == at::MemoryFormat::ChannelsLast ||
+                 conv_memory_format(weight) == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+at::MemoryFormat conv_output_format(const at::Tensor& skip, const at::Tensor& up, const at::Tensor& weight) {
+  return conv_memory_format(skip, up) == at::MemoryFormat::ChannelsLast ||
+                 conv_memory_format(weight) == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
 at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(at::toOpMathType(t.scalar_type())).contiguous();
 }

@@ -14,7 +14,8 @@ def conv2d_relu(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """``relu(F.conv2d(input, weight, bias, stride=1, padding=padding))`` in one kernel.
 
     input (N, C_in, H, W), weight (C_out, C_in, kh, kw), bias (C_out,) or None. padding 0 is the
-    paper's "valid" convolution, k // 2 is "same". channels_last in gives channels_last out.
+    paper's "valid" convolution, k // 2 is "same". The output is channels_last when the input or the
+    weight is (stock's rule).
     Backward saves only input, weight and the output (the gradient is zero where ``output <= 0``, as torch.relu's).
     """
     return torch.ops.unet_ext.conv2d_relu.default(input, weight, bias, int(padding))
@@ -34,8 +35,8 @@ def conv2d_relu_concat(skip: torch.Tensor, up: torch.Tensor, weight: torch.Tenso
 
     skip (N, Cs, Hs, Ws) is centre-cropped to up's (N, Cu, H, W) (offset ((Hs - H) // 2,
     (Ws - W) // 2)); weight (C_out, Cs + Cu, kh, kw), its first Cs input channels applied to the
-    skip. The output is channels_last when both inputs are. Backward saves skip, up, weight and
-    the output; grad_skip is zero outside the crop window.
+    skip. The output is channels_last when both inputs are, or the weight is. Backward saves skip,
+    up, weight and the output; grad_skip is zero outside the crop window.
     """
     return torch.ops.unet_ext.conv2d_relu_concat.default(skip, up, weight, bias, int(padding))
 
@@ -49,6 +50,13 @@ def conv_transpose2x2(input: torch.Tensor, weight: torch.Tensor,
 
 def _format(t):
     return torch.channels_last if suggest_memory_format(t) == torch.channels_last else torch.contiguous_format
+
+
+def _out_format(input, weight):
+    """Stock's rule for a convolution's output (cuDNN's and oneDNN's): channels_last when the input
+    or the weight is (a one-channel input is ambiguous; the model's channels_last weights decide)."""
+    either = torch.channels_last in (_format(input), _format(weight))
+    return torch.channels_last if either else torch.contiguous_format
 
 
 def _check_conv(op, input, weight, bias, padding):
@@ -75,7 +83,7 @@ def _conv_output_shape(op, batch, channels, spatial, weight, bias, padding):
 def _make_conv_fake(op):
     def fake(input, weight, bias, padding):
         shape = _check_conv(op, input, weight, bias, padding)
-        return input.new_empty(shape).contiguous(memory_format=_format(input))
+        return input.new_empty(shape).contiguous(memory_format=_out_format(input, weight))
     return fake
 
 
@@ -130,16 +138,17 @@ def _check_conv_concat(skip, up, weight, bias, padding):
                               weight, bias, padding)
 
 
-def _concat_format(skip, up):
-    """channels_last iff both inputs are (the format crop_concat, then the conv, would give)."""
+def _concat_format(skip, up, weight):
+    """channels_last when both inputs are (crop_concat's format, torch.cat's rule) or the weight is
+    (then the conv's rule)."""
     both = _format(skip) == torch.channels_last and _format(up) == torch.channels_last
-    return torch.channels_last if both else torch.contiguous_format
+    return torch.channels_last if both or _format(weight) == torch.channels_last else torch.contiguous_format
 
 
 @torch.library.register_fake("unet_ext::conv2d_relu_concat")
 def _(skip, up, weight, bias, padding):
     shape = _check_conv_concat(skip, up, weight, bias, padding)
-    return skip.new_empty(shape).contiguous(memory_format=_concat_format(skip, up))
+    return skip.new_empty(shape).contiguous(memory_format=_concat_format(skip, up, weight))
 
 
 @torch.library.register_fake("unet_ext::_conv2d_relu_concat_backward")
@@ -183,7 +192,7 @@ def _check_up(input, weight, bias):
 
 @torch.library.register_fake("unet_ext::conv_transpose2x2")
 def _(input, weight, bias):
-    return input.new_empty(_check_up(input, weight, bias)).contiguous(memory_format=_format(input))
+    return input.new_empty(_check_up(input, weight, bias)).contiguous(memory_format=_out_format(input, weight))
 
 
 @torch.library.register_fake("unet_ext::_conv_transpose2x2_backward")

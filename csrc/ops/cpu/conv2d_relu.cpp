@@ -21,7 +21,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
-  const auto format = conv_memory_format(input_arg);
+  const auto format = conv_output_format(input_arg, weight);
   if (use_onednn(g, input_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     return onednn_forward(input_arg, weight, bias, padding, relu).contiguous(format);
   }

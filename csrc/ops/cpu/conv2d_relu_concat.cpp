@@ -28,7 +28,7 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
   const ConcatGeometry c = conv2d_concat_geometry("unet_ext.conv2d_relu_concat", skip_arg, up_arg,
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
-  const auto format = conv_memory_format(skip_arg, up_arg);
+  const auto format = conv_output_format(skip_arg, up_arg, weight);
   if (use_onednn(g, skip_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     // oneDNN reads one tensor: the (small, deep-level) concatenation is made after all.
     return onednn_forward(cropped_concat(c, skip_arg, up_arg), weight, bias, padding, true).contiguous(format);

@@ -181,7 +181,7 @@ at::Tensor conv_transpose2x2_cpu(const at::Tensor& input_arg, const at::Tensor& 
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);
-  const auto format = conv_memory_format(input_arg);
+  const auto format = conv_output_format(input_arg, weight);
   if (use_onednn(g, input_arg.scalar_type())) {
     return at::conv_transpose2d(input_arg, weight, bias, {2, 2}).contiguous(format);
   }

@@ -89,31 +89,46 @@ int64_t conv2d_images_per_launch(const ConvGeometry& g, at::ScalarType dtype) {
                            static_cast<int64_t>(c10::elementSize(dtype)));
 }
 
-// Input channels that are not a multiple of the tensor cores' alignment (the first layer's 1
-// channel, grey, or 3, RGB) are padded with zero channels up to it: a copy of a thin tensor, then
-// tensor cores instead of the generic kernels (on the first H200 lease the paper's first layer,
-// 1 -> 64 channels, took 0.48 ms there in bf16 at batch 1, cuDNN 0.15 ms).
-ConvGeometry with_aligned_input_channels(const ConvGeometry& g, at::ScalarType dtype) {
+// Channel counts that are not a multiple of the tensor cores' alignment are padded with zero
+// channels up to it: the first layer's 1 (grey) or 3 (RGB) input channels, the head's 2 output
+// classes. A copy of a thin tensor, then tensor cores instead of the generic kernels (on the first
+// H200 lease the paper's first layer took 0.48 ms there in bf16 at batch 1, cuDNN 0.15 ms, and
+// the 64 -> 2 head 1.3 ms at batch 8). Zero input channels add zeros; zero output channels are
+// computed and dropped.
+ConvGeometry aligned_geometry(const ConvGeometry& g, at::ScalarType dtype) {
   const int alignment = channel_alignment(dtype);
   ConvGeometry padded = g;
-  if (alignment > 0 && g.in_channels > 0) {
-    padded.in_channels = (g.in_channels + alignment - 1) / alignment * alignment;
+  if (alignment > 0) {
+    if (g.in_channels > 0) padded.in_channels = (g.in_channels + alignment - 1) / alignment * alignment;
+    if (g.out_channels > 0) padded.out_channels = (g.out_channels + alignment - 1) / alignment * alignment;
   }
   return padded;
 }
 
-// t (N, C, H, W) with zero channels appended up to `channels`, channels_last.
-at::Tensor zero_padded_channels(const at::Tensor& t, int64_t channels) {
-  at::Tensor out = at::zeros({t.size(0), channels, t.size(2), t.size(3)},
+bool needs_padding(const ConvGeometry& p, const ConvGeometry& g) {
+  return p.in_channels != g.in_channels || p.out_channels != g.out_channels;
+}
+
+// t (A, B, H, W) in a zero tensor (rows, columns, H, W), channels_last, at [0, A) x [0, B): an
+// activation or gradient (rows = batch) or a weight (rows = C_out, columns = C_in).
+at::Tensor zero_padded(const at::Tensor& t, int64_t rows, int64_t columns) {
+  if (t.size(0) == rows && t.size(1) == columns) return t;
+  at::Tensor out = at::zeros({rows, columns, t.size(2), t.size(3)},
                              t.options().memory_format(at::MemoryFormat::ChannelsLast));
-  out.narrow(1, 0, t.size(1)).copy_(t);
+  out.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1)).copy_(t);
   return out;
+}
+
+// t's [0, rows) x [0, channels) corner of dims 0 and 1 (zero_padded's inverse), packed channels_last.
+at::Tensor unpadded(const at::Tensor& t, int64_t rows, int64_t channels) {
+  if (t.size(0) == rows && t.size(1) == channels) return t;
+  return t.narrow(0, 0, rows).narrow(1, 0, channels).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace
 
 bool conv2d_cutlass_takes(const ConvGeometry& g, at::ScalarType dtype) {
-  return conv2d_cutlass_fits(with_aligned_input_channels(g, dtype), dtype);
+  return conv2d_cutlass_fits(aligned_geometry(g, dtype), dtype);
 }
 
 bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
@@ -131,10 +146,16 @@ bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype) {
 
 at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input,
                                   const at::Tensor& weight, const at::Tensor& bias, bool relu) {
-  if (const ConvGeometry p = with_aligned_input_channels(g, input.scalar_type()); p.in_channels != g.in_channels) {
+  if (const ConvGeometry p = aligned_geometry(g, input.scalar_type()); needs_padding(p, g)) {
     if (!conv2d_cutlass_fits(p, input.scalar_type())) return at::Tensor();
-    return conv2d_forward_cutlass(p, zero_padded_channels(input, p.in_channels),
-                                  zero_padded_channels(weight, p.in_channels), bias, relu);
+    at::Tensor b = bias;
+    if (b.defined() && p.out_channels != g.out_channels) {
+      b = at::zeros({p.out_channels}, bias.options());
+      b.narrow(0, 0, g.out_channels).copy_(bias);
+    }
+    const at::Tensor out = conv2d_forward_cutlass(p, zero_padded(input, g.batch, p.in_channels),
+                                                  zero_padded(weight, p.out_channels, p.in_channels), b, relu);
+    return out.defined() ? unpadded(out, g.batch, g.out_channels) : out;
   }
   if (!conv2d_cutlass_fits(g, input.scalar_type())) return at::Tensor();
   const auto cl = at::MemoryFormat::ChannelsLast;
@@ -160,10 +181,11 @@ at::Tensor conv2d_forward_cutlass(const ConvGeometry& g, const at::Tensor& input
 
 at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& weight) {
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (const ConvGeometry p = with_aligned_input_channels(g, grad.scalar_type()); p.in_channels != g.in_channels) {
+  if (const ConvGeometry p = aligned_geometry(g, grad.scalar_type()); needs_padding(p, g)) {
     if (!conv2d_cutlass_fits(p, grad.scalar_type())) return at::Tensor();
-    const at::Tensor dx = conv2d_dgrad_cutlass(p, grad, zero_padded_channels(weight, p.in_channels));
-    return dx.defined() ? dx.narrow(1, 0, g.in_channels).contiguous(cl) : dx;
+    const at::Tensor dx = conv2d_dgrad_cutlass(p, zero_padded(grad, g.batch, p.out_channels),
+                                               zero_padded(weight, p.out_channels, p.in_channels));
+    return dx.defined() ? unpadded(dx, g.batch, g.in_channels) : dx;
   }
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
   const at::Tensor dy = packed(grad, cl);    // NPQK
@@ -183,10 +205,11 @@ at::Tensor conv2d_dgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, c
 
 at::Tensor conv2d_wgrad_cutlass(const ConvGeometry& g, const at::Tensor& grad, const at::Tensor& input) {
   const auto cl = at::MemoryFormat::ChannelsLast;
-  if (const ConvGeometry p = with_aligned_input_channels(g, grad.scalar_type()); p.in_channels != g.in_channels) {
+  if (const ConvGeometry p = aligned_geometry(g, grad.scalar_type()); needs_padding(p, g)) {
     if (!conv2d_cutlass_fits(p, grad.scalar_type())) return at::Tensor();
-    const at::Tensor dw = conv2d_wgrad_cutlass(p, grad, zero_padded_channels(input, p.in_channels));
-    return dw.defined() ? dw.narrow(1, 0, g.in_channels).contiguous(cl) : dw;
+    const at::Tensor dw = conv2d_wgrad_cutlass(p, zero_padded(grad, g.batch, p.out_channels),
+                                               zero_padded(input, g.batch, p.in_channels));
+    return dw.defined() ? unpadded(dw, g.out_channels, g.in_channels) : dw;
   }
   if (!conv2d_cutlass_fits(g, grad.scalar_type())) return at::Tensor();
   const at::Tensor dy = packed(grad, cl);   // NPQK

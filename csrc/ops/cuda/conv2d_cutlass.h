@@ -15,8 +15,8 @@ namespace conv {
 // 128-bit aligned channel rows, int sizes, sm_80+.
 bool conv2d_cutlass_fits(const ConvGeometry& g, at::ScalarType dtype);
 
-// Whether the entry points below take it: as conv2d_cutlass_fits, except that input channels
-// need no alignment (they are padded with zero channels: the first layer's 1 or 3).
+// Whether the entry points below take it: as conv2d_cutlass_fits, except that channel counts need
+// no alignment (they are padded with zero channels: the first layer's 1 or 3, the head's 2).
 bool conv2d_cutlass_takes(const ConvGeometry& g, at::ScalarType dtype);
 
 // The channels_last output [relu](conv(input, weight) + bias), or an undefined tensor when the

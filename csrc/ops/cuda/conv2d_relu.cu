@@ -154,6 +154,137 @@ conv_wgrad_kernel(const ConvGeometry g, const ChannelParts<const scalar_t> input
   }
 }
 
+// The first layer: a thin input (C_in <= 4: grey, RGB) into many channels. It is memory-bound (the
+// paper's 1 -> 64 layer at batch 8 writes 333 MB of bf16, ~0.07 ms at 4.8 TB/s; its 1.5 G
+// multiply-adds are ~0.05 ms on the CUDA cores), yet cuDNN took 1.31 ms on the H200 and our
+// zero-padded tensor-core path 3.86 ms (a K = 72 GEMM). One thread computes kThinGroup output
+// channels of one pixel from the C_in*k*k taps it loads once, the weights (opmath) broadcast from
+// shared memory, and writes them in either layout (NHWC: 16-byte vector stores); the input is read
+// through its strides, any layout.
+at::Tensor opmath_contiguous(const at::Tensor& t);
+
+constexpr int kThinGroup = 16;
+constexpr int64_t kThinMaxInChannels = 4;
+constexpr int64_t kThinMaxKernel = 7;
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+template <typename scalar_t, bool kRelu, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads)
+conv_thin_input_kernel(const ConvGeometry g, const scalar_t* __restrict__ input, const Strides4 in,
+                       const at::opmath_type<scalar_t>* __restrict__ weight,
+                       const at::opmath_type<scalar_t>* __restrict__ bias, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char thin_shared[];
+  acc_t* group_weight = reinterpret_cast<acc_t*>(thin_shared);  // [kThinGroup][taps]
+  const int64_t taps = g.in_channels * g.kernel_h * g.kernel_w;
+  const int64_t co0 = static_cast<int64_t>(blockIdx.y) * kThinGroup;
+  const int channels = static_cast<int>(std::min<int64_t>(kThinGroup, g.out_channels - co0));
+  for (int64_t i = threadIdx.x; i < kThinGroup * taps; i += blockDim.x) {
+    const int64_t j = i / taps;
+    group_weight[i] = j < channels ? weight[(co0 + j) * taps + (i - j * taps)] : acc_t(0);
+  }
+  __syncthreads();
+  const int64_t plane = g.out_h * g.out_w, pixels = g.batch * plane;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < pixels;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = p / plane, r = p - n * plane, oh = r / g.out_w, ow = r - oh * g.out_w;
+    acc_t acc[kThinGroup];
+#pragma unroll
+    for (int j = 0; j < kThinGroup; ++j) acc[j] = bias != nullptr && j < channels ? bias[co0 + j] : acc_t(0);
+    const scalar_t* image = input + n * in.n;
+    int64_t t = 0;
+    for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+        const int64_t ih = oh + ky - g.pad_h;
+        for (int64_t kx = 0; kx < g.kernel_w; ++kx, ++t) {
+          const int64_t iw = ow + kx - g.pad_w;
+          const acc_t v = ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w
+                              ? static_cast<acc_t>(image[ci * in.c + ih * in.h + iw * in.w])
+                              : acc_t(0);
+#pragma unroll
+          for (int j = 0; j < kThinGroup; ++j) acc[j] += v * group_weight[j * taps + t];
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kThinGroup; ++j) {
+      if constexpr (kRelu) acc[j] = acc[j] < acc_t(0) ? acc_t(0) : acc[j];  // keeps NaN, as torch.relu
+    }
+    if constexpr (kChannelsLast) {
+      scalar_t* row = out + p * g.out_channels + co0;  // NHWC: p = (n, oh, ow) row-major
+      constexpr int kVector = 16 / static_cast<int>(sizeof(scalar_t));
+      if (channels == kThinGroup && g.out_channels % kVector == 0 &&
+          reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+#pragma unroll
+        for (int j0 = 0; j0 < kThinGroup; j0 += kVector) {
+          union {
+            uint4 bits;
+            scalar_t values[kVector];
+          } pack;
+#pragma unroll
+          for (int j = 0; j < kVector; ++j) pack.values[j] = static_cast<scalar_t>(acc[j0 + j]);
+          *reinterpret_cast<uint4*>(row + j0) = pack.bits;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kThinGroup; ++j) {
+          if (j < channels) row[j] = static_cast<scalar_t>(acc[j]);
+        }
+      }
+    } else {
+      scalar_t* column = out + (n * g.out_channels + co0) * plane + r;  // NCHW
+#pragma unroll
+      for (int j = 0; j < kThinGroup; ++j) {
+        if (j < channels) column[j * plane] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  }
+}
+
+bool thin_input_fits(const ConvGeometry& g) {
+  return g.in_channels >= 1 && g.in_channels <= kThinMaxInChannels && g.kernel_h <= kThinMaxKernel &&
+         g.kernel_w <= kThinMaxKernel && g.out_channels >= 1;
+}
+
+// The output of a thin-input convolution in `format`; launches nothing when it is empty.
+at::Tensor conv_thin_input(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& bias, bool relu, at::MemoryFormat format) {
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
+  const int64_t pixels = g.batch * g.out_h * g.out_w;
+  if (pixels == 0) return output;
+  const bool channels_last = format == at::MemoryFormat::ChannelsLast;
+  if (channels_last && !output.is_contiguous(format)) output = output.contiguous(format);
+  const at::Tensor w = opmath_contiguous(weight);
+  const at::Tensor b = bias.defined() ? opmath_contiguous(bias) : at::Tensor();
+  const Strides4 in{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const int64_t groups = (g.out_channels + kThinGroup - 1) / kThinGroup;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((pixels + kThreads - 1) / kThreads, kMaxBlocks)),
+                  static_cast<unsigned>(groups));
+  UNET_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_thin_input_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t shared = static_cast<size_t>(kThinGroup) * g.in_channels * g.kernel_h * g.kernel_w * sizeof(acc_t);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    if (relu && channels_last) {
+      conv_thin_input_kernel<scalar_t, true, true><<<grid, kThreads, shared, stream>>>(g, x, in, wp, bp, y);
+    } else if (relu) {
+      conv_thin_input_kernel<scalar_t, true, false><<<grid, kThreads, shared, stream>>>(g, x, in, wp, bp, y);
+    } else if (channels_last) {
+      conv_thin_input_kernel<scalar_t, false, true><<<grid, kThreads, shared, stream>>>(g, x, in, wp, bp, y);
+    } else {
+      conv_thin_input_kernel<scalar_t, false, false><<<grid, kThreads, shared, stream>>>(g, x, in, wp, bp, y);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
 // A dense NCHW tensor of g's input (or output) shape as ChannelParts.
 template <typename scalar_t>
 ChannelParts<const scalar_t> input_parts(const ConvGeometry& g, const at::Tensor& t) {
@@ -203,11 +334,12 @@ at::Tensor conv2d_forward_cuda(const char* op, const at::Tensor& input_arg, cons
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);  // checks devices
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
-  const auto format = conv_memory_format(input_arg);
+  const auto format = conv_output_format(input_arg, weight);
   const at::Tensor bias_arg = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
     return at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options().memory_format(format));
   }
+  if (thin_input_fits(g)) return conv_thin_input(g, input_arg, weight, bias_arg, relu, format);
 #ifdef UNET_EXT_WITH_CUTLASS
   // Tensor cores when the problem fits CUTLASS's constraints; its output is channels_last.
   if (at::Tensor fast = conv2d_forward_cutlass(g, input_arg, weight, bias_arg, relu); fast.defined()) {
@@ -377,7 +509,7 @@ at::Tensor conv2d_relu_concat_cuda(const at::Tensor& skip_arg, const at::Tensor&
   const ConcatGeometry c = conv2d_concat_geometry(op, skip_arg, up_arg, weight, bias, padding);  // checks devices
   const c10::cuda::CUDAGuard device_guard(skip_arg.device());
   const ConvGeometry& g = c.conv;
-  const auto format = conv_memory_format(skip_arg, up_arg);
+  const auto format = conv_output_format(skip_arg, up_arg, weight);
   if (g.batch * g.out_channels * g.out_h * g.out_w == 0) {
     return at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options().memory_format(format));
   }

@@ -154,7 +154,7 @@ at::Tensor conv_transpose2x2_cuda(const at::Tensor& input_arg, const at::Tensor&
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);  // checks devices
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
-  const auto format = conv_memory_format(input_arg);
+  const auto format = conv_output_format(input_arg, weight);
 #ifdef UNET_EXT_WITH_CUTLASS
   {
     const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();

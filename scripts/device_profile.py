@@ -57,6 +57,25 @@ def kernel_table(prof, steps):
     return sorted(kernels, reverse=True), sorted(ops_time, reverse=True)
 
 
+def ceilings(lines, record):
+    """The card's two ceilings as measured here (METHOD.md): a large device-to-device copy (bytes
+    read + written) and a large bf16 matmul, on random data."""
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB of float32
+    dst = torch.empty_like(src)
+    copy_ms = cuda_time_ms(lambda: dst.copy_(src), 10)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    mm_ms = cuda_time_ms(lambda: a @ b, 10)
+    bandwidth = 2 * src.numel() * 4 / copy_ms / 1e9
+    tflops = 2 * 8192**3 / mm_ms / 1e9
+    lines.append(f"\nceilings: copy {bandwidth:.0f} GB/s (read + write), bf16 matmul 8192^3 {tflops:.0f} TFLOP/s\n")
+    record.update(copy_gb_s=bandwidth, bf16_matmul_tflops=tflops)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+
+
 def make_models(dtype, cast, size, batch, padding="valid"):
     torch.manual_seed(0)
     ours = unet_ext.UNet(base_channels=64, padding=padding).cuda()
@@ -197,6 +216,8 @@ def main():
     if not args.quick:
         cases += [("float32 (TF32) inference", torch.float32, False, False)]
     t0 = time.time()
+    if not args.layers_only:
+        ceilings(lines, record)
     for label, dtype, cast, train in ([] if args.layers_only else cases):
         profile_case(f"{label}, batch {args.batch}, 572 valid", dtype, cast, train, args.batch, args.steps,
                      lines, record["cases"])
@@ -229,7 +250,7 @@ def main():
     with open(os.path.join(args.out, "profile.json"), "w") as f:
         json.dump(record, f, indent=1)
     # The short table last (a lease's reply carries the end of the output).
-    print("\n".join(line for line in lines if line.startswith(("## ", "### ", "output"))))
+    print("\n".join(line for line in lines if line.lstrip().startswith(("## ", "### ", "output", "ceilings"))))
     for row in record["layers"]:
         sm80 = f" (sm_80 {row['sm80_ms']:.3f})" if "sm80_ms" in row else ""
         print(f"{row['layer']:>22} ours {row['ours_ms']:.3f} ms{sm80} stock {row['stock_ms']:.3f} ms "

@@ -135,16 +135,18 @@ def test_hopper_conv_kernels_use_wgmma_and_tma():
     sass = _sass_by_arch()["sm_90"]
     sections = re.split(r"\n\s*Function : ", sass)
     hopper = [s for s in sections if "MainloopSm90TmaGmmaWarpSpecializedImplicitGemm" in s.split("\n", 1)[0]]
-    # 2 dtypes x (fprop ReLU, fprop identity, dgrad, wgrad); the operator is the problem shape's
-    # first template argument (cutlass::conv::Operator: 0 fprop, 1 dgrad, 2 wgrad).
+    # 2 dtypes x (fprop ReLU, fprop ReLU on 128x64 tiles, fprop identity, dgrad, wgrad); the operator
+    # is the problem shape's first template argument (cutlass::conv::Operator: 0 fprop, 1 dgrad, 2 wgrad).
     def operator(name):
         return re.search(r"ConvProblemShapeILNS\w+?OperatorE(\d)", name).group(1)
 
     operators = sorted(operator(s.split("\n", 1)[0]) for s in hopper)
-    assert operators == ["0"] * 4 + ["1"] * 2 + ["2"] * 2, operators
+    assert operators == ["0"] * 6 + ["1"] * 2 + ["2"] * 2, operators
+    narrow = 0
     for section in hopper:
         name = section.split("\n", 1)[0]
-        assert re.search(r"\bHGMMA\.64x128x16\.F32", section), f"Hopper conv kernel without HGMMA: {name[:200]}"
+        assert re.search(r"\bHGMMA\.64x(64|128)x16\.F32", section), f"Hopper conv kernel without HGMMA: {name[:200]}"
+        narrow += bool(re.search(r"\bHGMMA\.64x64x16\.F32", section))
         assert "UTMALDG" in section, f"Hopper conv kernel without TMA loads: {name[:200]}"
         if operator(name) != "2":
             assert "UTMASTG" in section, f"Hopper fprop/dgrad kernel without TMA stores: {name[:200]}"
@@ -155,6 +157,7 @@ def test_hopper_conv_kernels_use_wgmma_and_tma():
         if "ReLu" in name:
             # cvt's .relu keeps NaN (canonical NaN), as torch.relu does.
             assert "F2FP.RELU" in section or "FMNMX.NAN" in section, f"ReLU epilogue not found: {name[:200]}"
+    assert narrow == 2, f"{narrow} Hopper kernels on 64-wide HGMMA, expected the two narrow fprops"
 
 
 def test_library_is_python_agnostic():

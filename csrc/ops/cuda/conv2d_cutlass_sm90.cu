@@ -53,12 +53,16 @@ constexpr int64_t kWgradMinTiles = 128;
 bool conv2d_forward_sm90(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                          bool relu, const at::Tensor& output) {
   if (!sm90_fits(g, x.scalar_type())) return false;
+  // 128x64 tiles where C_out <= 64 (ReLU layers: the U-Net's 64-channel levels).
+  const bool narrow = relu && g.out_channels <= 64;
   if (x.scalar_type() == at::kHalf) {
-    return relu ? sm90::fprop<cutlass::half_t, true>(g, x, w, b, output)
-                : sm90::fprop<cutlass::half_t, false>(g, x, w, b, output);
+    if (narrow) return sm90::fprop<cutlass::half_t, true, true>(g, x, w, b, output);
+    return relu ? sm90::fprop<cutlass::half_t, true, false>(g, x, w, b, output)
+                : sm90::fprop<cutlass::half_t, false, false>(g, x, w, b, output);
   }
-  return relu ? sm90::fprop<cutlass::bfloat16_t, true>(g, x, w, b, output)
-              : sm90::fprop<cutlass::bfloat16_t, false>(g, x, w, b, output);
+  if (narrow) return sm90::fprop<cutlass::bfloat16_t, true, true>(g, x, w, b, output);
+  return relu ? sm90::fprop<cutlass::bfloat16_t, true, false>(g, x, w, b, output)
+              : sm90::fprop<cutlass::bfloat16_t, false, false>(g, x, w, b, output);
 }
 
 bool conv2d_dgrad_sm90(const ConvGeometry& g, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& dx) {

@@ -4,6 +4,6 @@
 #include "conv2d_cutlass_sm90_kernels.cuh"
 
 namespace unet_ext::conv::sm90 {
-UNET_EXT_SM90_FPROP(cutlass::bfloat16_t, true);
+UNET_EXT_SM90_FPROP(cutlass::bfloat16_t, true, false);
 }  // namespace unet_ext::conv::sm90
 #endif

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/kernel_hardware_info.hpp"  // before the collectives, which use it
@@ -32,6 +33,10 @@ using cutlass_conv::pointer;
 // 128x128 output tiles with a 64-deep K step: 32 KiB of A+B per stage, so the builder fits about
 // six stages beside the epilogue's buffers in the 227 KiB of shared memory. One CTA per cluster.
 using TileShape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+// 128x64 tiles for fprop into at most 64 channels (the paper's first and last levels): a 128-wide
+// tile leaves half its MMA columns idle there (lease 2: 150-190 TFLOP/s on those layers against
+// 400-540 on the deep ones).
+using NarrowTileShape = cute::Shape<cute::_128, cute::_64, cute::Shape<cute::_64>>;
 using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 using Layout = cutlass::layout::TensorNHWC;
 
@@ -71,11 +76,12 @@ struct Activation<false> {
   using Fn = cutlass::epilogue::thread::Identity<T>;
 };
 
-template <typename element_t, bool kRelu>
+template <typename element_t, bool kRelu, bool kNarrow>
 using FpropConv = Sm90Conv<
     cutlass::conv::Operator::kFprop, element_t,
     cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Activation<kRelu>::template Fn, element_t, float,
-                                                       element_t, element_t>>;
+                                                       element_t, element_t>,
+    element_t, std::conditional_t<kNarrow, NarrowTileShape, TileShape>>;
 
 template <typename element_t>
 using DgradConv = Sm90Conv<cutlass::conv::Operator::kDgrad, element_t,
@@ -139,10 +145,10 @@ constexpr auto kNoFusionArguments = [](auto&) {};
 
 // The runners take packed operands (NHWC / KRSC, 16-byte aligned) and write the caller's
 // output, which may be a batch slice of a bigger channels_last tensor (still packed).
-template <typename element_t, bool kRelu>
+template <typename element_t, bool kRelu, bool kNarrow>
 bool fprop(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
            const at::Tensor& output) {
-  return run_conv<FpropConv<element_t, kRelu>>(
+  return run_conv<FpropConv<element_t, kRelu, kNarrow>>(
       g, pointer<element_t>(x), pointer<element_t>(w), pointer<element_t>(output), x.options(),
       [&](auto& fusion) { fusion.bias_ptr = b.defined() ? pointer<element_t>(b) : nullptr; });  // null: zeros
 }

@@ -148,6 +148,33 @@ at::Tensor opmath_contiguous(const at::Tensor& t) {
   return t.to(at::toOpMathType(t.scalar_type())).contiguous();
 }
 
+// Hopper, 16-bit: the up-conv forward as one cuBLAS GEMM, X [N*H*W, C_in] @ Wm [C_in, 4 C_out] with
+// the bias added in the GEMM (one rounding), then one copy that interleaves its four (dy, dx)
+// column blocks into the channels_last output. On the first H200 lease the sm_80 CUTLASS strided
+// dgrad (below) took 0.26-0.32 ms per level at batch 8 in bf16 against cuDNN's 0.17-0.42; these
+// GEMMs (K = C_in = 128-1024) run near the tensor cores' peak, and the copy is one pass.
+bool up_forward_as_gemm(const ConvGeometry& g, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (g.batch * g.in_h * g.in_w == 0 || g.in_channels == 0 || g.out_channels == 0) return false;
+  return at::cuda::getCurrentDeviceProperties()->major == 9;
+}
+
+at::Tensor up_forward_gemm(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& bias) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const int64_t pixels = g.batch * g.in_h * g.in_w, channels = g.out_channels;
+  // X: the NHWC input as rows of C_in; Wm: column (dy * 2 + dx) * C_out + co holds W[ci, co, dy, dx].
+  const at::Tensor x = input.contiguous(cl).permute({0, 2, 3, 1}).reshape({pixels, g.in_channels});
+  const at::Tensor wm = weight.permute({0, 2, 3, 1}).reshape({g.in_channels, 4 * channels});
+  const at::Tensor y = bias.defined() ? at::addmm(bias.repeat({4}), x, wm) : at::mm(x, wm);
+  at::Tensor output = at::empty({g.batch, channels, g.out_h, g.out_w}, input.options().memory_format(cl));
+  // The NHWC output [N, 2H, 2W, C] is [N, H, dy, W, dx, C]; y is [N, H, W, dy, dx, C].
+  output.permute({0, 2, 3, 1})
+      .view({g.batch, g.in_h, 2, g.in_w, 2, channels})
+      .copy_(y.view({g.batch, g.in_h, g.in_w, 2, 2, channels}).permute({0, 1, 3, 2, 4, 5}));
+  return output;
+}
+
 at::Tensor conv_transpose2x2_cuda(const at::Tensor& input_arg, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias) {
   // The copies and casts below may see tensors that require grad: keep autograd out of them.
@@ -155,6 +182,10 @@ at::Tensor conv_transpose2x2_cuda(const at::Tensor& input_arg, const at::Tensor&
   const ConvGeometry g = conv_transpose2x2_geometry(kOp, input_arg, weight, bias);  // checks devices
   const c10::cuda::CUDAGuard device_guard(input_arg.device());
   const auto format = conv_output_format(input_arg, weight);
+  if (up_forward_as_gemm(g, input_arg.scalar_type())) {
+    const at::Tensor out = up_forward_gemm(g, input_arg, weight, bias.has_value() && bias->defined() ? *bias : at::Tensor());
+    return format == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
+  }
 #ifdef UNET_EXT_WITH_CUTLASS
   {
     const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();

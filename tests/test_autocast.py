@@ -7,11 +7,13 @@ CPU: bfloat16; CUDA (on the GPU lease): bfloat16 and float16 (+ GradScaler in te
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import unet_ext
 from unet_ext import ops, reference
 
-from conftest import assert_low_precision
+from conftest import assert_low_precision, to_layout
 
 AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
             pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda, id="cuda-bfloat16"),
@@ -140,6 +142,67 @@ def test_loss_computes_and_returns_float32(device, dtype, reduction):
     exact, = torch.autograd.grad(
         reference.weighted_cross_entropy(logits.double(), target, weight_map.double(), reduction=reduction),
         logits, grad.double())
+    assert_low_precision(got, want, exact)
+
+
+class _OpLog(TorchDispatchMode):
+    """Every op below autograd and autocast: (op, tensor arguments, tensor outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.calls.append((func, tensors, [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]))
+        return out
+
+
+# (shape, layout): odd sizes, channels_last read in place, a strided view (re-laid out in its own
+# dtype), (N, C) logits, an empty batch.
+LOSS_CASES = [((2, 3, 17, 19), "contiguous"), ((2, 3, 17, 19), "channels_last"),
+              ((3, 2, 5, 7), "strided"), ((33, 4), "contiguous"), ((0, 3, 5, 6), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", LOSS_CASES, ids=[f"{s}-{l}" for s, l in LOSS_CASES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("logits_dtype", [torch.bfloat16, torch.float16], ids=["bf16-logits", "fp16-logits"])
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_loss_reads_16bit_logits_without_a_float32_copy(device, dtype, logits_dtype, reduction, shape, layout):
+    """Under autocast the kernels read the 16-bit logits themselves (float32 math inside): the
+    forward and backward ops get the 16-bit tensor, no op makes a float32 tensor the logits'
+    size, the loss is float32 and equals stock's (which reads a float32 copy) to float32
+    precision, and the logits' gradient comes back in their dtype within stock's error."""
+    torch.manual_seed(0)
+    n, c, *spatial = shape
+    logits = to_layout((torch.randn(shape) * 3).to(device=device, dtype=logits_dtype), layout)
+    logits.requires_grad_()
+    target = torch.randint(0, c, (n, *spatial), device=device)
+    target[torch.rand(target.shape, device=device) < 0.1] = -100
+    weight_map = torch.rand(n, *spatial, device=device) + 0.5
+    upstream = torch.rand(target.shape if reduction == "none" else (), device=device)
+    with _OpLog() as log, torch.autocast(device, dtype=dtype):
+        ours = ops.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+        got, = torch.autograd.grad(ours, logits, upstream)
+    with torch.autocast(device, dtype=dtype):
+        stock = reference.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+    want, = torch.autograd.grad(stock, logits, upstream)
+    assert ours.dtype == stock.dtype == torch.float32
+    assert got.dtype == want.dtype == logits_dtype and got.shape == logits.shape
+    ours_ops = {str(func): args[0 if "forward" in str(func) else 1].dtype
+                for func, args, _ in log.calls if "weighted_cross_entropy" in str(func)}
+    assert ours_ops == {"unet_ext._weighted_cross_entropy_forward.default": logits_dtype,
+                        "unet_ext._weighted_cross_entropy_backward.default": logits_dtype}
+    if logits.numel():
+        copies = [str(func) for func, _, outs in log.calls
+                  for t in outs if t.dtype == torch.float32 and t.numel() >= logits.numel()]
+        assert not copies, copies
+    torch.testing.assert_close(ours, stock, rtol=2e-5, atol=2e-6, equal_nan=True)
+    exact_in = logits.detach().double().requires_grad_()
+    exact, = torch.autograd.grad(
+        reference.weighted_cross_entropy(exact_in, target, weight_map.double(), reduction=reduction),
+        exact_in, upstream.double())
     assert_low_precision(got, want, exact)
 
 

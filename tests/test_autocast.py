@@ -286,6 +286,53 @@ def test_unet_under_autocast_matches_reference(device, dtype, padding, size, lay
         assert_gradient_within_twice_stock(p.grad, q.grad, e.grad, name)
 
 
+class _ConvLayouts(TorchDispatchMode):
+    """(input channels, whether the input is channels_last) of every convolution op."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("unet_ext.conv") and "backward" not in name:
+            x = args[0]
+            self.seen.append((x.shape[1], x.shape[1] > 1 and x.stride(1) == 1))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_cpu_bf16_runs_its_onednn_levels_channels_last(layout):
+    """Under CPU bf16 autocast, the levels whose convolutions go to oneDNN (64 channels and up)
+    run channels_last (no nhwc reorders per convolution), the shallower ones NCHW; the output
+    comes back in the input's layout, within twice stock's error of the float64 model."""
+    import unet_ext.model as model_module
+    if not model_module._BF16_ONEDNN:
+        pytest.skip("no bf16 oneDNN on this CPU: every level runs in the input's layout")
+    ours, stock, _ = _unet_pair("cpu", base_channels=32, depth=2, num_classes=3)
+    x = torch.randn(2, 1, 60, 60)
+    if layout == "channels_last":
+        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    with _ConvLayouts() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    # (input channels, channels_last) of each convolution, in call order: encoder levels 0-2,
+    # decoder levels 1 and 0 (up-conv, merge conv, conv), head. An NCHW input: level 0 (32
+    # channels: our kernels) NCHW, levels 1-2 (64 and 128: oneDNN) channels_last, the up-conv
+    # into level 0 NCHW (the level boundary). A channels_last input: channels_last throughout.
+    nchw_levels = [False, False, True, True, True, True, True, True, True, False, False, False, False]
+    channels = [1, 32, 32, 64, 64, 128, 128, 64, 64, 64, 32, 32, 32]
+    expected = [(c, c > 1 if layout == "channels_last" else cl) for c, cl in zip(channels, nchw_levels)]
+    assert seen.seen == expected
+    assert out.dtype == torch.bfloat16
+    if layout == "contiguous":
+        assert out.is_contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock(x)
+    exact = reference.UNet(base_channels=32, depth=2, num_classes=3).double()
+    exact.load_state_dict(ours.state_dict())
+    assert_low_precision(out, expected, exact(x.double()))
+
+
 @pytest.mark.parametrize("device,dtype", AUTOCAST)
 def test_unet_compiled_under_autocast(device, dtype):
     torch._dynamo.reset()

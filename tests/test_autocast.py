@@ -301,14 +301,19 @@ class _ConvLayouts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("threshold", [None, 64], ids=["default", "threshold64"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_unet_cpu_bf16_runs_its_onednn_levels_channels_last(layout):
-    """Under CPU bf16 autocast, the levels whose convolutions go to oneDNN (64 channels and up)
-    run channels_last (no nhwc reorders per convolution), the shallower ones NCHW; the output
-    comes back in the input's layout, within twice stock's error of the float64 model."""
+def test_unet_cpu_bf16_runs_its_onednn_levels_channels_last(layout, threshold, monkeypatch):
+    """Under CPU bf16 autocast, the levels whose convolutions go to oneDNN (all by default; from
+    UNET_EXT_BF16_ONEDNN_CHANNELS channels) run channels_last (no nhwc reorders per convolution),
+    the shallower ones NCHW; the output comes back in the input's layout, within twice stock's
+    error of the float64 model."""
     import unet_ext.model as model_module
     if not model_module._BF16_ONEDNN:
         pytest.skip("no bf16 oneDNN on this CPU: every level runs in the input's layout")
+    if threshold is not None:  # what the model reads at import, and the kernels per call
+        monkeypatch.setattr(model_module, "_BF16_ONEDNN_CHANNELS", threshold)
+        monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
     ours, stock, _ = _unet_pair("cpu", base_channels=32, depth=2, num_classes=3)
     x = torch.randn(2, 1, 60, 60)
     if layout == "channels_last":
@@ -316,12 +321,14 @@ def test_unet_cpu_bf16_runs_its_onednn_levels_channels_last(layout):
     with _ConvLayouts() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x)
     # (input channels, channels_last) of each convolution, in call order: encoder levels 0-2,
-    # decoder levels 1 and 0 (up-conv, merge conv, conv), head. An NCHW input: level 0 (32
-    # channels: our kernels) NCHW, levels 1-2 (64 and 128: oneDNN) channels_last, the up-conv
-    # into level 0 NCHW (the level boundary). A channels_last input: channels_last throughout.
+    # decoder levels 1 and 0 (up-conv, merge conv, conv), head. An NCHW input with threshold 64:
+    # level 0 (32 channels: our kernels) NCHW, levels 1-2 (64 and 128: oneDNN) channels_last,
+    # the up-conv into level 0 NCHW (the level boundary); by default every level channels_last.
+    # A channels_last input: channels_last throughout. (1 channel: reported as not.)
     nchw_levels = [False, False, True, True, True, True, True, True, True, False, False, False, False]
     channels = [1, 32, 32, 64, 64, 128, 128, 64, 64, 64, 32, 32, 32]
-    expected = [(c, c > 1 if layout == "channels_last" else cl) for c, cl in zip(channels, nchw_levels)]
+    expected = [(c, c > 1 if layout == "channels_last" or threshold is None else cl)
+                for c, cl in zip(channels, nchw_levels)]
     assert seen.seen == expected
     assert out.dtype == torch.bfloat16
     if layout == "contiguous":
@@ -390,7 +397,7 @@ def test_float16_grad_scaler_step_matches_stock():
 @pytest.mark.parametrize("threshold", [0, 10**9], ids=["onednn", "ours"])
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cpu_bf16_paths_both_within_twice_stock_error(op, threshold, monkeypatch):
-    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (64
+    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (all
     by default) and on our kernels below: both paths, forward and backward, by the rule."""
     monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
     g = torch.Generator().manual_seed(3)

@@ -139,7 +139,7 @@ def _bf16_onednn_available():
 
 _BF16_ONEDNN = _bf16_onednn_available()
 # csrc/ops/cpu/conv2d_kernel.h's threshold (the kernels read it per call; the model at import).
-_BF16_ONEDNN_CHANNELS = int(os.environ.get("UNET_EXT_BF16_ONEDNN_CHANNELS", 64))
+_BF16_ONEDNN_CHANNELS = int(os.environ.get("UNET_EXT_BF16_ONEDNN_CHANNELS", 0))
 
 
 def _cpu_bf16_channels_last_pays(x):
@@ -178,7 +178,7 @@ class UNet(UNetBase):
             merge=ops.crop_concat, checkpointing=checkpointing)
 
     def level_layout(self, x):
-        # bf16 on a CPU with bf16 dot products: convolutions from 64 input channels run on oneDNN,
+        # bf16 on a CPU with bf16 dot products: convolutions run on oneDNN (all by default),
         # which reorders an NCHW activation to nhwc and back at each one (as stock's does), so
         # the levels whose convolutions are there (from UNET_EXT_BF16_ONEDNN_CHANNELS channels)
         # run channels_last; the shallow ones stay NCHW, the layout of our kernels there. One

@@ -7,11 +7,13 @@ CPU: bfloat16; CUDA (on the GPU lease): bfloat16 and float16 (+ GradScaler in te
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import unet_ext
 from unet_ext import ops, reference
 
-from conftest import assert_low_precision
+from conftest import assert_low_precision, to_layout
 
 AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bfloat16"),
             pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda, id="cuda-bfloat16"),
@@ -150,6 +152,67 @@ def test_loss_computes_and_returns_float32(device, dtype, reduction):
     assert_low_precision(got, want, exact)
 
 
+class _OpLog(TorchDispatchMode):
+    """Every op below autograd and autocast: (op, tensor arguments, tensor outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.calls.append((func, tensors, [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]))
+        return out
+
+
+# (shape, layout): odd sizes, channels_last read in place, a strided view (re-laid out in its own
+# dtype), (N, C) logits, an empty batch.
+LOSS_CASES = [((2, 3, 17, 19), "contiguous"), ((2, 3, 17, 19), "channels_last"),
+              ((3, 2, 5, 7), "strided"), ((33, 4), "contiguous"), ((0, 3, 5, 6), "contiguous")]
+
+
+@pytest.mark.parametrize("shape,layout", LOSS_CASES, ids=[f"{s}-{l}" for s, l in LOSS_CASES])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("logits_dtype", [torch.bfloat16, torch.float16], ids=["bf16-logits", "fp16-logits"])
+@pytest.mark.parametrize("device,dtype", AUTOCAST)
+def test_loss_reads_16bit_logits_without_a_float32_copy(device, dtype, logits_dtype, reduction, shape, layout):
+    """Under autocast the kernels read the 16-bit logits themselves (float32 math inside): the
+    forward and backward ops get the 16-bit tensor, no op makes a float32 tensor the logits'
+    size, the loss is float32 and equals stock's (which reads a float32 copy) to float32
+    precision, and the logits' gradient comes back in their dtype within stock's error."""
+    torch.manual_seed(0)
+    n, c, *spatial = shape
+    logits = to_layout((torch.randn(shape) * 3).to(device=device, dtype=logits_dtype), layout)
+    logits.requires_grad_()
+    target = torch.randint(0, c, (n, *spatial), device=device)
+    target[torch.rand(target.shape, device=device) < 0.1] = -100
+    weight_map = torch.rand(n, *spatial, device=device) + 0.5
+    upstream = torch.rand(target.shape if reduction == "none" else (), device=device)
+    with _OpLog() as log, torch.autocast(device, dtype=dtype):
+        ours = ops.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+        got, = torch.autograd.grad(ours, logits, upstream)
+    with torch.autocast(device, dtype=dtype):
+        stock = reference.weighted_cross_entropy(logits, target, weight_map, reduction=reduction)
+    want, = torch.autograd.grad(stock, logits, upstream)
+    assert ours.dtype == stock.dtype == torch.float32
+    assert got.dtype == want.dtype == logits_dtype and got.shape == logits.shape
+    ours_ops = {str(func): args[0 if "forward" in str(func) else 1].dtype
+                for func, args, _ in log.calls if "weighted_cross_entropy" in str(func)}
+    assert ours_ops == {"unet_ext._weighted_cross_entropy_forward.default": logits_dtype,
+                        "unet_ext._weighted_cross_entropy_backward.default": logits_dtype}
+    if logits.numel():
+        copies = [str(func) for func, _, outs in log.calls
+                  for t in outs if t.dtype == torch.float32 and t.numel() >= logits.numel()]
+        assert not copies, copies
+    torch.testing.assert_close(ours, stock, rtol=2e-5, atol=2e-6, equal_nan=True)
+    exact_in = logits.detach().double().requires_grad_()
+    exact, = torch.autograd.grad(
+        reference.weighted_cross_entropy(exact_in, target, weight_map.double(), reduction=reduction),
+        exact_in, upstream.double())
+    assert_low_precision(got, want, exact)
+
+
 @pytest.mark.parametrize("device,dtype", AUTOCAST)
 def test_bad_input_is_still_a_clear_error(device, dtype):
     w = torch.randn(4, 3, 3, 3, device=device)
@@ -230,6 +293,60 @@ def test_unet_under_autocast_matches_reference(device, dtype, padding, size, lay
         assert_gradient_within_twice_stock(p.grad, q.grad, e.grad, name)
 
 
+class _ConvLayouts(TorchDispatchMode):
+    """(input channels, whether the input is channels_last) of every convolution op."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith("unet_ext.conv") and "backward" not in name:
+            x = args[0]
+            self.seen.append((x.shape[1], x.shape[1] > 1 and x.stride(1) == 1))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("threshold", [None, 64], ids=["default", "threshold64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_cpu_bf16_runs_its_onednn_levels_channels_last(layout, threshold, monkeypatch):
+    """Under CPU bf16 autocast, the levels whose convolutions go to oneDNN (all by default; from
+    UNET_EXT_BF16_ONEDNN_CHANNELS channels) run channels_last (no nhwc reorders per convolution),
+    the shallower ones NCHW; the output comes back in the input's layout, within twice stock's
+    error of the float64 model."""
+    import unet_ext.model as model_module
+    if not model_module._BF16_ONEDNN:
+        pytest.skip("no bf16 oneDNN on this CPU: every level runs in the input's layout")
+    if threshold is not None:  # what the model reads at import, and the kernels per call
+        monkeypatch.setattr(model_module, "_BF16_ONEDNN_CHANNELS", threshold)
+        monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
+    ours, stock, _ = _unet_pair("cpu", base_channels=32, depth=2, num_classes=3)
+    x = torch.randn(2, 1, 60, 60)
+    if layout == "channels_last":
+        x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    with _ConvLayouts() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+    # (input channels, channels_last) of each convolution, in call order: encoder levels 0-2,
+    # decoder levels 1 and 0 (up-conv, merge conv, conv), head. An NCHW input with threshold 64:
+    # level 0 (32 channels: our kernels) NCHW, levels 1-2 (64 and 128: oneDNN) channels_last,
+    # the up-conv into level 0 NCHW (the level boundary); by default every level channels_last.
+    # A channels_last input: channels_last throughout. (1 channel: reported as not.)
+    nchw_levels = [False, False, True, True, True, True, True, True, True, False, False, False, False]
+    channels = [1, 32, 32, 64, 64, 128, 128, 64, 64, 64, 32, 32, 32]
+    expected = [(c, c > 1 if layout == "channels_last" or threshold is None else cl)
+                for c, cl in zip(channels, nchw_levels)]
+    assert seen.seen == expected
+    assert out.dtype == torch.bfloat16
+    if layout == "contiguous":
+        assert out.is_contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = stock(x)
+    exact = reference.UNet(base_channels=32, depth=2, num_classes=3).double()
+    exact.load_state_dict(ours.state_dict())
+    assert_low_precision(out, expected, exact(x.double()))
+
+
 @pytest.mark.parametrize("device,dtype", AUTOCAST)
 def test_unet_compiled_under_autocast(device, dtype):
     torch._dynamo.reset()
@@ -287,7 +404,7 @@ def test_float16_grad_scaler_step_matches_stock():
 @pytest.mark.parametrize("threshold", [0, 10**9], ids=["onednn", "ours"])
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cpu_bf16_paths_both_within_twice_stock_error(op, threshold, monkeypatch):
-    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (64
+    """CPU bf16 convolutions run on oneDNN from UNET_EXT_BF16_ONEDNN_CHANNELS input channels (all
     by default) and on our kernels below: both paths, forward and backward, by the rule."""
     monkeypatch.setenv("UNET_EXT_BF16_ONEDNN_CHANNELS", str(threshold))
     g = torch.Generator().manual_seed(3)

@@ -80,6 +80,43 @@ def test_shapes(device, dtype, shape, reduction):
     check_against_reference(logits, target, None, class_weight, reduction)
 
 
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (6, 3), (0, 3, 4, 4)], ids=str)
+def test_opmath_loss_is_the_float32_loss_of_16bit_logits(device, dtype, reduction, layout, shape):
+    """opmath_loss (what autocast asks for): the loss in the logits' opmath dtype, equal to the
+    loss of the logits cast up first; the gradient in the logits' dtype, that of the cast-up
+    logits rounded once (float32 and float64 logits: the plain op's results)."""
+    logits, target, weight_map, class_weight = make_inputs(shape, dtype, device, layout, ignore_fraction=0.2)
+    weight_map, class_weight = weight_map.float(), class_weight.float()
+    opmath = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    leaf = logits.detach().requires_grad_()
+    loss, lse, total = torch.ops.unet_ext._weighted_cross_entropy_forward(
+        leaf, target, weight_map, class_weight, -100, reduction, opmath_loss=True)
+    assert loss.dtype == lse.dtype == total.dtype == opmath
+    up = leaf.detach().to(opmath).requires_grad_()
+    want = weighted_cross_entropy(up, target, weight_map, class_weight, -100, reduction)
+    tolerance = TOLERANCES[torch.float32 if opmath == torch.float32 else dtype]
+    torch.testing.assert_close(loss, want, equal_nan=True, **tolerance)
+    upstream = torch.rand_like(want)
+    got, = torch.autograd.grad(loss, leaf, upstream)
+    want_grad, = torch.autograd.grad(want, up, upstream)
+    assert got.dtype == dtype and got.shape == logits.shape
+    # One rounding of the same float32 value: equal, or one 16-bit step apart where the float32
+    # values differ in their last bits across a rounding boundary.
+    step = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}.get(dtype)
+    if step is None:
+        torch.testing.assert_close(got, want_grad, **tolerance)
+    else:
+        torch.testing.assert_close(got.to(opmath), want_grad, rtol=step, atol=1e-6)
+    # Without opmath_loss the loss is the logits' dtype, as before.
+    plain, _, _ = torch.ops.unet_ext._weighted_cross_entropy_forward(
+        leaf.detach(), target, weight_map, class_weight, -100, reduction)
+    assert plain.dtype == dtype
+    torch.testing.assert_close(plain, loss.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_equals_f_cross_entropy_without_weight_map(device, reduction):
@@ -161,6 +198,10 @@ def test_opcheck(device, reduction, layout):
                  (logits, target, None, class_weight, -100, reduction)]:
         torch.library.opcheck(torch.ops.unet_ext._weighted_cross_entropy_forward.default, args)
         torch.library.opcheck(torch.ops.unet_ext.weighted_cross_entropy.default, args)
+    # The autocast form: 16-bit logits, float32 loss.
+    half = logits.detach().to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.unet_ext._weighted_cross_entropy_forward.default,
+                          (half, target, weight_map.float(), None, -100, reduction, True))
     loss, lse, total = torch.ops.unet_ext._weighted_cross_entropy_forward(
         logits.detach(), target, weight_map, class_weight, -100, reduction)
     torch.library.opcheck(torch.ops.unet_ext._weighted_cross_entropy_backward.default,

@@ -51,11 +51,14 @@ def _max_pool2x2(input):
 
 
 @register_decomposition(_ops._weighted_cross_entropy_forward.default)
-def _weighted_cross_entropy_forward(logits, target, weight_map, class_weight, ignore_index, reduction):
-    # The op's three outputs: the loss, and what its backward keeps (per-pixel logsumexp in the
-    # float32 opmath for 16-bit logits; the mean's denominator). Inference graphs use the first.
-    loss = reference.weighted_cross_entropy(logits, target, weight_map, class_weight, ignore_index, reduction)
+def _weighted_cross_entropy_forward(logits, target, weight_map, class_weight, ignore_index, reduction,
+                                    opmath_loss=False):
+    # The op's three outputs: the loss (in the opmath dtype with opmath_loss, as under autocast),
+    # and what its backward keeps (per-pixel logsumexp in the float32 opmath for 16-bit logits;
+    # the mean's denominator). Inference graphs use the first.
     opmath = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    loss = reference.weighted_cross_entropy(logits.to(opmath) if opmath_loss else logits, target, weight_map,
+                                            class_weight, ignore_index, reduction)
     logsumexp = torch.logsumexp(logits.to(opmath), 1).reshape(logits.shape[0], -1)
     kept = target != ignore_index
     if class_weight is None:

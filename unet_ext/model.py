@@ -5,6 +5,8 @@ max-pool down, 2x2 up-conv, skip merge (centre crop in "valid" mode, pad of the 
 map in "same" mode), two 3x3 conv+ReLU, 1x1 head. The fused UNet runs each decoder level's
 merge and first conv as one op (conv2d_relu_concat: no concatenated activation).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,23 +104,59 @@ class UNetBase(nn.Module):
             if not isinstance(size, torch.SymInt):  # symbolic under torch.export: its dims say which
                 check_input_size(int(size), self.depth, self.padding)
         recompute = self.checkpointing and torch.is_grad_enabled()
+        layout = self.level_layout(x)
 
         def run(fn, *args):
             return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
 
         skips = []
         for level, block in enumerate(self.encoder):
-            x = run(block, x)
+            x = run(block, layout(x, block.conv2.in_channels))
             if level < self.depth:
                 skips.append(x)
                 x = self.pool(x)
         x = self.dropout(x)
         for block, skip in zip(self.decoder, reversed(skips)):
-            up = block.up(x)
+            up = block.up(layout(x, block.conv2.in_channels))  # the skip is in that layout already
             if self.padding == "same":
                 up = pad_to(up, skip)
             x = run(lambda s, u, b=block: b.conv2(self.merge_conv(b.conv1, s, u)), skip, up)
-        return self.head(x)
+        return layout(self.head(x), None)
+
+    def level_layout(self, x):
+        """layout(t, channels): t in the memory format a level of `channels` channels runs in
+        (channels None: the output, in x's); here every level runs as it comes."""
+        return lambda t, channels: t
+
+
+def _bf16_onednn_available():
+    try:
+        return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_BF16_ONEDNN = _bf16_onednn_available()
+# csrc/ops/cpu/conv2d_kernel.h's threshold (the kernels read it per call; the model at import).
+_BF16_ONEDNN_CHANNELS = int(os.environ.get("UNET_EXT_BF16_ONEDNN_CHANNELS", 0))
+
+
+def _cpu_bf16_channels_last_pays(x):
+    """Whether the fused UNet runs a CPU bf16 pass (bf16 input, or bf16 autocast) channels_last:
+    where oneDNN has bf16 dot products and the input is not channels_last already."""
+    if x.device.type != "cpu" or not _BF16_ONEDNN or not torch.backends.mkldnn.enabled:
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    # NCHW (a 1-channel NCHW tensor is channels_last-contiguous too: its channel stride says).
+    return bf16 and x.is_contiguous() and x.dim() == 4 and x.stride(1) != 1
+
+
+def _channels_last(x):
+    # Not x.contiguous(memory_format=...): that keeps a 1-channel NCHW tensor as it is, whose
+    # layout the kernels then read as NCHW.
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
 class UNet(UNetBase):
@@ -138,6 +176,24 @@ class UNet(UNetBase):
             up_conv=fused.UpConv2x2,
             head=lambda i, o: fused.Conv2dBias(i, o, 1),
             merge=ops.crop_concat, checkpointing=checkpointing)
+
+    def level_layout(self, x):
+        # bf16 on a CPU with bf16 dot products: convolutions run on oneDNN (all by default),
+        # which reorders an NCHW activation to nhwc and back at each one (as stock's does), so
+        # the levels whose convolutions are there (from UNET_EXT_BF16_ONEDNN_CHANNELS channels)
+        # run channels_last; the shallow ones stay NCHW, the layout of our kernels there. One
+        # conversion per level boundary (after a pool, before an up-conv); NCHW comes back NCHW.
+        if not _cpu_bf16_channels_last_pays(x):
+            return super().level_layout(x)
+        threshold = _BF16_ONEDNN_CHANNELS
+
+        def layout(t, channels):
+            if channels is None:
+                return t.contiguous()
+            if channels >= threshold:
+                return t if t.stride(1) == 1 else _channels_last(t)
+            return t.contiguous()
+        return layout
 
     def pool(self, x):
         # Stock's max_pool2d keeps an int64 index per output for the backward and runs at ~1 GB/s

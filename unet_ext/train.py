@@ -497,7 +497,8 @@ def _train(args, checkpoint, lr_given, device, rank, world):
             image, target, weight = (t.to(device, non_blocking=True) for t in (image, target, weight))
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                 logits = net(image)
-            loss = weighted_cross_entropy(logits.float(), target, weight)
+                # Under autocast: a float32 loss read from the 16-bit logits, no float32 copy.
+                loss = weighted_cross_entropy(logits, target, weight)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"the loss became {loss.item()} at epoch {epoch + 1}; "
                                    "try a lower --lr or --amp bf16")

@@ -47,12 +47,14 @@ TORCH_LIBRARY(unet_ext, m) {
 
   // The public loss is composite (weighted_cross_entropy.cpp): it calls the forward op, which
   // also returns what the backward needs: the per-pixel logsumexp and the mean's denominator.
+  // The loss is in the logits' dtype, or with opmath_loss in their opmath dtype (float32 for
+  // 16-bit logits: what autocast asks for, read from the 16-bit logits without a float32 copy).
   m.def(
       "weighted_cross_entropy(Tensor logits, Tensor target, Tensor? weight_map, "
       "Tensor? class_weight, int ignore_index, str reduction) -> Tensor");
   m.def(
       "_weighted_cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight_map, "
-      "Tensor? class_weight, int ignore_index, str reduction) -> "
+      "Tensor? class_weight, int ignore_index, str reduction, bool opmath_loss=False) -> "
       "(Tensor loss, Tensor logsumexp, Tensor total_weight)");
   m.def(
       "_weighted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "

@@ -120,11 +120,18 @@ ForwardOutputs allocate_forward(const Prepared& p) {
   const auto& g = p.geometry;
   const auto opmath = at::toOpMathType(p.logits.scalar_type());
   ForwardOutputs out;
-  out.loss = g.reduction == kNone ? at::empty(p.target.sizes(), p.logits.options())
-                                  : at::empty({}, p.logits.options());
+  const auto options = p.logits.options().dtype(opmath);
+  out.loss = g.reduction == kNone ? at::empty(p.target.sizes(), options) : at::empty({}, options);
   out.logsumexp = at::empty({g.batch, g.pixels}, p.logits.options().dtype(opmath));
   out.total_weight = at::empty({}, p.logits.options().dtype(opmath));
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_forward(const Prepared& p, ForwardOutputs& out,
+                                                              bool opmath_loss) {
+  // One rounding, from the opmath value, as if the kernel had written the logits' dtype.
+  at::Tensor loss = opmath_loss ? out.loss : out.loss.to(p.logits.scalar_type());
+  return {loss, out.logsumexp, out.total_weight};
 }
 
 at::Tensor prepare_backward(Prepared& p, at::Tensor& grad_loss, const at::Tensor& logsumexp,
@@ -143,11 +150,11 @@ at::Tensor prepare_backward(Prepared& p, at::Tensor& grad_loss, const at::Tensor
     TORCH_CHECK(grad_loss.sizes().equals(p.target.sizes()), op,
                 ": grad_loss must have target's shape ", p.target.sizes(), ", got ",
                 grad_loss.sizes());
-    grad_loss = as_pixels(grad_loss, 1, g.grad_n, g.grad_s);
+    grad_loss = as_pixels(grad_loss.to(opmath), 1, g.grad_n, g.grad_s);
   } else {
     TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar for reduction ",
                 g.reduction == kSum ? "'sum'" : "'mean'", ", got shape ", grad_loss.sizes());
-    grad_loss = grad_loss.reshape({});
+    grad_loss = grad_loss.reshape({}).to(opmath);
   }
   // Keep the logits' memory layout (channels_last in, channels_last grad out).
   at::Tensor grad_logits = at::empty_like(p.logits);
@@ -171,8 +178,9 @@ at::Tensor weighted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
           .findSchemaOrThrow("unet_ext::_weighted_cross_entropy_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
-  return std::get<0>(forward.call(logits, target, weight_map, class_weight, ignore_index, reduction));
+              const std::optional<at::Tensor>&, int64_t, c10::string_view, bool)>();
+  return std::get<0>(forward.call(logits, target, weight_map, class_weight, ignore_index, reduction,
+                                  /*opmath_loss=*/false));
 }
 
 }  // namespace

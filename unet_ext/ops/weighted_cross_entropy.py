@@ -2,6 +2,8 @@
 
 The public op is composite over ``_weighted_cross_entropy_forward`` (which also returns the
 per-pixel logsumexp and the mean's denominator); autograd is registered on that forward op.
+Under autocast the public op calls the forward op with ``opmath_loss=True``: 16-bit logits are
+read as they are and the loss comes out in float32 (csrc/ops/autocast/weighted_cross_entropy.cpp).
 """
 import math
 from typing import Optional
@@ -49,7 +51,7 @@ def _spatial_collapses(t, first):
 
 
 @torch.library.register_fake("unet_ext::_weighted_cross_entropy_forward")
-def _(logits, target, weight_map, class_weight, ignore_index, reduction):
+def _(logits, target, weight_map, class_weight, ignore_index, reduction, opmath_loss=False):
     torch._check(logits.dim() >= 2, lambda: "unet_ext.weighted_cross_entropy: logits must have shape (N, C) or (N, C, d1, ..., dk)")
     torch._check(not target.dtype.is_floating_point and target.dtype != torch.bool,
                  lambda: f"unet_ext.weighted_cross_entropy: target must hold class indices, got {target.dtype}")
@@ -61,7 +63,8 @@ def _(logits, target, weight_map, class_weight, ignore_index, reduction):
                      lambda: f"unet_ext.weighted_cross_entropy: weight_map must have target's shape {pixel_shape}")
     opmath = _opmath(logits.dtype)
     pixels = math.prod(logits.shape[2:])
-    loss = logits.new_empty(target.shape) if reduction == "none" else logits.new_empty(())
+    loss_dtype = opmath if opmath_loss else logits.dtype
+    loss = logits.new_empty(target.shape if reduction == "none" else (), dtype=loss_dtype)
     lse = logits.new_empty((logits.shape[0], pixels), dtype=opmath)
     total_weight = logits.new_empty((), dtype=opmath)
     return loss, lse, total_weight
@@ -76,7 +79,7 @@ def _(grad_loss, logits, target, weight_map, class_weight, logsumexp, total_weig
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, weight_map, class_weight, ignore_index, reduction = inputs
+    logits, target, weight_map, class_weight, ignore_index, reduction = inputs[:6]
     _, logsumexp, total_weight = output
     ctx.save_for_backward(logits, target, weight_map, class_weight, logsumexp, total_weight)
     ctx.ignore_index = ignore_index
@@ -93,7 +96,7 @@ def _backward(ctx, grad_loss, _grad_logsumexp, _grad_total_weight):
                                   "implemented (as in F.cross_entropy)")
     grad_logits = grad_weight_map = None
     if grad_loss is None:  # the loss itself was not used
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         grad_logits = torch.ops.unet_ext._weighted_cross_entropy_backward.default(
             grad_loss, logits, target, weight_map, class_weight, logsumexp, total_weight,
@@ -110,7 +113,7 @@ def _backward(ctx, grad_loss, _grad_logsumexp, _grad_total_weight):
         if ctx.reduction == "mean":
             scale = scale / total_weight
         grad_weight_map = torch.where(kept, scale * nll, 0).to(weight_map.dtype)
-    return grad_logits, None, grad_weight_map, None, None, None
+    return grad_logits, None, grad_weight_map, None, None, None, None
 
 
 torch.library.register_autograd("unet_ext::_weighted_cross_entropy_forward", _backward,

@@ -462,14 +462,17 @@ inline at::Tensor dgrad_matrix(const at::Tensor& weight) {
 // the fusion pays, stay on the kernels above.
 // Taken where the weights are not small against the image (kh*kw*C_out >= H*W / 10): at
 // 256 -> 128 channels on 200x200 the fused path is still ahead (122 vs 134 ms).
-// bfloat16 goes to oneDNN from kBf16OneDnnChannels input channels on where the CPU has bf16 dot
-// products (AVX512-BF16, AMX): its bf16 convolution accumulates in float32 at about twice its
-// float32 rate, where the kernels above convert each window to float32 and run float32 GEMMs.
-// Below that the kernels above stay ahead even so (they are up to 6x oneDNN's float32 on the
-// shallow layers; all-oneDNN bf16 made the base-16 training epoch 1.33x slower than float32).
-// The fusions kept on oneDNN: bias + ReLU as post-ops, the backward's mask in one pass.
-// UNET_EXT_BF16_ONEDNN_CHANNELS overrides the threshold (read per call: a knob for benchmarks).
-constexpr int64_t kOneDnnChannels = 256, kBf16OneDnnChannels = 64;
+// bfloat16 goes to oneDNN from kBf16OneDnnChannels input channels (by default all of them) where
+// the CPU has bf16 dot products (AVX512-BF16, AMX): its bf16 convolution accumulates in float32
+// at about twice its float32 rate, where the kernels above convert each window to float32 and
+// run float32 GEMMs. A threshold of 64 (the shallow layers on the kernels above) looked better on
+// a loaded machine; measured quiet, with the UNet channels_last at oneDNN's levels, all-oneDNN
+// training steps are 15-25% faster (base 32 2x316: 0.29-0.31 s against 0.36-0.46 s; base 16
+// 4x252: 0.41-0.45 s against 0.45-0.63 s). The kernels above serve bf16 on CPUs without bf16
+// dot products. The fusions kept on oneDNN: bias + ReLU as post-ops, the backward's mask in one
+// pass. UNET_EXT_BF16_ONEDNN_CHANNELS overrides the threshold (read per call: a knob for
+// benchmarks; unet_ext.UNet reads it at import for its layouts).
+constexpr int64_t kOneDnnChannels = 256, kBf16OneDnnChannels = 0;
 inline int64_t bf16_onednn_channels() {
   const char* value = std::getenv("UNET_EXT_BF16_ONEDNN_CHANNELS");
   return value != nullptr ? std::atoll(value) : kBf16OneDnnChannels;

@@ -39,9 +39,20 @@ void forward_nchw(const Geometry& g, const scalar_t* in, scalar_t* out) {
   });
 }
 
+// One channels_last window's C channels. restrict (the output never overlaps the input): without
+// it GCC keeps the loop scalar, 6x slower in bf16 (80 ms against 14 ms for NCHW at 64x568x568).
+template <typename scalar_t>
+void forward_channels(int64_t C, const scalar_t* __restrict__ v00, const scalar_t* __restrict__ v01,
+                      const scalar_t* __restrict__ v10, const scalar_t* __restrict__ v11,
+                      scalar_t* __restrict__ o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) {
+    o[c] = static_cast<scalar_t>(window_max<acc_t>(v00[c], v01[c], v10[c], v11[c]));
+  }
+}
+
 template <typename scalar_t>
 void forward_nhwc(const Geometry& g, const scalar_t* in, scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.channels, row = g.in_w * C;
   at::parallel_for(0, g.batch * g.out_h, grain(2 * row), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -53,10 +64,7 @@ void forward_nhwc(const Geometry& g, const scalar_t* in, scalar_t* out) {
         const scalar_t* p01 = p00 + C;
         const scalar_t* p10 = p00 + row;
         const scalar_t* p11 = p10 + C;
-        scalar_t* o = dst + ow * C;
-        for (int64_t c = 0; c < C; ++c) {
-          o[c] = static_cast<scalar_t>(window_max<acc_t>(p00[c], p01[c], p10[c], p11[c]));
-        }
+        forward_channels(C, p00, p01, p10, p11, dst + ow * C);
       }
     }
   });

@@ -13,7 +13,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight_map,
-    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, c10::string_view reduction) {
+    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, c10::string_view reduction,
+    bool opmath_loss) {
   Prepared p = prepare("unet_ext.weighted_cross_entropy", logits, target, weight_map, class_weight,
                        ignore_index, reduction);
   ForwardOutputs out = allocate_forward(p);
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     case cpu::Isa::kAvx2: avx2::forward(p, out); break;
     default: baseline::forward(p, out);
   }
-  return {out.loss, out.logsumexp, out.total_weight};
+  return finish_forward(p, out, opmath_loss);
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -32,7 +33,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                         c10::string_view reduction) {
   Prepared p = prepare("unet_ext._weighted_cross_entropy_backward", logits, target, weight_map,
                        class_weight, ignore_index, reduction);
-  at::Tensor grad = grad_loss.to(logits.scalar_type());
+  at::Tensor grad = grad_loss;  // in opmath dtype after prepare_backward
   at::Tensor grad_logits = prepare_backward(p, grad, logsumexp, total_weight);
   if (grad_logits.numel() == 0) return grad_logits;
   switch (cpu::best_isa()) {

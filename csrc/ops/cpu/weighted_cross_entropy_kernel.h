@@ -81,19 +81,17 @@ void forward_kernel(const Prepared& p, ForwardOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const KernelInputs<scalar_t> in(p);
   const Geometry& g = in.g;
-  scalar_t* loss_map = g.reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* loss_map = g.reduction == kNone ? out.loss.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* lse_out = out.logsumexp.mutable_data_ptr<acc_t>();
   std::vector<double> block_loss(in.num_blocks, 0.0), block_weight(in.num_blocks, 0.0);
   BadTarget bad;
 
   for_each_block(in, bad, [&](int64_t b, int64_t n, int64_t s0, int64_t len, const int32_t* cls, acc_t* buf) {
-    acc_t loss[kMaxBlock];
+    // The per-pixel losses go straight into the (opmath) loss map, or onto the stack.
+    acc_t stack_loss[kMaxBlock];
+    acc_t* loss = loss_map ? loss_map + n * g.pixels + s0 : stack_loss;
     forward_block(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, lse_out + n * g.pixels + s0,
                   loss, &block_loss[b], &block_weight[b]);
-    if (loss_map) {
-      scalar_t* loss_row = loss_map + n * g.pixels + s0;
-      for (int64_t j = 0; j < len; ++j) loss_row[j] = static_cast<scalar_t>(loss[j]);
-    }
   });
   bad.raise_if_seen("unet_ext.weighted_cross_entropy", g);
 
@@ -114,7 +112,7 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
   const KernelInputs<scalar_t> in(p);
   const Geometry& g = in.g;
   const acc_t* lse_in = logsumexp.const_data_ptr<acc_t>();
-  const scalar_t* grad_map = g.reduction == kNone ? grad_loss.const_data_ptr<scalar_t>() : nullptr;
+  const acc_t* grad_map = g.reduction == kNone ? grad_loss.const_data_ptr<acc_t>() : nullptr;
   acc_t grad_scalar = acc_t(0);
   if (g.reduction != kNone) {
     grad_scalar = grad_loss.item<acc_t>();
@@ -129,8 +127,8 @@ void backward_kernel(const Prepared& p, const at::Tensor& grad_loss, const at::T
     block_weights(g, in.weight_map, in.class_weight, n, s0, len, in.block, cls, buf, coef, class_factor,
                   static_cast<acc_t*>(nullptr));
     if (grad_map) {
-      const scalar_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
-      for (int64_t j = 0; j < len; ++j) coef[j] *= static_cast<acc_t>(up[j * g.grad_s]);
+      const acc_t* up = grad_map + n * g.grad_n + s0 * g.grad_s;
+      for (int64_t j = 0; j < len; ++j) coef[j] *= up[j * g.grad_s];
     } else {
       for (int64_t j = 0; j < len; ++j) coef[j] *= grad_scalar;
     }

@@ -105,7 +105,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
 forward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
                const int64_t* __restrict__ target, const acc_t* __restrict__ weight_map,
-               const acc_t* __restrict__ class_weight, scalar_t* __restrict__ loss_map,
+               const acc_t* __restrict__ class_weight, acc_t* __restrict__ loss_map,
                acc_t* __restrict__ lse_out, double* __restrict__ partials) {
   __shared__ double shared[kWarps];
   double loss_sum = 0.0, weight_sum = 0.0;
@@ -131,7 +131,7 @@ forward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
     const acc_t factor = weight_map != nullptr ? cf * weight_map[n * g.weight_n + s * g.weight_s] : cf;
     // factor == 0 (ignored pixel, zero weight) gives exactly 0, even for inf/NaN logits.
     const acc_t loss = factor != acc_t(0) ? factor * (lse - picked) : acc_t(0);
-    if (loss_map != nullptr) loss_map[p] = static_cast<scalar_t>(loss);
+    if (loss_map != nullptr) loss_map[p] = loss;
     loss_sum += static_cast<double>(loss);
     weight_sum += static_cast<double>(cf);
   }
@@ -147,10 +147,10 @@ forward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
 }
 
 // One block: adds the forward's partials in index order, writes total_weight and the loss.
-template <typename scalar_t, typename acc_t>
+template <typename acc_t>
 __global__ void __launch_bounds__(kFinalThreads)
 finalize_kernel(const double* __restrict__ partials, int64_t num_partials, int reduction,
-                scalar_t* __restrict__ loss, acc_t* __restrict__ total_weight) {
+                acc_t* __restrict__ loss, acc_t* __restrict__ total_weight) {
   __shared__ double shared[kFinalThreads / 32];
   double loss_sum = 0.0, weight_sum = 0.0;
   for (int64_t i = threadIdx.x; i < num_partials; i += blockDim.x) {
@@ -161,10 +161,10 @@ finalize_kernel(const double* __restrict__ partials, int64_t num_partials, int r
   weight_sum = block_sum(weight_sum, shared);
   if (threadIdx.x == 0) {
     *total_weight = static_cast<acc_t>(weight_sum);
-    // Division in double, then one rounding to the logits' dtype, as on the CPU. 0/0 = NaN
+    // Division in double, then one rounding to the opmath dtype, as on the CPU. 0/0 = NaN
     // (nothing counted) like F.cross_entropy's mean.
-    if (reduction == kSum) *loss = static_cast<scalar_t>(loss_sum);
-    if (reduction == kMean) *loss = static_cast<scalar_t>(loss_sum / weight_sum);
+    if (reduction == kSum) *loss = static_cast<acc_t>(loss_sum);
+    if (reduction == kMean) *loss = static_cast<acc_t>(loss_sum / weight_sum);
   }
 }
 
@@ -176,12 +176,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 backward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
                 const int64_t* __restrict__ target, const acc_t* __restrict__ weight_map,
                 const acc_t* __restrict__ class_weight, const acc_t* __restrict__ lse_in,
-                const scalar_t* __restrict__ grad_loss, const acc_t* __restrict__ total_weight,
+                const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ total_weight,
                 scalar_t* __restrict__ grad_logits) {
   // Scalar upstream grad ('sum'/'mean'): read on the device, no host sync.
   acc_t grad_scalar = acc_t(0);
   if (g.reduction != kNone) {
-    grad_scalar = static_cast<acc_t>(*grad_loss);
+    grad_scalar = *grad_loss;
     if (g.reduction == kMean) grad_scalar /= *total_weight;
   }
   const PixelStrides gs = g.grad_logits;
@@ -192,7 +192,7 @@ backward_kernel(const Geometry g, const scalar_t* __restrict__ logits,
     bad_target |= t.bad;
     const acc_t cf = class_factor(t, class_weight);
     acc_t coef = weight_map != nullptr ? cf * weight_map[n * g.weight_n + s * g.weight_s] : cf;
-    coef *= g.reduction == kNone ? static_cast<acc_t>(grad_loss[n * g.grad_n + s * g.grad_s]) : grad_scalar;
+    coef *= g.reduction == kNone ? grad_loss[n * g.grad_n + s * g.grad_s] : grad_scalar;
     if (!t.counted && !t.bad) coef = acc_t(0);  // ignored: stock's 0, not 0 * inf = NaN (all ignored: mean / 0)
     const acc_t lse = lse_in[p];
     const int64_t target_class = t.counted ? t.cls : -1;  // ignored: no one-hot term
@@ -218,7 +218,8 @@ const T* optional_ptr(bool has, const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight_map,
-    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, c10::string_view reduction) {
+    const std::optional<at::Tensor>& class_weight, int64_t ignore_index, c10::string_view reduction,
+    bool opmath_loss) {
   Prepared p = prepare("unet_ext.weighted_cross_entropy", logits, target, weight_map, class_weight,
                        ignore_index, reduction);  // checks devices first: no guard on a CPU tensor
   const c10::cuda::CUDAGuard device_guard(logits.device());
@@ -237,17 +238,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
           g, p.logits.const_data_ptr<scalar_t>(), p.target.const_data_ptr<int64_t>(),
           optional_ptr<acc_t>(g.has_weight_map, p.weight_map),
           optional_ptr<acc_t>(g.has_class_weight, p.class_weight),
-          g.reduction == kNone ? out.loss.mutable_data_ptr<scalar_t>() : nullptr,
+          g.reduction == kNone ? out.loss.mutable_data_ptr<acc_t>() : nullptr,
           out.logsumexp.mutable_data_ptr<acc_t>(), partials.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    finalize_kernel<scalar_t, acc_t><<<1, kFinalThreads, 0, stream>>>(
+    finalize_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
         partials.const_data_ptr<double>(), blocks, g.reduction,
-        g.reduction == kNone ? nullptr : out.loss.mutable_data_ptr<scalar_t>(),
+        g.reduction == kNone ? nullptr : out.loss.mutable_data_ptr<acc_t>(),
         out.total_weight.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out.loss, out.logsumexp, out.total_weight};
+  return finish_forward(p, out, opmath_loss);
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
@@ -261,7 +262,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
   UNET_CHECK_SAME_DEVICE(op, logits, total_weight);
   Prepared p = prepare(op, logits, target, weight_map, class_weight, ignore_index, reduction);
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  at::Tensor grad = grad_loss.to(logits.scalar_type());
+  at::Tensor grad = grad_loss;  // in opmath dtype after prepare_backward
   at::Tensor grad_logits = prepare_backward(p, grad, logsumexp, total_weight);
   if (grad_logits.numel() == 0) return grad_logits;
   const Geometry& g = p.geometry;
@@ -275,7 +276,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
         g, p.logits.const_data_ptr<scalar_t>(), p.target.const_data_ptr<int64_t>(),
         optional_ptr<acc_t>(g.has_weight_map, p.weight_map),
         optional_ptr<acc_t>(g.has_class_weight, p.class_weight), logsumexp.const_data_ptr<acc_t>(),
-        grad.const_data_ptr<scalar_t>(), total_weight.const_data_ptr<acc_t>(),
+        grad.const_data_ptr<acc_t>(), total_weight.const_data_ptr<acc_t>(),
         grad_logits.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,0 +1,237 @@
+// The CPU Winograd F(4x4, 3x3) convolution (layouts in winograd_cpu.h): a task takes a block of
+// tiles of one image (and a block of output channels), transforms its inputs into V, runs the 36
+// GEMMs M_p = U_p V_p with oneDNN's brgemm (cpu/gemm.h) and transforms M into the output with the
+// bias and the ReLU; the block is sized so that V and M stay near the L2 cache. Also: the filter
+// transforms and their cache, the selection rule, the allow_winograd switch, and the one-tile op
+// that the float64 unit test runs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "gemm.h"
+#include "winograd_cpu.h"
+
+namespace unet_ext {
+namespace winograd {
+
+using conv::ChannelParts;
+using conv::ConvGeometry;
+
+namespace {
+
+struct Kernels {
+  decltype(&baseline::input_transform) input;
+  decltype(&baseline::output_transform) output;
+  decltype(&baseline::filter_transform) filter;
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+    switch (cpu::best_isa()) {
+      case cpu::Isa::kAvx512:
+        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform};
+      case cpu::Isa::kAvx2:
+        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform};
+      default:
+        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform};
+    }
+  }();
+  return k;
+}
+
+std::atomic<bool>& allow_flag() {
+  // UNET_EXT_WINOGRAD=0 starts with it off (benchmarks of the direct path in a fresh process).
+  static std::atomic<bool> flag{[] {
+    const char* value = std::getenv("UNET_EXT_WINOGRAD");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }()};
+  return flag;
+}
+
+}  // namespace
+
+bool allow_winograd() { return allow_flag().load(std::memory_order_relaxed); }
+void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_order_relaxed); }
+
+// Measured on this project's 2-core AVX-512 CI CPU against the direct path (benchmarks/
+// bench_conv.py): see README, "Winograd". Small channel counts keep the direct kernels (the
+// transforms, memory-bound, cost more than the 4x fewer multiplications save).
+constexpr int64_t kMinChannels = 32;
+
+bool use_winograd(const ConvGeometry& g, at::ScalarType dtype) {
+  return dtype == at::kFloat && allow_winograd() && g.kernel_h == kKernel && g.kernel_w == kKernel &&
+         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels && g.batch * g.out_h * g.out_w > 0;
+}
+
+namespace {
+
+// U[36][rows][cols] from weight [C_out][C_in][3][3] (float32, contiguous): rows = C_out for the
+// forward; flipped for dgrad, then each point transposed to [C_in][C_out] (strided reads across
+// C_out would miss the cache once per element on the 1024-channel layers).
+at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
+  at::Tensor u = at::empty({kPoints, c_out, c_in}, w.options());
+  const float* w_data = w.const_data_ptr<float>();
+  float* u_data = u.mutable_data_ptr<float>();
+  const auto filter = kernels().filter;
+  at::parallel_for(0, c_out, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, c_in)), [&](int64_t r0, int64_t r1) {
+    std::vector<double> scratch(filter_scratch(c_in));
+    filter(w_data, c_out, c_in, c_in * taps, taps, dgrad, r0, r1, u_data, scratch.data());
+  });
+  if (!dgrad) return u;
+  at::Tensor t = at::empty({kPoints, c_in, c_out}, w.options());
+  float* t_data = t.mutable_data_ptr<float>();
+  for (int64_t p = 0; p < kPoints; ++p) cpu::transpose(u_data + p * c_out * c_in, c_out, c_in, t_data + p * c_in * c_out);
+  return t;
+}
+
+// Transformed filters are kept while it is safe to: outside autograd (no_grad, inference_mode),
+// keyed on the weight's TensorImpl (held weakly, so a freed weight's address cannot alias a new
+// one), data pointer, shape and version counter, so an in-place update (optimizer step,
+// load_state_dict, copy_) is seen. In training (grad mode) they are transformed per call: the
+// weights change every step. Entries past kCacheBytes are dropped, least recently used first.
+constexpr int64_t kCacheBytes = int64_t{1} << 30;
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  const void* data;
+  std::vector<int64_t> sizes;
+  int64_t version;
+  bool dgrad;
+  at::Tensor u;
+};
+
+at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (c10::GradMode::is_enabled() || weight.is_inference() || weight.scalar_type() != at::kFloat) {
+    return transform_filter(weight, dgrad);
+  }
+  static std::mutex mutex;
+  static std::list<CacheEntry> entries;  // most recently used first
+  const int64_t version = weight._version();
+  const auto matches = [&](const CacheEntry& e) {
+    return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == version &&
+           weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = entries.begin(); it != entries.end(); ++it) {
+      if (matches(*it)) {
+        entries.splice(entries.begin(), entries, it);
+        return it->u;
+      }
+    }
+  }
+  at::Tensor u = transform_filter(weight, dgrad);
+  std::lock_guard<std::mutex> lock(mutex);
+  // Drop this weight's older versions and any entry whose weight is gone, then trim to the budget.
+  entries.remove_if([&](const CacheEntry& e) {
+    return e.impl.expired() || (e.dgrad == dgrad && e.impl.lock().get() == weight.unsafeGetTensorImpl());
+  });
+  entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                                weight.const_data_ptr(), weight.sizes().vec(), version, dgrad, u});
+  int64_t bytes = 0;
+  for (auto it = entries.begin(); it != entries.end();) {
+    bytes += it->u.nbytes();
+    it = bytes > kCacheBytes && it != entries.begin() ? entries.erase(it) : std::next(it);
+  }
+  return u;
+}
+
+// Tiles per task block: V [36][C_in][T] and M [36][co_block][T] near half the 2 MiB L2, but at
+// least kMinTiles (the GEMMs' N: below it the brgemm runs short vectors, and the deep layers'
+// transformed weights, up to 151 MB, are streamed once per block).
+constexpr int64_t kBlockBytes = int64_t{1} << 20, kMinTiles = 64, kMaxTiles = 512;
+constexpr int64_t kMaxChannelBlock = 256;
+
+}  // namespace
+
+at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }
+at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight, true); }
+
+void convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
+              const at::Tensor& u, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  const int64_t tiles_h = (g.out_h + kOut - 1) / kOut, tiles_w = (g.out_w + kOut - 1) / kOut;
+  const int64_t threads = at::get_num_threads();
+  int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);
+  const int64_t target = std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)), kMinTiles, kMaxTiles);
+  // Block shape: whole tile rows while a row is shorter than the target, else row segments.
+  int64_t cols = tiles_w, rows = std::min(tiles_h, (target + tiles_w - 1) / tiles_w);
+  if (tiles_w > target) {
+    const int64_t parts = (tiles_w + target - 1) / target;
+    cols = (tiles_w + parts - 1) / parts;
+    rows = 1;
+  }
+  int64_t row_blocks = (tiles_h + rows - 1) / rows;
+  rows = (tiles_h + row_blocks - 1) / row_blocks;  // equal blocks: balanced tasks
+  row_blocks = (tiles_h + rows - 1) / rows;
+  const int64_t col_blocks = (tiles_w + cols - 1) / cols;
+  const int64_t blocks = g.batch * row_blocks * col_blocks;
+  // Few blocks (the deep layers: small images): split the output channels too.
+  if (blocks < 2 * threads && g.out_channels >= 32) {
+    const int64_t split = std::min<int64_t>((2 * threads + blocks - 1) / blocks, g.out_channels / 16);
+    co_block = std::min(co_block, ((g.out_channels + split - 1) / split + 15) / 16 * 16);
+  }
+  const int64_t co_blocks = (g.out_channels + co_block - 1) / co_block;
+  const int64_t block_tiles = rows * cols;
+  const float* u_data = u.const_data_ptr<float>();
+  const Kernels& k = kernels();
+  at::parallel_for(0, blocks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
+    float* v = cpu::scratch<float>(0, kPoints * g.in_channels * block_tiles);
+    float* m = cpu::scratch<float>(1, kPoints * co_block * block_tiles);
+    float* work = cpu::scratch<float>(2, transform_scratch(cols));
+    int64_t loaded = -1;  // the block whose V this thread holds
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bi = task / co_blocks, co0 = (task % co_blocks) * co_block;
+      const int64_t co_count = std::min(co_block, g.out_channels - co0);
+      const int64_t ty = (bi / col_blocks) % row_blocks, tx = bi % col_blocks;
+      const TileBlock b{bi / (col_blocks * row_blocks), ty * rows, std::min(rows, tiles_h - ty * rows), tx * cols,
+                        std::min(cols, tiles_w - tx * cols)};
+      const int64_t t_count = b.tiles();
+      if (bi != loaded) {
+        k.input(g, src, mask, b, 0, g.in_channels, v, g.in_channels * t_count, work);
+        loaded = bi;
+      }
+      for (int64_t p = 0; p < kPoints; ++p) {
+        // M_p[co, t] = U_p[co, ci] V_p[ci, t]
+        cpu::gemm(co_count, t_count, g.in_channels, u_data + (p * g.out_channels + co0) * g.in_channels,
+                  g.in_channels, v + p * g.in_channels * t_count, t_count, m + p * co_count * t_count, t_count,
+                  false);
+      }
+      k.output(g, m, co0, co_count, bias, relu, dst, b, work);
+    }
+    cpu::gemm_release();
+  });
+}
+
+namespace {
+
+// One 4x4 output tile of the 3x3 correlation of a 6x6 input with a 3x3 filter, float64, by
+// winograd.h's tile math (the unit test's reference is F.conv2d).
+at::Tensor winograd_tile_cpu(const at::Tensor& input, const at::Tensor& filter) {
+  constexpr const char* op = "unet_ext._winograd_tile";
+  TORCH_CHECK(input.scalar_type() == at::kDouble && filter.scalar_type() == at::kDouble, op,
+              ": input and filter must be float64, got ", input.scalar_type(), " and ", filter.scalar_type());
+  TORCH_CHECK(input.sizes().equals({kIn, kIn}), op, ": input must have shape [6, 6], got ", input.sizes());
+  TORCH_CHECK(filter.sizes().equals({kKernel, kKernel}), op, ": filter must have shape [3, 3], got ", filter.sizes());
+  at::Tensor out = at::empty({kOut, kOut}, input.options());
+  convolve_tile(input.contiguous().const_data_ptr<double>(), filter.contiguous().const_data_ptr<double>(),
+                out.mutable_data_ptr<double>());
+  return out;
+}
+
+}  // namespace
+}  // namespace winograd
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, CPU, m) { m.impl("_winograd_tile", &unet_ext::winograd::winograd_tile_cpu); }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "winograd_cpu.h"
 
@@ -11,8 +12,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,f16c")
 #define UNET_CPU_ISA avx2
+#define UNET_CPU_LANES 8  // floats per vector
 #include "winograd_kernel.h"
 #undef UNET_CPU_ISA
+#undef UNET_CPU_LANES
 #pragma GCC pop_options
 #else  // other processors: the baseline build serves
 namespace unet_ext::winograd::avx2 {
@@ -24,5 +27,6 @@ void output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t,
 void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*, double*) {
   TORCH_CHECK(false, "avx2 kernels need x86");
 }
+void add(float*, const float*, int64_t) { TORCH_CHECK(false, "avx2 kernels need x86"); }
 }  // namespace unet_ext::winograd::avx2
 #endif

@@ -41,6 +41,7 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
                         const TileBlock& b, float* scratch);                                           \
   void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
                         int64_t col_stride, bool flip, int64_t r0, int64_t r1, float* u, double* scratch); \
+  void add(float* dst, const float* src, int64_t n);                                                   \
   }
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(avx2)

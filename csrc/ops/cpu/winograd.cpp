@@ -79,24 +79,29 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype) {
 namespace {
 
 // U[36][rows][cols] from weight [C_out][C_in][3][3] (float32, contiguous): rows = C_out for the
-// forward; flipped for dgrad, then each point transposed to [C_in][C_out] (strided reads across
-// C_out would miss the cache once per element on the 1024-channel layers).
+// forward; for dgrad rows = C_in of the flipped filters, read from the weight transposed once to
+// [C_in][3x3][C_out] (so each filter row's C_out values are contiguous: strided reads across C_out
+// would miss the cache once per element on the 1024-channel layers).
 at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
-  at::Tensor u = cpu::empty_huge({kPoints, c_out, c_in}, w.options());  // up to 151 MB: no page faults per call
-  const float* w_data = w.const_data_ptr<float>();
+  const int64_t rows = dgrad ? c_in : c_out, cols = dgrad ? c_out : c_in;
+  at::Tensor source = w;
+  if (dgrad) {
+    source = cpu::empty_huge({c_in, taps, c_out}, w.options());
+    cpu::transpose(w.const_data_ptr<float>(), c_out, c_in * taps, source.mutable_data_ptr<float>());
+  }
+  at::Tensor u = cpu::empty_huge({kPoints, rows, cols}, w.options());  // up to 151 MB: no page faults per call
+  const float* w_data = source.const_data_ptr<float>();
   float* u_data = u.mutable_data_ptr<float>();
   const auto filter = kernels().filter;
-  at::parallel_for(0, c_out, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, c_in)), [&](int64_t r0, int64_t r1) {
-    std::vector<double> scratch(filter_scratch(c_in));
-    filter(w_data, c_out, c_in, c_in * taps, taps, dgrad, r0, r1, u_data, scratch.data());
+  const int64_t row_stride = dgrad ? taps * c_out : c_in * taps, col_stride = dgrad ? 1 : taps;
+  const int64_t tap_stride = dgrad ? c_out : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
+    std::vector<double> scratch(filter_scratch(cols));
+    filter(w_data, rows, cols, row_stride, col_stride, tap_stride, dgrad, r0, r1, u_data, scratch.data());
   });
-  if (!dgrad) return u;
-  at::Tensor t = cpu::empty_huge({kPoints, c_in, c_out}, w.options());
-  float* t_data = t.mutable_data_ptr<float>();
-  for (int64_t p = 0; p < kPoints; ++p) cpu::transpose(u_data + p * c_out * c_in, c_out, c_in, t_data + p * c_in * c_out);
-  return t;
+  return u;
 }
 
 // Transformed filters are kept while it is safe to: outside autograd (no_grad, inference_mode),

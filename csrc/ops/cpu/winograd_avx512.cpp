@@ -24,7 +24,8 @@ void input_transform(const conv::ConvGeometry&, const conv::ChannelParts<const f
                      float*) { TORCH_CHECK(false, "avx512 kernels need x86"); }
 void output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t, const float*, bool,
                       const conv::ChannelParts<float>&, const TileBlock&, float*) { TORCH_CHECK(false, "avx512 kernels need x86"); }
-void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*, double*) {
+void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*,
+                      double*) {
   TORCH_CHECK(false, "avx512 kernels need x86");
 }
 void add(float*, const float*, int64_t) { TORCH_CHECK(false, "avx512 kernels need x86"); }

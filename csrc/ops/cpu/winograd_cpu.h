@@ -26,7 +26,8 @@ struct TileBlock {
 // Per-ISA kernels. input: V[p * point_stride + (c - c0) * T + t] for channels [c0, c1) of src
 // (zero where mask <= 0; zero outside the input); output: dst = [relu](A^T M A + bias) for the
 // block's channels [co0, co0 + co_count), M[p][co - co0][t]; filter: U[p][r][c] = G g G^T of
-// the 3x3 filter g at w + r * row_stride + c * col_stride (rotated by 180 degrees when flip),
+// the 3x3 filter g at w + r * row_stride + c * col_stride, tap t at + t * tap_stride (rotated by
+// 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
 inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
@@ -40,7 +41,8 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
                         const float* bias, bool relu, const conv::ChannelParts<float>& dst,            \
                         const TileBlock& b, float* scratch);                                           \
   void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
-                        int64_t col_stride, bool flip, int64_t r0, int64_t r1, float* u, double* scratch); \
+                        int64_t col_stride, int64_t tap_stride, bool flip, int64_t r0, int64_t r1,      \
+                        float* u, double* scratch);                                                     \
   void add(float* dst, const float* src, int64_t n);                                                   \
   }
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)

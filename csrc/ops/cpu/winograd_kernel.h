@@ -100,18 +100,20 @@ void output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
         const int64_t oh = kOut * (b.ty0 + r) + a;
         if (oh >= g.out_h) break;
         apply_rows<kAT, kOut, kIn>(s + a * kIn * cols, cols, y, cols, cols);
+        // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
         float* d = dst.at(b.n, co, oh) + ow0;
-        for (int64_t i = 0; i < count; ++i) {
-          const float value = y[(i % kOut) * cols + i / kOut] + shift;
-          d[i] = relu && value < 0.0f ? 0.0f : value;  // v < 0 ? 0 : v keeps NaN, as torch.relu does
-        }
+        const auto finish = [&](float value) { return relu && value < 0.0f ? 0.0f : value; };
+        const int64_t whole = count / kOut;
+        for (int64_t x = 0; x < whole; ++x)
+          for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
+        for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(y[(i % kOut) * cols + i / kOut] + shift);
       }
     }
   }
 }
 
 void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
-                      bool flip, int64_t r0, int64_t r1, float* u, double* scratch) {
+                      int64_t tap_stride, bool flip, int64_t r0, int64_t r1, float* u, double* scratch) {
   // In float64, rounded once: G's thirds and fifteenths are not exact in float32.
   constexpr int kTaps = kKernel * kKernel;
   double* taps = scratch;                          // [ky][kx][cols]
@@ -119,7 +121,7 @@ void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_st
   double* full = half + kIn * kKernel * cols;      // [a][b][cols]
   for (int64_t r = r0; r < r1; ++r) {
     for (int t = 0; t < kTaps; ++t) {
-      const float* from = w + r * row_stride + (flip ? kTaps - 1 - t : t);
+      const float* from = w + r * row_stride + (flip ? kTaps - 1 - t : t) * tap_stride;
       for (int64_t c = 0; c < cols; ++c) taps[t * cols + c] = from[c * col_stride];
     }
     for (int kx = 0; kx < kKernel; ++kx) {

@@ -56,12 +56,12 @@ def test_switch():
     assert unet_ext.backends.cpu.allow_winograd
 
 
-CASES = [  # (N, C_in, C_out, H, W, padding)
-    (2, 32, 32, 13, 17, 0),     # partial edge tiles in both directions
-    (1, 48, 40, 9, 22, 1),      # "same"
-    (1, 32, 64, 7, 7, 2),       # padding 2 (dgrad padding 0)
-    (1, 40, 32, 6, 9, 3),       # padding > k - 1 (dgrad padding < 0)
-    (2, 64, 32, 3, 3, 0),       # a single 1x1 output
+CASES = [  # (N, C_in, C_out, H, W, padding); batches so that forward and dgrad have >= 32 tiles
+    (3, 32, 32, 13, 17, 0),     # partial edge tiles in both directions
+    (2, 48, 40, 9, 22, 1),      # "same"
+    (8, 32, 64, 7, 7, 2),       # padding 2 (dgrad padding 0)
+    (6, 40, 32, 6, 9, 2),       # small images, padding 2
+    (32, 64, 32, 3, 3, 0),      # a single 1x1 output
     (1, 32, 48, 70, 600, 0),    # tile rows wider than a block: row segments
     (3, 128, 96, 20, 20, 1),    # several channel blocks
 ]
@@ -98,6 +98,12 @@ def test_forward_and_dgrad_against_float64(case, layout):
                                         grad * mask.float())[0]
         assert gx[0].is_contiguous(memory_format=layout)
         _assert_accurate(gx[0], gx[2], gx[1], f"{op.__name__} dgrad")
+        # Winograd ran (its rounding differs from the direct path's somewhere).
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            xd = x.clone().requires_grad_()
+            direct = op(xd, weight, bias, padding)
+            gd = torch.autograd.grad(direct, xd, grad)[0]
+        assert not torch.equal(direct, outs[0]) and not torch.equal(gd, gx[0])
 
 
 def test_concat_forward_and_dgrad_against_float64():
@@ -149,6 +155,16 @@ def test_off_switch_takes_the_direct_path():
     wino = conv2d_relu(x, weight, bias, 1)
     assert not torch.equal(direct, wino)  # two different algorithms
     torch.testing.assert_close(wino, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_beyond_k_minus_1_stays_direct():
+    gen = torch.Generator().manual_seed(7)
+    x, weight, bias = _conv_inputs(8, 40, 32, 6, 9, gen)
+    with torch.no_grad():
+        wino = conv2d_relu(x, weight, bias, 3)
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            direct = conv2d_relu(x, weight, bias, 3)
+    assert torch.equal(wino, direct)
 
 
 def test_float64_never_uses_winograd():

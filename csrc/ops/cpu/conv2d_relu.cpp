@@ -24,7 +24,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_memory_format(input_arg);
-  if (winograd::use_winograd(g, input_arg.scalar_type())) {
+  if (winograd::use_winograd_forward(g, input_arg.scalar_type())) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
     const at::Tensor input = input_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const std::optional<at::Tensor>& output_arg, int64_t padding, std::array<bool, 3> output_mask) {
   const ConvGeometry g = conv2d_geometry("unet_ext._conv2d_backward", input_arg, weight, std::nullopt, padding);
   const ConvGeometry d = dgrad_geometry(g);
-  if (!output_mask[0] || !winograd::use_winograd(d, input_arg.scalar_type()) ||
+  if (!output_mask[0] || !winograd::use_winograd(d, input_arg.scalar_type(), true) ||
       !grad_out.sizes().equals({g.batch, g.out_channels, g.out_h, g.out_w}) ||
       (output_arg.has_value() && output_arg->defined() && !output_arg->sizes().equals(grad_out.sizes()))) {
     return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // it checks

@@ -31,7 +31,7 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_memory_format(skip_arg, up_arg);
-  if (winograd::use_winograd(g, skip_arg.scalar_type())) {
+  if (winograd::use_winograd_forward(g, skip_arg.scalar_type())) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
                                                   weight, std::nullopt, padding);
   const ConvGeometry& g = c.conv;
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  if (!(output_mask[0] || output_mask[1]) || !winograd::use_winograd(dgrad_geometry(g), skip_arg.scalar_type()) ||
+  if (!(output_mask[0] || output_mask[1]) || !winograd::use_winograd(dgrad_geometry(g), skip_arg.scalar_type(), true) ||
       !grad_out.sizes().equals(out_shape) || !output_arg.sizes().equals(out_shape)) {
     return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
   }

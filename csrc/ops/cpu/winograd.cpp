@@ -63,17 +63,31 @@ std::atomic<bool>& allow_flag() {
 
 }  // namespace
 
+bool filter_cache_enabled() { return !c10::GradMode::is_enabled(); }
+
 bool allow_winograd() { return allow_flag().load(std::memory_order_relaxed); }
 void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_order_relaxed); }
 
-// Measured on this project's 2-core AVX-512 CI CPU against the direct path (benchmarks/
-// bench_conv.py): see README, "Winograd". Small channel counts keep the direct kernels (the
-// transforms, memory-bound, cost more than the 4x fewer multiplications save).
-constexpr int64_t kMinChannels = 32;
+// Measured on this project's 2-core AVX-512 CPU against the direct path (interleaved medians,
+// README "Winograd"): from 32 channels on both sides Winograd is 1.0-2.6x faster on U-Net's
+// layers (32 -> 32 at 2x314x314: 1.3x forward, 1.4x dgrad). Where the filters are transformed
+// per call (training: the forward under autograd, and every dgrad) that transform, ~C_in x
+// C_out x 0.1 us, costs as much as the convolution on tiny images: 512 -> 512 at 2x14x14 (18
+// tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.5x; so those need kMinTilesPerCall tiles.
+// Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much of each output reads
+// padding, stock float32 sums fewer terms, and Winograd's error was 8-11x stock's (padding 3).
+constexpr int64_t kMinChannels = 32, kMinTilesPerCall = 32;
 
-bool use_winograd(const ConvGeometry& g, at::ScalarType dtype) {
+bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
+  const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
   return dtype == at::kFloat && allow_winograd() && g.kernel_h == kKernel && g.kernel_w == kKernel &&
-         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels && g.batch * g.out_h * g.out_w > 0;
+         g.pad_h >= 0 && g.pad_h < kKernel && g.pad_w >= 0 && g.pad_w < kKernel &&
+         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels && tiles > 0 &&
+         (!filter_per_call || tiles >= kMinTilesPerCall);
+}
+
+bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype) {
+  return use_winograd(g, dtype, !filter_cache_enabled());
 }
 
 namespace {
@@ -120,7 +134,7 @@ struct CacheEntry {
 };
 
 at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
-  if (c10::GradMode::is_enabled() || weight.is_inference() || weight.scalar_type() != at::kFloat) {
+  if (!filter_cache_enabled() || weight.is_inference() || weight.scalar_type() != at::kFloat) {
     return transform_filter(weight, dgrad);
   }
   static std::mutex mutex;
@@ -164,8 +178,9 @@ constexpr int64_t kMaxChannelBlock = 256;
 // The GEMMs sum C_in products per point in chunks of kChunk, each from zero, and add the chunks'
 // sums: float32 rounding then grows with kChunk + C_in / kChunk terms instead of C_in (the
 // brgemm accumulates in order). The output transform amplifies that rounding (A^T's 8 and its
-// cancellations): on 512 channels summing in one run was 20x stock float32's error, in chunks 6x.
-constexpr int64_t kChunk = 32;
+// cancellations): on 512 channels summing in one run was 20x stock float32's error, in chunks of
+// 32 6x; chunks of 16 took 32 -> 40 channels' dgrad from 7.5-11x to 5.5-8.4x at no measurable cost.
+constexpr int64_t kChunk = 16;
 
 }  // namespace
 

@@ -28,10 +28,12 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
     const at::Tensor input = input_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
-    winograd::convolve(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w), nullptr,
-                       winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
-                       relu, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w));
-    return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    if (winograd::convolve(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w), nullptr,
+                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           relu, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
+      return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    }
+    // A non-finite value: the direct path below gives stock's NaN and infinities.
   }
   if (use_onednn(g, input_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     return onednn_forward(input_arg, weight, bias, padding, relu).contiguous(format);
@@ -156,8 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor grad_input = empty_huge(input_arg.sizes(), input_arg.options());
   const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
   const ChannelParts<const float> mask = masked ? grad_parts(output) : ChannelParts<const float>{};
-  winograd::convolve(d, grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight), nullptr, false,
-                     dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w));
+  if (!winograd::convolve(d, grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight), nullptr, false,
+                          dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w))) {
+    return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // non-finite
+  }
   const auto format = conv_memory_format(input_arg);
   if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
   at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());

@@ -35,10 +35,12 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
-    winograd::convolve(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), nullptr,
-                       winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
-                       true, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w));
-    return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    if (winograd::convolve(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), nullptr,
+                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           true, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
+      return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    }
+    // A non-finite value: the paths below give stock's NaN and infinities.
   }
   if (use_onednn(g, skip_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     // oneDNN reads one tensor: the (small, deep-level) concatenation is made after all.
@@ -178,8 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
   if (gs.numel() > 0) zero_outside_window(c, gs.mutable_data_ptr<float>());
   const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
   const ChannelParts<const float> mask = grad_parts(output);
-  winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
-                     c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()));
+  if (!winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
+                          c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()))) {
+    return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
+  }
   const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
   at::Tensor grad_skip = at::empty({0}, skip.options()), grad_up = at::empty({0}, up.options());
   if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;

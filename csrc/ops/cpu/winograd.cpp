@@ -190,8 +190,9 @@ constexpr int64_t kChunk = 16, kGroup = 64;
 at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }
 at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight, true); }
 
-void convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
+bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
               const at::Tensor& u, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  std::atomic<bool> finite{true};
   const int64_t tiles_h = (g.out_h + kOut - 1) / kOut, tiles_w = (g.out_w + kOut - 1) / kOut;
   const int64_t threads = at::get_num_threads();
   int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);
@@ -250,10 +251,11 @@ void convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
           if (g0 > 0) k.add(mp, group, size);
         }
       }
-      k.output(g, m, co0, co_count, bias, relu, dst, b, work);
+      if (!k.output(g, m, co0, co_count, bias, relu, dst, b, work)) finite.store(false, std::memory_order_relaxed);
     }
     cpu::gemm_release();
   });
+  return finite.load();
 }
 
 namespace {

@@ -22,8 +22,10 @@ namespace unet_ext::winograd::avx2 {
 void input_transform(const conv::ConvGeometry&, const conv::ChannelParts<const float>&,
                      const conv::ChannelParts<const float>*, const TileBlock&, int64_t, int64_t, float*, int64_t,
                      float*) { TORCH_CHECK(false, "avx2 kernels need x86"); }
-void output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t, const float*, bool,
-                      const conv::ChannelParts<float>&, const TileBlock&, float*) { TORCH_CHECK(false, "avx2 kernels need x86"); }
+bool output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t, const float*, bool,
+                      const conv::ChannelParts<float>&, const TileBlock&, float*) {
+  TORCH_CHECK(false, "avx2 kernels need x86");
+}
 void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*,
                       double*) {
   TORCH_CHECK(false, "avx2 kernels need x86");

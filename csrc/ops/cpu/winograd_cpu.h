@@ -25,7 +25,8 @@ struct TileBlock {
 
 // Per-ISA kernels. input: V[p * point_stride + (c - c0) * T + t] for channels [c0, c1) of src
 // (zero where mask <= 0; zero outside the input); output: dst = [relu](A^T M A + bias) for the
-// block's channels [co0, co0 + co_count), M[p][co - co0][t]; filter: U[p][r][c] = G g G^T of
+// block's channels [co0, co0 + co_count), M[p][co - co0][t] (false if a pre-activation is not
+// finite); filter: U[p][r][c] = G g G^T of
 // the 3x3 filter g at w + r * row_stride + c * col_stride, tap t at + t * tap_stride (rotated by
 // 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
@@ -37,7 +38,7 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
   void input_transform(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,        \
                        const conv::ChannelParts<const float>* mask, const TileBlock& b, int64_t c0,    \
                        int64_t c1, float* v, int64_t point_stride, float* scratch);                    \
-  void output_transform(const conv::ConvGeometry& g, const float* m, int64_t co0, int64_t co_count,    \
+  bool output_transform(const conv::ConvGeometry& g, const float* m, int64_t co0, int64_t co_count,    \
                         const float* bias, bool relu, const conv::ChannelParts<float>& dst,            \
                         const TileBlock& b, float* scratch);                                           \
   void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
@@ -68,8 +69,11 @@ at::Tensor forward_filter(const at::Tensor& weight);
 at::Tensor dgrad_filter(const at::Tensor& weight);
 
 // dst = [relu](conv(src [masked]) + bias) for a 3x3 stride-1 geometry g (float32), filters u as
-// forward_filter's (g's C_out x C_in).
-void convolve(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
+// forward_filter's (g's C_out x C_in). Returns false when an output before the ReLU is not
+// finite: a NaN or infinity spreads over whole 6x6 tiles here (and large finite values can
+// overflow in the transforms), so the caller recomputes by the direct path, whose non-finite
+// outputs are stock's.
+bool convolve(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
               const conv::ChannelParts<const float>* mask, const at::Tensor& u, const float* bias,
               bool relu, const conv::ChannelParts<float>& dst);
 

@@ -82,8 +82,9 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
   }
 }
 
-void output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_t co_count, const float* bias,
+bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_t co_count, const float* bias,
                       bool relu, const ChannelParts<float>& dst, const TileBlock& b, float* scratch) {
+  bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
   const int64_t cols = b.cols, t_count = b.tiles(), point_stride = co_count * t_count;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(kOut * cols, g.out_w - ow0);
   float* s = scratch;                      // [4 a][6 k][cols]: A^T down the columns
@@ -102,7 +103,10 @@ void output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
         apply_rows<kAT, kOut, kIn>(s + a * kIn * cols, cols, y, cols, cols);
         // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
         float* d = dst.at(b.n, co, oh) + ow0;
-        const auto finish = [&](float value) { return relu && value < 0.0f ? 0.0f : value; };
+        const auto finish = [&](float value) {
+          nonfinite |= !(value - value == 0.0f);
+          return relu && value < 0.0f ? 0.0f : value;
+        };
         const int64_t whole = count / kOut;
         for (int64_t x = 0; x < whole; ++x)
           for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
@@ -110,6 +114,7 @@ void output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
       }
     }
   }
+  return !nonfinite;
 }
 
 void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,

@@ -24,7 +24,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_memory_format(input_arg);
-  if (winograd::use_winograd_forward(g, input_arg.scalar_type())) {
+  if (winograd::use_winograd_forward(g, input_arg.scalar_type(), weight)) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
     const at::Tensor input = input_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();

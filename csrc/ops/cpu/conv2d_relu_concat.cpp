@@ -31,7 +31,7 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_memory_format(skip_arg, up_arg);
-  if (winograd::use_winograd_forward(g, skip_arg.scalar_type())) {
+  if (winograd::use_winograd_forward(g, skip_arg.scalar_type(), weight)) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();

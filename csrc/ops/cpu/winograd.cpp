@@ -68,26 +68,26 @@ bool filter_cache_enabled() { return !c10::GradMode::is_enabled(); }
 bool allow_winograd() { return allow_flag().load(std::memory_order_relaxed); }
 void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_order_relaxed); }
 
-// Measured on this project's 2-core AVX-512 CPU against the direct path (interleaved medians,
-// README "Winograd"): from 32 channels on both sides Winograd is 1.0-2.6x faster on U-Net's
-// layers (32 -> 32 at 2x314x314: 1.3x forward, 1.4x dgrad). Where the filters are transformed
-// per call (training: the forward under autograd, and every dgrad) that transform, ~C_in x
-// C_out x 0.1 us, costs as much as the convolution on tiny images: 512 -> 512 at 2x14x14 (18
-// tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.5x; so those need kMinTilesPerCall tiles.
-// Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much of each output reads
-// padding, stock float32 sums fewer terms, and Winograd's error was 8-11x stock's (padding 3).
-constexpr int64_t kMinChannels = 32, kMinTilesPerCall = 32;
+// Measured on this project's 2-core AVX-512 CPU against the direct path (interleaved medians on
+// a quiet machine; runs that share the cores with other jobs favour Winograd and misled an earlier
+// rule): 64 -> 64 at 1x570x570 0.86x, 64 -> 64 at 2x314x314 0.78x, 128 -> 128 at 1x282x282 1.09x,
+// 256 -> 256 at 1x138x138 1.40x (dgrad 1.62x), 512 -> 512 at 1x66x66 1.69x (dgrad 1.27x). The
+// transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out: so
+// Winograd where 1 / C_in + 1 / C_out <= 1 / 64 (128 -> 128, 256 -> 128, not 64 -> anything).
+// Where the filters are transformed on the call (training: the weights change every step, and
+// every dgrad) that transform costs as much as the convolution on tiny images: 512 -> 512 at
+// 2x14x14 (18 tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.2-1.5x; those need
+// kMinTilesPerCall tiles. Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
+// of each output reads padding, stock float32 sums fewer terms, and Winograd's error was 8-11x
+// stock's (padding 3).
+constexpr int64_t kChannelScale = 64, kMinTilesPerCall = 32;
 
 bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
   return dtype == at::kFloat && allow_winograd() && g.kernel_h == kKernel && g.kernel_w == kKernel &&
          g.pad_h >= 0 && g.pad_h < kKernel && g.pad_w >= 0 && g.pad_w < kKernel &&
-         g.in_channels >= kMinChannels && g.out_channels >= kMinChannels && tiles > 0 &&
+         kChannelScale * (g.in_channels + g.out_channels) <= g.in_channels * g.out_channels && tiles > 0 &&
          (!filter_per_call || tiles >= kMinTilesPerCall);
-}
-
-bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype) {
-  return use_winograd(g, dtype, !filter_cache_enabled());
 }
 
 namespace {
@@ -133,17 +133,31 @@ struct CacheEntry {
   at::Tensor u;
 };
 
+std::mutex cache_mutex;
+std::list<CacheEntry> cache_entries;  // most recently used first
+
+bool cacheable(const at::Tensor& weight) {
+  return filter_cache_enabled() && !weight.is_inference() && weight.scalar_type() == at::kFloat;
+}
+
+bool entry_matches(const CacheEntry& e, const at::Tensor& weight, bool dgrad) {
+  return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == weight._version() &&
+         weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
+}
+
+bool has_cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (!cacheable(weight)) return false;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return std::any_of(cache_entries.begin(), cache_entries.end(),
+                     [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); });
+}
+
 at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
-  if (!filter_cache_enabled() || weight.is_inference() || weight.scalar_type() != at::kFloat) {
-    return transform_filter(weight, dgrad);
-  }
-  static std::mutex mutex;
-  static std::list<CacheEntry> entries;  // most recently used first
+  if (!cacheable(weight)) return transform_filter(weight, dgrad);
+  auto& mutex = cache_mutex;
+  auto& entries = cache_entries;
   const int64_t version = weight._version();
-  const auto matches = [&](const CacheEntry& e) {
-    return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == version &&
-           weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
-  };
+  const auto matches = [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); };
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (auto it = entries.begin(); it != entries.end(); ++it) {
@@ -186,6 +200,13 @@ constexpr int64_t kMaxChannelBlock = 256;
 constexpr int64_t kChunk = 16, kGroup = 64;
 
 }  // namespace
+
+// The forward's filters are per call unless an up-to-date transform of this weight is cached: in
+// training the op runs under the autograd Function's no_grad too, but every step brings a new
+// version. (So a small image takes Winograd only after a large one cached its weight's filters.)
+bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight) {
+  return use_winograd(g, dtype, !has_cached_filter(weight, false));
+}
 
 at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }
 at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight, true); }

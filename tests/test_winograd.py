@@ -56,14 +56,14 @@ def test_switch():
     assert unet_ext.backends.cpu.allow_winograd
 
 
-CASES = [  # (N, C_in, C_out, H, W, padding): >= 128 channels (1 / C_in + 1 / C_out <= 1 / 64) and
+CASES = [  # (N, C_in, C_out, H, W, padding): >= 192 channels (1 / C_in + 1 / C_out <= 1 / 96) and
     # batches so that forward and dgrad have >= 32 tiles (the selection rule, winograd.cpp)
-    (3, 128, 128, 13, 17, 0),   # partial edge tiles in both directions
-    (2, 160, 144, 9, 22, 1),    # "same"
-    (8, 128, 192, 7, 7, 2),     # padding 2 (dgrad padding 0)
-    (6, 136, 128, 6, 9, 2),     # small images, padding 2
-    (32, 128, 128, 3, 3, 0),    # a single 1x1 output
-    (1, 128, 128, 30, 600, 0),  # tile rows wider than a block: row segments
+    (3, 192, 192, 13, 17, 0),   # partial edge tiles in both directions
+    (2, 208, 200, 9, 22, 1),    # "same"
+    (8, 192, 256, 7, 7, 2),     # padding 2 (dgrad padding 0)
+    (6, 200, 192, 6, 9, 2),     # small images, padding 2
+    (32, 192, 192, 3, 3, 0),    # a single 1x1 output
+    (1, 192, 192, 30, 600, 0),  # tile rows wider than a block: row segments
     (2, 256, 384, 20, 20, 1),   # several channel blocks
 ]
 
@@ -110,10 +110,10 @@ def test_forward_and_dgrad_against_float64(case, layout):
 def test_concat_forward_and_dgrad_against_float64():
     gen = torch.Generator().manual_seed(2)
     for padding in (0, 1):
-        skip = torch.randn(2, 128, 27, 29, generator=gen)
-        up = torch.randn(2, 136, 18, 21, generator=gen)
-        weight = torch.randn(144, 264, 3, 3, generator=gen) * (2 / (9 * 264)) ** 0.5
-        bias = torch.randn(144, generator=gen) * 0.1
+        skip = torch.randn(2, 192, 27, 29, generator=gen)
+        up = torch.randn(2, 200, 18, 21, generator=gen)
+        weight = torch.randn(208, 392, 3, 3, generator=gen) * (2 / (9 * 392)) ** 0.5
+        bias = torch.randn(208, generator=gen) * 0.1
         leaves = [(skip.clone().requires_grad_(), up.clone().requires_grad_()),
                   (skip.double().requires_grad_(), up.double().requires_grad_()),
                   (skip.clone().requires_grad_(), up.clone().requires_grad_())]
@@ -142,9 +142,9 @@ def test_non_finite_values_match_the_direct_path(value):
     """A NaN or infinity would spread over whole tiles (and 3e38 overflows in the transforms):
     such calls are recomputed by the direct path, forward and dgrad, so they match it exactly."""
     gen = torch.Generator().manual_seed(3)
-    x, weight, bias = _conv_inputs(2, 128, 128, 24, 24, gen)
+    x, weight, bias = _conv_inputs(2, 192, 192, 24, 24, gen)
     x[0, 3, 5, 5] = value
-    grad = torch.randn(2, 128, 24, 24, generator=gen)
+    grad = torch.randn(2, 192, 24, 24, generator=gen)
     grad[1, 2, 7, 7] = value
     results = []
     for allow in (True, False):
@@ -158,7 +158,7 @@ def test_non_finite_values_match_the_direct_path(value):
 
 def test_off_switch_takes_the_direct_path():
     gen = torch.Generator().manual_seed(4)
-    x, weight, bias = _conv_inputs(2, 128, 128, 24, 24, gen)
+    x, weight, bias = _conv_inputs(2, 192, 192, 24, 24, gen)
     with unet_ext.backends.cpu.flags(allow_winograd=False):
         direct = conv2d_relu(x, weight, bias, 1)
     wino = conv2d_relu(x, weight, bias, 1)
@@ -168,7 +168,7 @@ def test_off_switch_takes_the_direct_path():
 
 def test_padding_beyond_k_minus_1_stays_direct():
     gen = torch.Generator().manual_seed(7)
-    x, weight, bias = _conv_inputs(8, 128, 128, 6, 9, gen)
+    x, weight, bias = _conv_inputs(8, 192, 192, 6, 9, gen)
     with torch.no_grad():
         wino = conv2d_relu(x, weight, bias, 3)
         with unet_ext.backends.cpu.flags(allow_winograd=False):
@@ -186,14 +186,14 @@ def test_float64_never_uses_winograd():
 
 def test_filter_cache_sees_in_place_updates_and_new_weights():
     gen = torch.Generator().manual_seed(6)
-    x, weight, bias = _conv_inputs(2, 128, 128, 16, 16, gen)
+    x, weight, bias = _conv_inputs(2, 192, 192, 16, 16, gen)
     with torch.no_grad():
         first = conv2d_bias(x, weight, bias, 1)
         weight.mul_(2)  # bumps the version counter
         second = conv2d_bias(x, weight, bias, 1)
         torch.testing.assert_close(second - bias[:, None, None], 2 * (first - bias[:, None, None]), rtol=1e-4, atol=1e-5)
         for _ in range(3):  # new weights, possibly at a freed weight's address
-            w = torch.randn(weight.shape, generator=gen) * (2 / (9 * 128)) ** 0.5
+            w = torch.randn(weight.shape, generator=gen) * (2 / (9 * 192)) ** 0.5
             torch.testing.assert_close(conv2d_bias(x, w, bias, 1), reference.conv2d_bias(x, w, bias, 1),
                                        rtol=1e-4, atol=1e-4)
             del w

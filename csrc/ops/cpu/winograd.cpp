@@ -72,15 +72,17 @@ void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_orde
 // a quiet machine; runs that share the cores with other jobs favour Winograd and misled an earlier
 // rule): 64 -> 64 at 1x570x570 0.86x, 64 -> 64 at 2x314x314 0.78x, 128 -> 128 at 1x282x282 1.09x,
 // 256 -> 256 at 1x138x138 1.40x (dgrad 1.62x), 512 -> 512 at 1x66x66 1.69x (dgrad 1.27x). The
-// transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out: so
-// Winograd where 1 / C_in + 1 / C_out <= 1 / 64 (128 -> 128, 256 -> 128, not 64 -> anything).
+// transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out. With 128
+// channels it is marginal (the paper's 128 -> 128 at 282 and 128 -> 256 at 140: forward
+// 0.94-1.09x and 0.97x in another run), so Winograd where 1 / C_in + 1 / C_out <= 1 / 96:
+// 256 -> 256 and up (the concat's 512 -> 256), not 256 -> 128 or 128 -> anything.
 // Where the filters are transformed on the call (training: the weights change every step, and
 // every dgrad) that transform costs as much as the convolution on tiny images: 512 -> 512 at
 // 2x14x14 (18 tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.2-1.5x; those need
 // kMinTilesPerCall tiles. Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
 // of each output reads padding, stock float32 sums fewer terms, and Winograd's error was 8-11x
 // stock's (padding 3).
-constexpr int64_t kChannelScale = 64, kMinTilesPerCall = 32;
+constexpr int64_t kChannelScale = 96, kMinTilesPerCall = 32;
 
 bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);

@@ -76,9 +76,10 @@ def call(op, x, w, b, padding, fn_index=0):
 
 
 def run_case(op, device, dtype, in_shape, w_shape, padding=0, has_bias=True, layout="contiguous",
-             grad_layout="contiguous", w_layout="contiguous", needs=(True, True, True), seed=0):
+             grad_layout="contiguous", w_layout="contiguous", needs=(True, True, True), seed=0, slack=2.0):
     """Forward and the gradients of the inputs in `needs` against the reference: float64 tight;
-    other dtypes by assert_low_precision against stock PyTorch in the same dtype."""
+    other dtypes by assert_low_precision against stock PyTorch in the same dtype (`slack` times
+    its error: 2, or the Winograd path's 8, see test_conv2d_matches_reference)."""
     gen = torch.Generator().manual_seed(seed)
     fan_in = w_shape[0] if op == UP else w_shape[1] * w_shape[2] * w_shape[3]
     c_out = w_shape[1] if op == UP else w_shape[0]
@@ -138,16 +139,25 @@ def run_case(op, device, dtype, in_shape, w_shape, padding=0, has_bias=True, lay
     exact_out, exact_grads = reference_run(torch.float64, mask)
     stock_out, stock_grads = reference_run(dtype, mask)
     floor = 1e-6 if dtype == torch.float32 else 1e-3
-    assert_low_precision(out, stock_out, exact_out, floor=floor)
+    assert_low_precision(out, stock_out, exact_out, slack=slack, floor=floor)
     for g, s, e in zip(ours_grads, stock_grads, exact_grads):
-        assert_low_precision(g, s, e, floor=floor)
+        assert_low_precision(g, s, e, slack=slack, floor=floor)
+
+
+# The CPU's float32 Winograd F(4x4, 3x3) path (tests/test_winograd.py; README "Winograd") is
+# held to the issue's bar, 8x stock float32's error; the direct path, with it switched off, to 2x.
+WINOGRAD_SLACK = 8.0
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("op", ["conv2d_relu", "conv2d_bias"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
-def test_conv2d_matches_reference(device, dtype, op, case):
-    run_case(op, device, dtype, *case)
+@pytest.mark.parametrize("winograd", [False, True], ids=["direct", "winograd"])
+def test_conv2d_matches_reference(device, dtype, op, case, winograd):
+    if winograd and device != "cpu":
+        pytest.skip("Winograd is a CPU path")
+    with unet_ext.backends.cpu.flags(allow_winograd=winograd):
+        run_case(op, device, dtype, *case, slack=WINOGRAD_SLACK if winograd else 2.0)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())

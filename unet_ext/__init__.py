@@ -38,6 +38,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
     ) from error
 
 from . import ops  # noqa: E402,F401
+from . import backends  # noqa: E402,F401
 from .ops import conv2d_bias, conv2d_relu, conv2d_relu_concat, conv_transpose2x2, crop_concat, weighted_cross_entropy  # noqa: E402,F401
 from . import nn  # noqa: E402,F401
 from .model import UNet  # noqa: E402,F401

@@ -1,6 +1,7 @@
 // conv2d_relu / conv2d_bias and their backward on the CPU: the blocked implicit-GEMM kernels of
 // cpu/conv2d_kernel.h on one NCHW source (channels_last inputs are converted and the results
-// returned channels_last); float32 deep layers go to oneDNN (use_onednn).
+// returned channels_last); float32 deep layers go to oneDNN (use_onednn); float32 3x3 layers with
+// enough channels to Winograd F(4x4, 3x3) (cpu/winograd_cpu.h), forward and dgrad.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -9,6 +10,7 @@
 
 #include "conv2d_kernel.h"
 #include "conv_wgrad_nonfinite.h"
+#include "winograd_cpu.h"
 
 namespace unet_ext {
 namespace conv {
@@ -22,6 +24,17 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_output_format(input_arg, weight);
+  if (winograd::use_winograd_forward(g, input_arg.scalar_type(), weight)) {
+    at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
+    const at::Tensor input = input_arg.contiguous();
+    const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    if (winograd::convolve(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w), nullptr,
+                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           relu, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
+      return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    }
+    // A non-finite value: the direct path below gives stock's NaN and infinities.
+  }
   if (use_onednn(g, input_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     return onednn_forward(input_arg, weight, bias, padding, relu).contiguous(format);
   }
@@ -50,7 +63,7 @@ at::Tensor conv2d_bias_cpu(const at::Tensor& input, const at::Tensor& weight,
   return conv2d_forward_cpu("unet_ext.conv2d_bias", input, weight, bias, padding, false);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
     const at::Tensor& grad_out_arg, const at::Tensor& input_arg, const at::Tensor& weight,
     const std::optional<at::Tensor>& output_arg, int64_t padding, std::array<bool, 3> output_mask) {
   // The GEMMs below run on tensors that may require grad: keep autograd out of them.
@@ -122,6 +135,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     }
     if (output_mask[1]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[2]) grad_bias = bias_acc.to(weight.scalar_type());
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+// dgrad by Winograd where use_winograd takes the dgrad convolution (the masked gradient with the
+// flipped weight); wgrad and the bias grad (and dgrad elsewhere) by conv2d_backward_direct.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input_arg, const at::Tensor& weight,
+    const std::optional<at::Tensor>& output_arg, int64_t padding, std::array<bool, 3> output_mask) {
+  const ConvGeometry g = conv2d_geometry("unet_ext._conv2d_backward", input_arg, weight, std::nullopt, padding);
+  const ConvGeometry d = dgrad_geometry(g);
+  if (!output_mask[0] || !winograd::use_winograd(d, input_arg.scalar_type(), true) ||
+      !grad_out.sizes().equals({g.batch, g.out_channels, g.out_h, g.out_w}) ||
+      (output_arg.has_value() && output_arg->defined() && !output_arg->sizes().equals(grad_out.sizes()))) {
+    return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // it checks
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool masked = output_arg.has_value() && output_arg->defined();
+  const at::Tensor grad = grad_out.to(at::kFloat).contiguous();
+  const at::Tensor output = masked ? output_arg->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor grad_input = empty_huge(input_arg.sizes(), input_arg.options());
+  const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
+  const ChannelParts<const float> mask = masked ? grad_parts(output) : ChannelParts<const float>{};
+  if (!winograd::convolve(d, grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight), nullptr, false,
+                          dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w))) {
+    return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // non-finite
+  }
+  const auto format = conv_memory_format(input_arg);
+  if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
+  at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
+  if (output_mask[1] || output_mask[2]) {
+    std::tie(std::ignore, grad_weight, grad_bias) =
+        conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, {false, output_mask[1], output_mask[2]});
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -1,6 +1,7 @@
 // conv2d_relu_concat and its backward on the CPU: the kernels of cpu/conv2d_kernel.h on a two-part
 // source (conv2d_relu.h's ChannelParts: the skip's crop window, then up), so the concatenation is
-// never materialised; dgrad writes grad_skip's window and grad_up from the epilogue.
+// never materialised; dgrad writes grad_skip's window and grad_up from the epilogue. float32 with
+// enough channels takes Winograd F(4x4, 3x3) (cpu/winograd_cpu.h) on the same two-part source.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -9,6 +10,7 @@
 
 #include "conv2d_kernel.h"
 #include "conv_wgrad_nonfinite.h"
+#include "winograd_cpu.h"
 
 namespace unet_ext {
 namespace conv {
@@ -29,6 +31,17 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_output_format(skip_arg, up_arg, weight);
+  if (winograd::use_winograd_forward(g, skip_arg.scalar_type(), weight)) {
+    at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
+    const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+    const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    if (winograd::convolve(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), nullptr,
+                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           true, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
+      return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
+    }
+    // A non-finite value: the paths below give stock's NaN and infinities.
+  }
   if (use_onednn(g, skip_arg.scalar_type()) && g.batch * g.out_h * g.out_w > 0) {
     // oneDNN reads one tensor: the (small, deep-level) concatenation is made after all.
     return onednn_forward(cropped_concat(c, skip_arg, up_arg), weight, bias, padding, true).contiguous(format);
@@ -66,7 +79,7 @@ void zero_outside_window(const ConcatGeometry& c, scalar_t* grad_skip) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_direct(
     const at::Tensor& grad_out_arg, const at::Tensor& skip_arg, const at::Tensor& up_arg,
     const at::Tensor& weight, const at::Tensor& output_arg, int64_t padding,
     std::array<bool, 4> output_mask) {
@@ -142,6 +155,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
     }
     if (output_mask[2]) grad_weight = grad_weight_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
     if (output_mask[3]) grad_bias = bias_acc.to(weight.scalar_type());
+  }
+  return {grad_skip, grad_up, grad_weight, grad_bias};
+}
+
+// dgrad by Winograd (grad_skip's crop window and grad_up written from its output transform) where
+// use_winograd takes the dgrad convolution; the weight and bias grads by the direct backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& skip_arg, const at::Tensor& up_arg,
+    const at::Tensor& weight, const at::Tensor& output_arg, int64_t padding,
+    std::array<bool, 4> output_mask) {
+  const ConcatGeometry c = conv2d_concat_geometry("unet_ext._conv2d_relu_concat_backward", skip_arg, up_arg,
+                                                  weight, std::nullopt, padding);
+  const ConvGeometry& g = c.conv;
+  const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  if (!(output_mask[0] || output_mask[1]) || !winograd::use_winograd(dgrad_geometry(g), skip_arg.scalar_type(), true) ||
+      !grad_out.sizes().equals(out_shape) || !output_arg.sizes().equals(out_shape)) {
+    return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
+  const at::Tensor grad = grad_out.to(at::kFloat).contiguous(), output = output_arg.to(at::kFloat).contiguous();
+  at::Tensor gs = empty_huge(skip.sizes(), skip.options()), gu = empty_huge(up.sizes(), up.options());
+  if (gs.numel() > 0) zero_outside_window(c, gs.mutable_data_ptr<float>());
+  const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
+  const ChannelParts<const float> mask = grad_parts(output);
+  if (!winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
+                          c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()))) {
+    return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
+  }
+  const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
+  at::Tensor grad_skip = at::empty({0}, skip.options()), grad_up = at::empty({0}, up.options());
+  if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;
+  if (output_mask[1]) grad_up = up_format == at::MemoryFormat::ChannelsLast ? gu.contiguous(up_format) : gu;
+  at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
+  if (output_mask[2] || output_mask[3]) {
+    std::tie(std::ignore, std::ignore, grad_weight, grad_bias) = conv2d_relu_concat_backward_direct(
+        grad_out, skip_arg, up_arg, weight, output_arg, padding, {false, false, output_mask[2], output_mask[3]});
   }
   return {grad_skip, grad_up, grad_weight, grad_bias};
 }

@@ -1,0 +1,304 @@
+// The CPU Winograd F(4x4, 3x3) convolution (layouts in winograd_cpu.h): a task takes a block of
+// tiles of one image (and a block of output channels), transforms its inputs into V, runs the 36
+// GEMMs M_p = U_p V_p with oneDNN's brgemm (cpu/gemm.h) and transforms M into the output with the
+// bias and the ReLU; the block is sized so that V and M stay near the L2 cache. Also: the filter
+// transforms and their cache, the selection rule, the allow_winograd switch, and the one-tile op
+// that the float64 unit test runs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "gemm.h"
+#include "huge_pages.h"
+#include "winograd_cpu.h"
+
+namespace unet_ext {
+namespace winograd {
+
+using conv::ChannelParts;
+using conv::ConvGeometry;
+
+namespace {
+
+struct Kernels {
+  decltype(&baseline::input_transform) input;
+  decltype(&baseline::output_transform) output;
+  decltype(&baseline::filter_transform) filter;
+  decltype(&baseline::add) add;
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+    switch (cpu::best_isa()) {
+      case cpu::Isa::kAvx512:
+        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform, &avx512::add};
+      case cpu::Isa::kAvx2:
+        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform, &avx2::add};
+      default:
+        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform, &baseline::add};
+    }
+  }();
+  return k;
+}
+
+std::atomic<bool>& allow_flag() {
+  // UNET_EXT_WINOGRAD=0 starts with it off (benchmarks of the direct path in a fresh process).
+  static std::atomic<bool> flag{[] {
+    const char* value = std::getenv("UNET_EXT_WINOGRAD");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }()};
+  return flag;
+}
+
+}  // namespace
+
+bool filter_cache_enabled() { return !c10::GradMode::is_enabled(); }
+
+bool allow_winograd() { return allow_flag().load(std::memory_order_relaxed); }
+void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_order_relaxed); }
+
+// Measured on this project's 2-core AVX-512 CPU against the direct path (interleaved medians on
+// a quiet machine; runs that share the cores with other jobs favour Winograd and misled an earlier
+// rule): 64 -> 64 at 1x570x570 0.86x, 64 -> 64 at 2x314x314 0.78x, 128 -> 128 at 1x282x282 1.09x,
+// 256 -> 256 at 1x138x138 1.40x (dgrad 1.62x), 512 -> 512 at 1x66x66 1.69x (dgrad 1.27x). The
+// transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out. With 128
+// channels it is marginal (the paper's 128 -> 128 at 282 and 128 -> 256 at 140: forward
+// 0.94-1.09x and 0.97x in another run), so Winograd where 1 / C_in + 1 / C_out <= 1 / 96:
+// 256 -> 256 and up (the concat's 512 -> 256), not 256 -> 128 or 128 -> anything.
+// Where the filters are transformed on the call (training: the weights change every step, and
+// every dgrad) that transform costs as much as the convolution on tiny images: 512 -> 512 at
+// 2x14x14 (18 tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.2-1.5x; those need
+// kMinTilesPerCall tiles. Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
+// of each output reads padding, stock float32 sums fewer terms, and Winograd's error was 8-11x
+// stock's (padding 3).
+constexpr int64_t kChannelScale = 96, kMinTilesPerCall = 32;
+
+bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
+  const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
+  return dtype == at::kFloat && allow_winograd() && g.kernel_h == kKernel && g.kernel_w == kKernel &&
+         g.pad_h >= 0 && g.pad_h < kKernel && g.pad_w >= 0 && g.pad_w < kKernel &&
+         kChannelScale * (g.in_channels + g.out_channels) <= g.in_channels * g.out_channels && tiles > 0 &&
+         (!filter_per_call || tiles >= kMinTilesPerCall);
+}
+
+namespace {
+
+// U[36][rows][cols] from weight [C_out][C_in][3][3] (float32, contiguous): rows = C_out for the
+// forward; for dgrad rows = C_in of the flipped filters, read from the weight transposed once to
+// [C_in][3x3][C_out] (so each filter row's C_out values are contiguous: strided reads across C_out
+// would miss the cache once per element on the 1024-channel layers).
+at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
+  const int64_t rows = dgrad ? c_in : c_out, cols = dgrad ? c_out : c_in;
+  at::Tensor source = w;
+  if (dgrad) {
+    source = cpu::empty_huge({c_in, taps, c_out}, w.options());
+    cpu::transpose(w.const_data_ptr<float>(), c_out, c_in * taps, source.mutable_data_ptr<float>());
+  }
+  at::Tensor u = cpu::empty_huge({kPoints, rows, cols}, w.options());  // up to 151 MB: no page faults per call
+  const float* w_data = source.const_data_ptr<float>();
+  float* u_data = u.mutable_data_ptr<float>();
+  const auto filter = kernels().filter;
+  const int64_t row_stride = dgrad ? taps * c_out : c_in * taps, col_stride = dgrad ? 1 : taps;
+  const int64_t tap_stride = dgrad ? c_out : 1;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
+    std::vector<double> scratch(filter_scratch(cols));
+    filter(w_data, rows, cols, row_stride, col_stride, tap_stride, dgrad, r0, r1, u_data, scratch.data());
+  });
+  return u;
+}
+
+// Transformed filters are kept while it is safe to: outside autograd (no_grad, inference_mode),
+// keyed on the weight's TensorImpl (held weakly, so a freed weight's address cannot alias a new
+// one), data pointer, shape and version counter, so an in-place update (optimizer step,
+// load_state_dict, copy_) is seen. In training (grad mode) they are transformed per call: the
+// weights change every step. Entries past kCacheBytes are dropped, least recently used first.
+constexpr int64_t kCacheBytes = int64_t{1} << 30;
+struct CacheEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  const void* data;
+  std::vector<int64_t> sizes;
+  int64_t version;
+  bool dgrad;
+  at::Tensor u;
+};
+
+std::mutex cache_mutex;
+std::list<CacheEntry> cache_entries;  // most recently used first
+
+bool cacheable(const at::Tensor& weight) {
+  return filter_cache_enabled() && !weight.is_inference() && weight.scalar_type() == at::kFloat;
+}
+
+bool entry_matches(const CacheEntry& e, const at::Tensor& weight, bool dgrad) {
+  return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == weight._version() &&
+         weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
+}
+
+bool has_cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (!cacheable(weight)) return false;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return std::any_of(cache_entries.begin(), cache_entries.end(),
+                     [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); });
+}
+
+at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (!cacheable(weight)) return transform_filter(weight, dgrad);
+  auto& mutex = cache_mutex;
+  auto& entries = cache_entries;
+  const int64_t version = weight._version();
+  const auto matches = [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = entries.begin(); it != entries.end(); ++it) {
+      if (matches(*it)) {
+        entries.splice(entries.begin(), entries, it);
+        return it->u;
+      }
+    }
+  }
+  at::Tensor u = transform_filter(weight, dgrad);
+  std::lock_guard<std::mutex> lock(mutex);
+  // Drop this weight's older versions and any entry whose weight is gone, then trim to the budget.
+  entries.remove_if([&](const CacheEntry& e) {
+    return e.impl.expired() || (e.dgrad == dgrad && e.impl.lock().get() == weight.unsafeGetTensorImpl());
+  });
+  entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                                weight.const_data_ptr(), weight.sizes().vec(), version, dgrad, u});
+  int64_t bytes = 0;
+  for (auto it = entries.begin(); it != entries.end();) {
+    bytes += it->u.nbytes();
+    it = bytes > kCacheBytes && it != entries.begin() ? entries.erase(it) : std::next(it);
+  }
+  return u;
+}
+
+// Tiles per task block: V [36][C_in][T] and M [36][co_block][T] near half the 2 MiB L2, but at
+// least kMinTiles (the GEMMs' N: below it the brgemm runs short vectors, and the deep layers'
+// transformed weights, up to 151 MB, are streamed once per block).
+constexpr int64_t kBlockBytes = int64_t{1} << 20, kMinTiles = 64, kMaxTiles = 512;
+constexpr int64_t kMaxChannelBlock = 256;
+
+// The GEMMs sum C_in products per point in chunks of kChunk, each from zero, and add the chunks'
+// sums: float32 rounding then grows with kChunk + C_in / kChunk terms instead of C_in (the
+// brgemm accumulates in order). The output transform amplifies that rounding (A^T's 8 and its
+// cancellations): on 512 channels summing in one run was 20x stock float32's error, in chunks of
+// 32 6x; chunks of 16 took 32 -> 40 channels' dgrad from 7.5-11x to 5.5-8.4x at no measurable cost.
+// The chunk sums are added per group of kGroup channels first, then the groups: the deepest
+// layers' 64 chunk sums in one run were up to 8.2x stock's error; grouped, the paper's layers
+// are at 2.4-5.9x (forward and dgrad, batch 2 at 20x20, README "Winograd").
+constexpr int64_t kChunk = 16, kGroup = 64;
+
+}  // namespace
+
+// The forward's filters are per call unless an up-to-date transform of this weight is cached: in
+// training the op runs under the autograd Function's no_grad too, but every step brings a new
+// version. (So a small image takes Winograd only after a large one cached its weight's filters.)
+bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight) {
+  return use_winograd(g, dtype, !has_cached_filter(weight, false));
+}
+
+at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }
+at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight, true); }
+
+bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
+              const at::Tensor& u, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  std::atomic<bool> finite{true};
+  const int64_t tiles_h = (g.out_h + kOut - 1) / kOut, tiles_w = (g.out_w + kOut - 1) / kOut;
+  const int64_t threads = at::get_num_threads();
+  int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);
+  const int64_t target = std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)), kMinTiles, kMaxTiles);
+  // Block shape: whole tile rows while a row is shorter than the target, else row segments.
+  int64_t cols = tiles_w, rows = std::min(tiles_h, (target + tiles_w - 1) / tiles_w);
+  if (tiles_w > target) {
+    const int64_t parts = (tiles_w + target - 1) / target;
+    cols = (tiles_w + parts - 1) / parts;
+    rows = 1;
+  }
+  int64_t row_blocks = (tiles_h + rows - 1) / rows;
+  rows = (tiles_h + row_blocks - 1) / row_blocks;  // equal blocks: balanced tasks
+  row_blocks = (tiles_h + rows - 1) / rows;
+  const int64_t col_blocks = (tiles_w + cols - 1) / cols;
+  const int64_t blocks = g.batch * row_blocks * col_blocks;
+  // Few blocks (the deep layers: small images): split the output channels too.
+  if (blocks < 2 * threads && g.out_channels >= 32) {
+    const int64_t split = std::min<int64_t>((2 * threads + blocks - 1) / blocks, g.out_channels / 16);
+    co_block = std::min(co_block, ((g.out_channels + split - 1) / split + 15) / 16 * 16);
+  }
+  const int64_t co_blocks = (g.out_channels + co_block - 1) / co_block;
+  const int64_t block_tiles = rows * cols;
+  const float* u_data = u.const_data_ptr<float>();
+  const Kernels& k = kernels();
+  at::parallel_for(0, blocks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
+    float* v = cpu::scratch<float>(0, kPoints * g.in_channels * block_tiles);
+    float* m = cpu::scratch<float>(1, kPoints * co_block * block_tiles);
+    float* work = cpu::scratch<float>(2, transform_scratch(cols));
+    float* partial = cpu::scratch<float>(3, 2 * co_block * block_tiles);
+    float* group = partial + co_block * block_tiles;
+    int64_t loaded = -1;  // the block whose V this thread holds
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bi = task / co_blocks, co0 = (task % co_blocks) * co_block;
+      const int64_t co_count = std::min(co_block, g.out_channels - co0);
+      const int64_t ty = (bi / col_blocks) % row_blocks, tx = bi % col_blocks;
+      const TileBlock b{bi / (col_blocks * row_blocks), ty * rows, std::min(rows, tiles_h - ty * rows), tx * cols,
+                        std::min(cols, tiles_w - tx * cols)};
+      const int64_t t_count = b.tiles();
+      if (bi != loaded) {
+        k.input(g, src, mask, b, 0, g.in_channels, v, g.in_channels * t_count, work);
+        loaded = bi;
+      }
+      for (int64_t p = 0; p < kPoints; ++p) {
+        // M_p[co, t] = U_p[co, ci] V_p[ci, t], summed over ci in chunks, the chunks in groups
+        float* mp = m + p * co_count * t_count;
+        const int64_t size = co_count * t_count;
+        for (int64_t g0 = 0; g0 < g.in_channels; g0 += kGroup) {
+          float* sum = g0 == 0 ? mp : group;
+          for (int64_t k0 = g0; k0 < std::min(g0 + kGroup, g.in_channels); k0 += kChunk) {
+            const int64_t kb = std::min(kChunk, g.in_channels - k0);
+            cpu::gemm(co_count, t_count, kb, u_data + (p * g.out_channels + co0) * g.in_channels + k0, g.in_channels,
+                      v + (p * g.in_channels + k0) * t_count, t_count, k0 == g0 ? sum : partial, t_count, false);
+            if (k0 > g0) k.add(sum, partial, size);
+          }
+          if (g0 > 0) k.add(mp, group, size);
+        }
+      }
+      if (!k.output(g, m, co0, co_count, bias, relu, dst, b, work)) finite.store(false, std::memory_order_relaxed);
+    }
+    cpu::gemm_release();
+  });
+  return finite.load();
+}
+
+namespace {
+
+// One 4x4 output tile of the 3x3 correlation of a 6x6 input with a 3x3 filter, float64, by
+// winograd.h's tile math (the unit test's reference is F.conv2d).
+at::Tensor winograd_tile_cpu(const at::Tensor& input, const at::Tensor& filter) {
+  constexpr const char* op = "unet_ext._winograd_tile";
+  TORCH_CHECK(input.scalar_type() == at::kDouble && filter.scalar_type() == at::kDouble, op,
+              ": input and filter must be float64, got ", input.scalar_type(), " and ", filter.scalar_type());
+  TORCH_CHECK(input.sizes().equals({kIn, kIn}), op, ": input must have shape [6, 6], got ", input.sizes());
+  TORCH_CHECK(filter.sizes().equals({kKernel, kKernel}), op, ": filter must have shape [3, 3], got ", filter.sizes());
+  at::Tensor out = at::empty({kOut, kOut}, input.options());
+  convolve_tile(input.contiguous().const_data_ptr<double>(), filter.contiguous().const_data_ptr<double>(),
+                out.mutable_data_ptr<double>());
+  return out;
+}
+
+}  // namespace
+}  // namespace winograd
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, CPU, m) { m.impl("_winograd_tile", &unet_ext::winograd::winograd_tile_cpu); }

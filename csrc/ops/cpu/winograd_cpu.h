@@ -1,0 +1,81 @@
+// The CPU Winograd F(4x4, 3x3) convolution (winograd.h's tile math): its per-ISA transform
+// kernels (cpu/winograd_kernel.h, built per ISA in winograd_<isa>.cpp) and the driver that runs
+// them around 36 batched GEMMs (cpu/winograd.cpp). Layouts (float32): transformed filters
+// U[36][C_out][C_in]; per task, transformed inputs V[36][C_in][T] and products M[36][C_out][T]
+// for a block of T tiles (row-major in the block), so that each of the 36 points is one GEMM
+// M_p[C_out, T] = U_p[C_out, C_in] V_p[C_in, T] with the tiles as the vectorised dimension.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "../conv_host.h"
+#include "../winograd.h"
+
+namespace unet_ext {
+namespace winograd {
+
+// A block of tiles: tile rows [ty0, ty0 + rows) x tile columns [tx0, tx0 + cols) of image n;
+// tile t = r * cols + x covers output rows 4 (ty0 + r) .. +3, columns 4 (tx0 + x) .. +3.
+struct TileBlock {
+  int64_t n, ty0, rows, tx0, cols;
+  int64_t tiles() const { return rows * cols; }
+};
+
+// Per-ISA kernels. input: V[p * point_stride + (c - c0) * T + t] for channels [c0, c1) of src
+// (zero where mask <= 0; zero outside the input); output: dst = [relu](A^T M A + bias) for the
+// block's channels [co0, co0 + co_count), M[p][co - co0][t] (false if a pre-activation is not
+// finite); filter: U[p][r][c] = G g G^T of
+// the 3x3 filter g at w + r * row_stride + c * col_stride, tap t at + t * tap_stride (rotated by
+// 180 degrees when flip),
+// for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
+// floats; the filter's: filter_scratch(cols) doubles.
+inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
+inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * kKernel + kPoints) * cols; }
+#define UNET_DECLARE_WINOGRAD_CPU_KERNELS(ISA)                                                          \
+  namespace ISA {                                                                                      \
+  void input_transform(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,        \
+                       const conv::ChannelParts<const float>* mask, const TileBlock& b, int64_t c0,    \
+                       int64_t c1, float* v, int64_t point_stride, float* scratch);                    \
+  bool output_transform(const conv::ConvGeometry& g, const float* m, int64_t co0, int64_t co_count,    \
+                        const float* bias, bool relu, const conv::ChannelParts<float>& dst,            \
+                        const TileBlock& b, float* scratch);                                           \
+  void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
+                        int64_t col_stride, int64_t tap_stride, bool flip, int64_t r0, int64_t r1,      \
+                        float* u, double* scratch);                                                     \
+  void add(float* dst, const float* src, int64_t n);                                                   \
+  }
+UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)
+UNET_DECLARE_WINOGRAD_CPU_KERNELS(avx2)
+UNET_DECLARE_WINOGRAD_CPU_KERNELS(avx512)
+#undef UNET_DECLARE_WINOGRAD_CPU_KERNELS
+
+// unet_ext.backends.cpu.allow_winograd (default on): float32 only, float64 never.
+bool allow_winograd();
+void set_allow_winograd(bool allow);
+
+// Whether the Winograd path serves this convolution (see the measurements in winograd.cpp);
+// filter_per_call: its filters are transformed on this call (dgrad; and the forward unless its
+// weight's current filters are cached, use_winograd_forward), so small images stay direct.
+bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
+bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight);
+bool filter_cache_enabled();
+
+// Transformed filters, float32: forward U[36][C_out][C_in] of weight [C_out][C_in][3][3];
+// dgrad U[36][C_in][C_out] of the flipped, transposed weight. Cached per weight version where
+// that is safe (winograd.cpp).
+at::Tensor forward_filter(const at::Tensor& weight);
+at::Tensor dgrad_filter(const at::Tensor& weight);
+
+// dst = [relu](conv(src [masked]) + bias) for a 3x3 stride-1 geometry g (float32), filters u as
+// forward_filter's (g's C_out x C_in). Returns false when an output before the ReLU is not
+// finite: a NaN or infinity spreads over whole 6x6 tiles here (and large finite values can
+// overflow in the transforms), so the caller recomputes by the direct path, whose non-finite
+// outputs are stock's.
+bool convolve(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
+              const conv::ChannelParts<const float>* mask, const at::Tensor& u, const float* bias,
+              bool relu, const conv::ChannelParts<float>& dst);
+
+}  // namespace winograd
+}  // namespace unet_ext

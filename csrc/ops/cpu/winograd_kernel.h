@@ -1,0 +1,151 @@
+// The transforms of the CPU Winograd F(4x4, 3x3) convolution (layouts in winograd_cpu.h), built
+// once per ISA (winograd_<isa>.cpp includes this under its target flags, in namespace
+// UNET_CPU_ISA, with UNET_CPU_LANES floats per vector). Each 2-D transform is two passes of
+// winograd::transform on GCC vectors of UNET_CPU_LANES tiles (or filter channels): along the rows,
+// then down the columns, through small contiguous buffers (a tile row's columns are
+// de-interleaved first, and the output's re-interleaved last).
+// No torch headers here: everything inlined below is compiled for the ISA of its file only.
+
+namespace unet_ext {
+namespace winograd {
+namespace UNET_CPU_ISA {
+
+using conv::ChannelParts;
+using conv::ConvGeometry;
+
+constexpr int kLanes = UNET_CPU_LANES;
+
+template <typename V, typename S>
+inline V load(const S* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename S>
+inline void store(S* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// out[k * out_k + x] = sum_j M[k][j] in[j * in_j + x] for x < n: vectors of kLanes x, the tail scalar.
+template <const auto& M, int R, int C, typename S>
+inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, int64_t out_k, int64_t n) {
+  constexpr int lanes = kLanes * sizeof(float) / sizeof(S);
+  typedef S Vec __attribute__((vector_size(lanes * sizeof(S))));
+  int64_t x = 0;
+  for (; x + lanes <= n; x += lanes) {
+    Vec v[C], r[R];
+    for (int j = 0; j < C; ++j) v[j] = load<Vec>(in + j * in_j + x);
+    transform<M, R, C, S>(v, r);
+    for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  }
+  apply<M, R, C, 1, 1>(in + x, in_j, out + x, out_k, n - x);
+}
+
+void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src,
+                     const ChannelParts<const float>* mask, const TileBlock& b, int64_t c0, int64_t c1, float* v,
+                     int64_t point_stride, float* scratch) {
+  const int64_t cols = b.cols, width = kOut * cols + kKernel - 1, t_count = b.tiles();
+  const int64_t col0 = kOut * b.tx0 - g.pad_w;  // input column of the row buffer's first element
+  const int64_t lo = col0 < 0 ? std::min<int64_t>(-col0, width) : 0;
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(width, g.in_w - col0));
+  float* row = scratch;                   // [width]: one input row of the block row, zero-padded
+  float* split = row + width;             // [6 j][cols]: split[j][x] = row[4 x + j]
+  float* h = split + kIn * cols;          // [6 y][6 k][cols]: B^T along each input row
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = 0; r < b.rows; ++r) {
+      for (int y = 0; y < kIn; ++y) {
+        float* hy = h + y * kIn * cols;
+        const int64_t ih = kOut * (b.ty0 + r) + y - g.pad_h;
+        if (ih < 0 || ih >= g.in_h) {  // a padding row: its transform is zero
+          std::fill(hy, hy + kIn * cols, 0.0f);
+          continue;
+        }
+        const float* s = src.at(b.n, c, ih) + col0;
+        std::fill(row, row + lo, 0.0f);
+        if (mask) {
+          const float* m = mask->at(b.n, c, ih) + col0;
+          for (int64_t x = lo; x < hi; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+        } else {
+          std::copy(s + lo, s + hi, row + lo);
+        }
+        std::fill(row + hi, row + width, 0.0f);
+        for (int64_t x = 0; x < cols; ++x)
+          for (int j = 0; j < kIn; ++j) split[j * cols + x] = row[kOut * x + j];
+        apply_rows<kBT, kIn, kIn>(split, cols, hy, cols, cols);
+      }
+      // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[y][k][x]
+      float* out = v + (c - c0) * t_count + r * cols;
+      for (int k = 0; k < kIn; ++k) {
+        apply_rows<kBT, kIn, kIn>(h + k * cols, kIn * cols, out + k * point_stride, kIn * point_stride, cols);
+      }
+    }
+  }
+}
+
+bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_t co_count, const float* bias,
+                      bool relu, const ChannelParts<float>& dst, const TileBlock& b, float* scratch) {
+  bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
+  const int64_t cols = b.cols, t_count = b.tiles(), point_stride = co_count * t_count;
+  const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(kOut * cols, g.out_w - ow0);
+  float* s = scratch;                      // [4 a][6 k][cols]: A^T down the columns
+  float* y = scratch + kOut * kIn * cols;  // [4 b][cols]: one output row of the block, by column phase
+  for (int64_t k = 0; k < co_count; ++k) {
+    const int64_t co = co0 + k;
+    const float shift = bias ? bias[co] : 0.0f;
+    for (int64_t r = 0; r < b.rows; ++r) {
+      const float* in = m + k * t_count + r * cols;
+      for (int kk = 0; kk < kIn; ++kk) {
+        apply_rows<kAT, kOut, kIn>(in + kk * point_stride, kIn * point_stride, s + kk * cols, kIn * cols, cols);
+      }
+      for (int a = 0; a < kOut; ++a) {
+        const int64_t oh = kOut * (b.ty0 + r) + a;
+        if (oh >= g.out_h) break;
+        apply_rows<kAT, kOut, kIn>(s + a * kIn * cols, cols, y, cols, cols);
+        // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
+        float* d = dst.at(b.n, co, oh) + ow0;
+        const auto finish = [&](float value) {
+          nonfinite |= !(value - value == 0.0f);
+          return relu && value < 0.0f ? 0.0f : value;
+        };
+        const int64_t whole = count / kOut;
+        for (int64_t x = 0; x < whole; ++x)
+          for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
+        for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(y[(i % kOut) * cols + i / kOut] + shift);
+      }
+    }
+  }
+  return !nonfinite;
+}
+
+void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                      int64_t tap_stride, bool flip, int64_t r0, int64_t r1, float* u, double* scratch) {
+  // In float64, rounded once: G's thirds and fifteenths are not exact in float32.
+  constexpr int kTaps = kKernel * kKernel;
+  double* taps = scratch;                          // [ky][kx][cols]
+  double* half = taps + kTaps * cols;              // [a][kx][cols]: G down the columns
+  double* full = half + kIn * kKernel * cols;      // [a][b][cols]
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int t = 0; t < kTaps; ++t) {
+      const float* from = w + r * row_stride + (flip ? kTaps - 1 - t : t) * tap_stride;
+      for (int64_t c = 0; c < cols; ++c) taps[t * cols + c] = from[c * col_stride];
+    }
+    for (int kx = 0; kx < kKernel; ++kx) {
+      apply_rows<kG, kIn, kKernel>(taps + kx * cols, kKernel * cols, half + kx * cols, kKernel * cols, cols);
+    }
+    for (int a = 0; a < kIn; ++a) {
+      apply_rows<kG, kIn, kKernel>(half + a * kKernel * cols, cols, full + a * kIn * cols, cols, cols);
+    }
+    for (int p = 0; p < kPoints; ++p) {
+      float* to = u + (p * rows + r) * cols;
+      for (int64_t c = 0; c < cols; ++c) to[c] = static_cast<float>(full[p * cols + c]);
+    }
+  }
+}
+
+void add(float* __restrict dst, const float* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+}  // namespace UNET_CPU_ISA
+}  // namespace winograd
+}  // namespace unet_ext

@@ -172,7 +172,7 @@ struct Strides4 {
 };
 
 template <typename scalar_t, bool kRelu, bool kChannelsLast>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)  // 16 accumulators: a bare bound spills on sm_80
 conv_thin_input_kernel(const ConvGeometry g, const scalar_t* __restrict__ input, const Strides4 in,
                        const at::opmath_type<scalar_t>* __restrict__ weight,
                        const at::opmath_type<scalar_t>* __restrict__ bias, scalar_t* __restrict__ out) {

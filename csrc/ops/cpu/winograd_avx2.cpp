@@ -1,4 +1,11 @@
 // The Winograd F(4x4, 3x3) transforms built for AVX2 + FMA.
+// winograd.h's transform templates, included below, are defined outside this file's
+// `#pragma GCC target` and instantiated on its vector types: GCC warns that their vector returns
+// change the ABI (-Wpsabi, an error under CI's -Werror). Always inlined: no call uses that ABI.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 

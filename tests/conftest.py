@@ -78,3 +78,20 @@ def assert_low_precision(ours, stock, exact, slack=2.0, floor=1e-3):
     stock_err = (stock - exact).abs().max().item()
     scale = exact.abs().max().item()
     assert ours_err <= slack * stock_err + floor * max(scale, 1.0), (ours_err, stock_err)
+
+
+def assert_usage_error(capsys, argv, *fragments):
+    """The CLI refuses argv as a usage error: exit code 2 and one line on stderr holding every
+    fragment (argparse's own errors exit from inside parse_args). Returns that line."""
+    from unet_ext.__main__ import main as cli
+    try:
+        code = cli(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -15,6 +15,8 @@ import torch
 
 from unet_ext import data
 from unet_ext.__main__ import main as cli
+
+from conftest import assert_usage_error
 from unet_ext.predict import load_model
 
 HAS_NUCLEI = importlib.util.find_spec("stardist") is not None
@@ -60,18 +62,6 @@ def trained(folder, tmp_path_factory):
     return out
 
 
-def _usage_error(capsys, argv, *fragments):
-    try:
-        code = cli(argv)
-    except SystemExit as exit_:  # argparse's errors exit from inside parse_args
-        code = exit_.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
 
 def test_train_writes_checkpoints_curves_and_history(trained):
     for name in ("last.pt", "best.pt", "curves.png", "result.png", "history.json"):
@@ -89,7 +79,7 @@ def test_train_writes_checkpoints_curves_and_history(trained):
 
 
 def test_resume_checks_the_model(folder, trained, tmp_path, capsys):
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "x"), "--resume",
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "x"), "--resume",
                           str(trained / "last.pt"), "--base-channels", "8", "--depth", "2",
                           "--tile-size", "60"],
                  "different model", "base_channels=4")
@@ -142,34 +132,34 @@ def test_usage_errors_are_one_line_with_exit_code_2(folder, trained, tmp_path, c
     ckpt = str(trained / "last.pt")
     image = str(folder / "images" / "cells0.png")
     out = str(tmp_path / "o")
-    _usage_error(capsys, ["predict", ckpt, str(tmp_path / "missing.tif"), "-o", out], "not found")
-    _usage_error(capsys, ["predict", str(tmp_path / "none.pt"), image, "-o", out],
+    assert_usage_error(capsys, ["predict", ckpt, str(tmp_path / "missing.tif"), "-o", out], "not found")
+    assert_usage_error(capsys, ["predict", str(tmp_path / "none.pt"), image, "-o", out],
                  "checkpoint not found")
     bad = tmp_path / "bad.tif"
     bad.write_text("not an image")
-    _usage_error(capsys, ["predict", ckpt, str(bad), "-o", out], "bad.tif")
+    assert_usage_error(capsys, ["predict", ckpt, str(bad), "-o", out], "bad.tif")
     notckpt = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, notckpt)
-    _usage_error(capsys, ["predict", str(notckpt), image, "-o", out], "not a unet-ext")
-    _usage_error(capsys, ["predict", ckpt, image, "-o", out, "--tile-size", "62"],
+    assert_usage_error(capsys, ["predict", str(notckpt), image, "-o", out], "not a unet-ext")
+    assert_usage_error(capsys, ["predict", ckpt, image, "-o", out, "--tile-size", "62"],
                  "--tile-size", "use 60 or 64")
     small = tmp_path / "small.tif"
     data.write_image(str(small), np.zeros((10, 10), np.uint16))
-    _usage_error(capsys, ["predict", ckpt, image, "-o", out, "--labels", str(small)],
+    assert_usage_error(capsys, ["predict", ckpt, image, "-o", out, "--labels", str(small)],
                  "small.tif", "(10, 10)")
     rgb = tmp_path / "rgb.png"
     data.write_image(str(rgb), np.zeros((20, 20, 3), np.uint8))
-    _usage_error(capsys, ["predict", ckpt, str(rgb), "-o", out], "3 channel(s)", "takes 1")
-    _usage_error(capsys, ["train", str(tmp_path / "nowhere"), "-o", out], "not found")
-    _usage_error(capsys, ["train", str(folder), "-o", out, "--tile-size", "570"],
+    assert_usage_error(capsys, ["predict", ckpt, str(rgb), "-o", out], "3 channel(s)", "takes 1")
+    assert_usage_error(capsys, ["train", str(tmp_path / "nowhere"), "-o", out], "not found")
+    assert_usage_error(capsys, ["train", str(folder), "-o", out, "--tile-size", "570"],
                  "--tile-size", "use 556 or 572")
-    _usage_error(capsys, ["train", str(folder), "-o", out, "--epochs", "0"], "--epochs")
-    _usage_error(capsys, ["train", "--optimizer", "lbfgs"], "invalid choice")
-    _usage_error(capsys, ["frobnicate"], "invalid choice")
+    assert_usage_error(capsys, ["train", str(folder), "-o", out, "--epochs", "0"], "--epochs")
+    assert_usage_error(capsys, ["train", "--optimizer", "lbfgs"], "invalid choice")
+    assert_usage_error(capsys, ["frobnicate"], "invalid choice")
     (tmp_path / "nomask" / "images").mkdir(parents=True)
     (tmp_path / "nomask" / "masks").mkdir()
     data.write_image(str(tmp_path / "nomask" / "images" / "a.png"), np.zeros((8, 8), np.uint8))
-    _usage_error(capsys, ["train", str(tmp_path / "nomask"), "-o", out], "a.png")
+    assert_usage_error(capsys, ["train", str(tmp_path / "nomask"), "-o", out], "a.png")
 
 
 def test_train_under_torchrun_with_two_gloo_processes(folder, tmp_path):

@@ -13,6 +13,8 @@ import torch
 
 from unet_ext import data, train as train_module
 from unet_ext.__main__ import main as cli
+
+from conftest import assert_usage_error
 from unet_ext._cli import UsageError
 from unet_ext._unet_shape import check_model_config, parameter_count
 
@@ -59,19 +61,6 @@ def run(folder, tmp_path_factory):
     return out
 
 
-def _usage_error(capsys, argv, *fragments):
-    try:
-        code = cli(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
-
 
 def _snapshot(folder):
     """{name: sha256} of every file in the folder (recursively)."""
@@ -85,14 +74,14 @@ def _snapshot(folder):
 
 def test_train_refuses_a_folder_that_holds_a_run(folder, run, capsys):
     before = _snapshot(run)
-    _usage_error(capsys, ["train", str(folder), "-o", str(run), "--epochs", "1"] + TINY,
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(run), "--epochs", "1"] + TINY,
                  "already holds a run", "--resume", "--overwrite")
     assert _snapshot(run) == before
     # A single leftover file of a run is enough to refuse.
     partial = run.parent / "partial_run"
     partial.mkdir()
     (partial / "history.json").write_text("[]")
-    _usage_error(capsys, ["train", str(folder), "-o", str(partial)] + TINY, "history.json")
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(partial)] + TINY, "history.json")
     assert (partial / "history.json").read_text() == "[]"
 
 
@@ -114,7 +103,7 @@ def test_train_resume_into_another_run_is_refused(folder, run, tmp_path, capsys)
     other = tmp_path / "other"
     other.mkdir()
     (other / "last.pt").write_bytes(b"someone else's run")
-    _usage_error(capsys, ["train", str(folder), "-o", str(other), "--epochs", "2", "--resume",
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(other), "--epochs", "2", "--resume",
                           str(run / "last.pt")] + TINY, "already holds a run")
     assert (other / "last.pt").read_bytes() == b"someone else's run"
 
@@ -122,9 +111,9 @@ def test_train_resume_into_another_run_is_refused(folder, run, tmp_path, capsys)
 def test_out_naming_an_existing_file_is_refused(folder, run, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
-    _usage_error(capsys, ["train", str(folder), "-o", str(target)] + TINY, "existing file")
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(target)] + TINY, "existing file")
     image = str(folder / "images" / "cells0.png")
-    _usage_error(capsys, ["predict", str(run / "last.pt"), image, "-o", str(target)], "existing file")
+    assert_usage_error(capsys, ["predict", str(run / "last.pt"), image, "-o", str(target)], "existing file")
     assert target.read_text() == "keep me"
 
 
@@ -140,9 +129,9 @@ def test_predict_refuses_inputs_whose_outputs_collide(run, tmp_path, capsys):
         data.write_image(str(tmp_path / sub / "img.tif"), image)
     data.write_image(str(tmp_path / "a" / "img.png"), image)
     out = tmp_path / "out"
-    _usage_error(capsys, _predict(run, [tmp_path / "a" / "img.tif", tmp_path / "b" / "img.tif"], out),
+    assert_usage_error(capsys, _predict(run, [tmp_path / "a" / "img.tif", tmp_path / "b" / "img.tif"], out),
                  "a/img.tif", "b/img.tif", "img_seg.tif")
-    _usage_error(capsys, _predict(run, [tmp_path / "a" / "img.png", tmp_path / "a" / "img.tif"], out,
+    assert_usage_error(capsys, _predict(run, [tmp_path / "a" / "img.png", tmp_path / "a" / "img.tif"], out,
                                   "--prob"), "img_seg.tif")
     assert not out.exists()  # refused before anything was written
 
@@ -153,9 +142,9 @@ def test_predict_never_replaces_an_input(run, tmp_path, capsys):
     data.write_image(str(x), _blobs(3)[0])
     data.write_image(str(x_seg), _blobs(4)[0])
     before = _snapshot(tmp_path)
-    _usage_error(capsys, _predict(run, [x, x_seg], tmp_path), "would replace the input", "x_seg.tif")
+    assert_usage_error(capsys, _predict(run, [x, x_seg], tmp_path), "would replace the input", "x_seg.tif")
     # Not even with --overwrite.
-    _usage_error(capsys, _predict(run, [x, x_seg], tmp_path, "--overwrite"), "would replace the input")
+    assert_usage_error(capsys, _predict(run, [x, x_seg], tmp_path, "--overwrite"), "would replace the input")
     assert _snapshot(tmp_path) == before
 
 
@@ -165,7 +154,7 @@ def test_predict_replaces_an_existing_output_only_with_overwrite(run, tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "x_seg.tif").write_bytes(b"an earlier result")
-    _usage_error(capsys, _predict(run, [x], out), "already exist", "--overwrite")
+    assert_usage_error(capsys, _predict(run, [x], out), "already exist", "--overwrite")
     assert (out / "x_seg.tif").read_bytes() == b"an earlier result"
     assert cli(_predict(run, [x], out, "--overwrite")) == 0
     assert data.read_image(str(out / "x_seg.tif")).shape == (70, 90)
@@ -239,7 +228,7 @@ def test_resume_honours_lr(folder, run, tmp_path):
 
 
 def test_resume_with_another_optimizer_is_refused_and_the_saved_one_is_kept(folder, run, tmp_path, capsys):
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "x"), "--epochs", "2",
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "x"), "--epochs", "2",
                           "--optimizer", "sgd", "--resume", str(run / "last.pt")] + TINY,
                  "--optimizer adam", "--optimizer sgd")
     assert not (tmp_path / "x").exists()
@@ -254,7 +243,7 @@ def test_resume_with_another_optimizer_is_refused_and_the_saved_one_is_kept(fold
 
 def test_lossy_masks_are_refused(tmp_path, capsys):
     root = _folder(tmp_path / "jpg", {"a.png": _blobs(0)[0]}, mask_suffix="jpg")
-    _usage_error(capsys, ["train", str(root), "-o", str(tmp_path / "o")] + TINY, "a.jpg", "lossless")
+    assert_usage_error(capsys, ["train", str(root), "-o", str(tmp_path / "o")] + TINY, "a.jpg", "lossless")
     with pytest.raises(ValueError, match="lossless"):
         data.read_labels(str(root / "masks" / "a.jpg"))
 
@@ -264,7 +253,7 @@ def test_lossy_labels_are_refused_by_predict(run, tmp_path, capsys):
     data.write_image(str(x), _blobs(3)[0])
     from PIL import Image
     Image.fromarray(_blobs(3)[1].astype(np.uint8)).save(tmp_path / "x_mask.jpg")
-    _usage_error(capsys, _predict(run, [x], tmp_path / "o", "--labels", str(tmp_path / "x_mask.jpg")),
+    assert_usage_error(capsys, _predict(run, [x], tmp_path / "o", "--labels", str(tmp_path / "x_mask.jpg")),
                  "x_mask.jpg", "lossless")
     assert not (tmp_path / "o").exists()
 
@@ -273,11 +262,11 @@ def test_non_finite_pixels_are_refused_naming_the_file(run, tmp_path, capsys):
     image = _blobs(0)[0].astype(np.float32)
     image[5, 7] = np.nan
     root = _folder(tmp_path / "nan", {"good.tif": _blobs(1)[0].astype(np.float32), "bad.tif": image})
-    _usage_error(capsys, ["train", str(root), "-o", str(tmp_path / "o")] + TINY, "bad.tif", "non-finite")
+    assert_usage_error(capsys, ["train", str(root), "-o", str(tmp_path / "o")] + TINY, "bad.tif", "non-finite")
     inf = image.copy()
     inf[5, 7] = np.inf
     data.write_image(str(tmp_path / "inf.tif"), inf)
-    _usage_error(capsys, _predict(run, [tmp_path / "inf.tif"], tmp_path / "p"), "inf.tif", "non-finite")
+    assert_usage_error(capsys, _predict(run, [tmp_path / "inf.tif"], tmp_path / "p"), "inf.tif", "non-finite")
     with pytest.raises(ValueError, match="non-finite"):
         data.normalize(image)
 
@@ -289,22 +278,22 @@ def test_non_finite_pixels_are_refused_naming_the_file(run, tmp_path, capsys):
 def test_broken_input_is_one_line_and_exit_2(folder, run, tmp_path, capsys):
     notdict = tmp_path / "list.pt"
     torch.save([1, 2, 3], notdict)
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "a"), "--resume", str(notdict)] + TINY,
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "a"), "--resume", str(notdict)] + TINY,
                  "list.pt", "not a unet-ext training checkpoint")
     corrupt = tmp_path / "corrupt.tif"
     corrupt.write_bytes(b"II*\x00garbage")
-    _usage_error(capsys, _predict(run, [folder / "images" / "cells0.png"], tmp_path / "b",
+    assert_usage_error(capsys, _predict(run, [folder / "images" / "cells0.png"], tmp_path / "b",
                                   "--labels", str(corrupt)), "corrupt.tif")
     narrow = _folder(tmp_path / "narrow", {"thin.png": _blobs(0, (70, 1))[0]})
-    _usage_error(capsys, ["train", str(narrow), "-o", str(tmp_path / "c")] + TINY, "thin.png",
+    assert_usage_error(capsys, ["train", str(narrow), "-o", str(tmp_path / "c")] + TINY, "thin.png",
                  "--val-fraction")
     rgb = np.stack([_blobs(1)[0]] * 3, axis=-1)
     mixed = _folder(tmp_path / "mixed", {"a_gray.png": _blobs(0)[0], "b_rgb.png": rgb})
-    _usage_error(capsys, ["train", str(mixed), "-o", str(tmp_path / "d")] + TINY, "b_rgb.png",
+    assert_usage_error(capsys, ["train", str(mixed), "-o", str(tmp_path / "d")] + TINY, "b_rgb.png",
                  "a_gray.png", "channel")
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "e"), "--workers", "-1"] + TINY,
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "e"), "--workers", "-1"] + TINY,
                  "--workers")
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "f"), "--base-channels",
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "f"), "--base-channels",
                           str(2 ** 20), "--depth", "2", "--tile-size", "60"], "parameters")
 
 
@@ -332,9 +321,9 @@ def test_absurd_model_configs_are_refused_before_building(run, folder, tmp_path,
         raise AssertionError("a model was built from an absurd config")
 
     monkeypatch.setattr(unet_ext, "UNet", no_build)
-    _usage_error(capsys, ["predict", str(path), str(folder / "images" / "cells0.png"), "-o",
+    assert_usage_error(capsys, ["predict", str(path), str(folder / "images" / "cells0.png"), "-o",
                           str(tmp_path / "o")], "absurd.pt", fragment)
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "r"), "--resume", str(path)] + TINY,
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "r"), "--resume", str(path)] + TINY,
                  "absurd.pt", fragment)
 
 
@@ -364,9 +353,9 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(run, folder, t
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     checkpoint["extra"] = _Payload(str(marker))
     torch.save(checkpoint, evil)
-    _usage_error(capsys, ["predict", str(evil), str(folder / "images" / "cells0.png"), "-o",
+    assert_usage_error(capsys, ["predict", str(evil), str(folder / "images" / "cells0.png"), "-o",
                           str(tmp_path / "o")], "evil.pt")
-    _usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "t"), "--resume", str(evil)] + TINY,
+    assert_usage_error(capsys, ["train", str(folder), "-o", str(tmp_path / "t"), "--resume", str(evil)] + TINY,
                  "evil.pt")
     assert not marker.exists()
     # A torch whose weights_only loader can run code is refused outright.

@@ -49,10 +49,13 @@ constexpr int first_nonzero(const double* row, int n) {
   return n;
 }
 
-// acc + m * v, folded at compile time for m in {0, 1, -1}; terms up to the row's first nonzero
-// entry (which starts acc) add nothing. T may be a SIMD vector of S (cpu/winograd_kernel.h).
-template <double m, int J, int First, typename S, typename T>
+// acc + m * v for m = M[K][J], folded at compile time for m in {0, 1, -1}; terms up to the row's
+// first nonzero entry (which starts acc) add nothing. T may be a SIMD vector of S
+// (cpu/winograd_kernel.h). m is read here, not passed: a double template argument needs C++20,
+// and the kit builds against torch 2.11 with C++17.
+template <const auto& M, int K, int J, int First, typename S, typename T>
 UNET_WINOGRAD_INLINE T add_term(T acc, T v) {
+  constexpr double m = M[K][J];
   if constexpr (J <= First || m == 0) {
     return acc;
   } else if constexpr (m == 1) {
@@ -70,7 +73,7 @@ UNET_WINOGRAD_INLINE T row_dot(const T* v, std::integer_sequence<int, J...>) {
   static_assert(first < C, "a transform matrix row is all zeros");
   constexpr double m = M[K][first];
   T acc = m == 1 ? v[first] : m == -1 ? -v[first] : v[first] * static_cast<S>(m);
-  ((acc = add_term<M[K][J], J, first, S>(acc, v[J])), ...);
+  ((acc = add_term<M, K, J, first, S>(acc, v[J])), ...);
   return acc;
 }
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from unet_ext import _kernels
 from unet_ext.__main__ import _cuobjdump
@@ -41,13 +42,24 @@ def _cmake_libraries():
 
 
 def _setup_libraries():
-    return [p for p in [os.path.join(REPO, "unet_ext", "_C.abi3.so")]
+    """The library this test run loaded (UNET_EXT_LIBRARY, e.g. the lease kit's) first, then the
+    in-place and build/lib-* ones."""
+    loaded = [os.environ["UNET_EXT_LIBRARY"]] if os.environ.get("UNET_EXT_LIBRARY") else []
+    return [p for p in loaded + [os.path.join(REPO, "unet_ext", "_C.abi3.so")]
             + sorted(glob.glob(os.path.join(REPO, "build", "lib-*", "unet_ext", "_C.abi3.so"))) if os.path.isfile(p)]
 
 
-def _describe(library):
+# What unet_ext's loader says when a library was built against another torch (ImportError text).
+OTHER_TORCH = "does not match this torch"
+
+
+def _describe(library, other_torch_ok=False):
+    """The library's ops and tensor-core paths; None if it was built against another torch and
+    other_torch_ok (a kit build under the shared env, or the reverse: not comparable here)."""
     env = dict(os.environ, UNET_EXT_LIBRARY=library)
     out = subprocess.run([sys.executable, "-c", LIST_OPS], capture_output=True, text=True, env=env, cwd=REPO)
+    if out.returncode != 0 and other_torch_ok and OTHER_TORCH in out.stderr:
+        return None
     assert out.returncode == 0, f"{library} does not load: {out.stderr[-2000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -83,13 +95,21 @@ def _without_unit_ids(mangled):
 def test_cmake_build_matches_setup_py(cmake_library):
     if cmake_library is None:
         pytest.skip("no CMake build (make cmake [CUDA=1]: build-cmake*/_C.abi3.so)")
-    cmake = _describe(cmake_library)
-    same_kind = [p for p in _setup_libraries() if _describe(p)["cuda"] == cmake["cuda"]]
+    newest_source = max(os.path.getmtime(f) for f in glob.glob(os.path.join(REPO, "csrc", "**", "*"), recursive=True)
+                        + [os.path.join(REPO, "CMakeLists.txt")] if os.path.isfile(f))
+    if os.path.getmtime(cmake_library) < newest_source:
+        pytest.skip(f"{cmake_library} is older than the sources (rebuild it: make cmake)")
+    cmake = _describe(cmake_library, other_torch_ok=True)
+    if cmake is None:
+        pytest.skip(f"{cmake_library} was built against another torch than {torch.__version__} (rebuild it, "
+                    "or run this test under that torch, e.g. the lease kit's venv)")
+    described = {p: _describe(p, other_torch_ok=True) for p in _setup_libraries()}
+    same_kind = [p for p, d in described.items() if d is not None and d["cuda"] == cmake["cuda"]]
     if not same_kind:
         pytest.skip(f"no setup.py build {'with' if cmake['cuda'] else 'without'} CUDA kernels to compare "
                     f"{cmake_library} with (make build{' CUDA=1' if cmake['cuda'] else ''})")
     setup_library = same_kind[0]
-    setup = _describe(setup_library)
+    setup = described[setup_library]
     assert cmake == setup, f"{cmake_library} and {setup_library} register different ops or tensor-core paths"
     if shutil.which("nm"):
         only_cmake, only_setup = _functions(cmake_library) - _functions(setup_library), \

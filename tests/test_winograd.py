@@ -284,10 +284,12 @@ def test_paper_layer_accuracy(c_in, c_out):
         grads.append(torch.autograd.grad(pre, (xs[i], ws[i]), grad.to(pre.dtype)))
     _assert_accurate(grads[0][0], grads[2][0], grads[1][0], f"{c_in}->{c_out} dgrad")
     _assert_accurate(grads[0][1], grads[2][1], grads[1][1], f"{c_in}->{c_out} wgrad")
-    if 96 * (c_in + c_out) <= c_in * c_out:  # the selection rule's channels: Winograd ran, each part
-        with unet_ext.backends.cpu.flags(allow_winograd=False):
-            leaves = [t.clone().requires_grad_() for t in (x, weight)]
-            direct = conv2d_relu(leaves[0], leaves[1], bias, 0)
-            direct_grads = torch.autograd.grad(direct, leaves, grad)
-        assert not torch.equal(direct, out)
-        assert not torch.equal(direct_grads[0], grads[0][0]) and not torch.equal(direct_grads[1], grads[0][1])
+    # Winograd ran where the selection rule's channels say (winograd.cpp): forward and dgrad from
+    # 1 / C_in + 1 / C_out <= 1 / 96, wgrad from 1 / 48.
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        direct = conv2d_relu(leaves[0], leaves[1], bias, 0)
+        direct_grads = torch.autograd.grad(direct, leaves, grad)
+    forward_rule, wgrad_rule = 96 * (c_in + c_out) <= c_in * c_out, 48 * (c_in + c_out) <= c_in * c_out
+    assert torch.equal(direct, out) != forward_rule and torch.equal(direct_grads[0], grads[0][0]) != forward_rule
+    assert torch.equal(direct_grads[1], grads[0][1]) != wgrad_rule

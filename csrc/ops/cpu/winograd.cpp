@@ -106,9 +106,21 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? kMinTilesPerCall : 1);
 }
 
+// The weight gradient's rule has its own channel scale: its direct path (oneDNN's wgrad from 256
+// input channels, our GEMMs below) runs further from the FMA peak than the forward's, and its
+// transforms are cheaper (A's entries are powers of two; G^T runs once per channel pair, not per
+// tile). Measured wgrad alone against the direct path (interleaved medians on a machine loaded by
+// other jobs, which flatters Winograd; README "Winograd"): 2 x 128 -> 128 at 74x74 1.6-2.0x,
+// 1 x 128 -> 128 at 282 1.9x, 1 x 128 -> 256 at 140 2.5x; 64 channels 1.1-1.7x, 2 x 64 -> 128 at
+// 76 1.0-1.9x, 32 channels 0.8-0.9x. So from 1 / C_in + 1 / C_out <= 1 / 48 (128 -> 128, and
+// the concat's 256 -> 128); 256 -> 256 and up were 2.3-2.8x. UNET_EXT_WINOGRAD_WGRAD_SCALE
+// replaces the 48, read per call (a benchmark knob: benchmarks/bench_winograd.py sets a scale no
+// layer meets to time the direct wgrad in the same process).
+constexpr int64_t kWgradChannelScale = 48;
+
 bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
-  static const int64_t scale = [] { const char* v = std::getenv("UNET_EXT_WGRAD_SCALE"); return v ? std::atoll(v) : kChannelScale; }();
-  return winograd_geometry(g, dtype, scale, kMinTilesPerCall);
+  const char* value = std::getenv("UNET_EXT_WINOGRAD_WGRAD_SCALE");
+  return winograd_geometry(g, dtype, value != nullptr ? std::atoll(value) : kWgradChannelScale, kMinTilesPerCall);
 }
 
 namespace {

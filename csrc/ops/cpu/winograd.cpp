@@ -332,8 +332,9 @@ bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
 // gradient and V_p[C_in, T] = B^T d B of the input (the forward's input transform); the 36 GEMMs
 // M_p[C_in, C_out] += V_p Y_p sum over the blocks; dw = G^T M G per channel pair at the end.
 // Phase 1 transforms the whole gradient (Y for every block: 36/16 of its size) in parallel over
-// (block, channel group); phase 2 runs tasks over input-channel blocks, each owning its rows of M
-// (no partial sums to add, a fixed order: deterministic) and walking every block in turn.
+// (block, channel group); phase 2 runs tasks over input-channel blocks (and output-channel blocks
+// where the threads are many), each owning its part of M (no partial sums to add, a fixed order:
+// deterministic) and walking every block in turn.
 bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>& grad,
                      const ChannelParts<const float>* mask, float* grad_weight, float* grad_bias) {
   const int64_t threads = at::get_num_threads();
@@ -362,29 +363,35 @@ bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src
     const double* bias_data = bias.const_data_ptr<double>();
     for (int64_t co = 0; co < c_out; ++co) grad_bias[co] = static_cast<float>(bias_data[co]);
   }
-  // Input-channel blocks: at least two tasks per thread where the channels allow (16 at least).
+  // Input-channel blocks: at least two tasks per thread where the channels allow (16 at least);
+  // where they do not (many threads, 128 channels), the output channels are split too, each such
+  // task transforming its input channels again (the input transform is a small part of a task).
   const int64_t per_task = (c_in + 2 * threads - 1) / (2 * threads);
   const int64_t ci_block = std::clamp<int64_t>((per_task + 15) / 16 * 16, 16, kWgradMaxChannelBlock);
   const int64_t ci_blocks = (c_in + ci_block - 1) / ci_block;
+  const int64_t co_split = std::clamp<int64_t>((2 * threads + ci_blocks - 1) / ci_blocks, 1, std::max<int64_t>(1, c_out / 32));
+  const int64_t co_block = co_split == 1 ? c_out : ((c_out + co_split - 1) / co_split + 15) / 16 * 16;
+  const int64_t co_blocks = (c_out + co_block - 1) / co_block;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, ci_blocks, 1, [&](int64_t t0, int64_t t1) {
-    float* m = cpu::scratch<float>(0, kPoints * ci_block * c_out);
+  at::parallel_for(0, ci_blocks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
+    float* m = cpu::scratch<float>(0, kPoints * ci_block * co_block);
     float* v = cpu::scratch<float>(1, kPoints * ci_block * plan.rows * plan.cols);
-    float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), weight_scratch(c_out)));
+    float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), weight_scratch(co_block)));
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t ci0 = task * ci_block, count = std::min(ci_block, c_in - ci0);
+      const int64_t ci0 = (task / co_blocks) * ci_block, count = std::min(ci_block, c_in - ci0);
+      const int64_t co0 = (task % co_blocks) * co_block, co_count = std::min(co_block, c_out - co0);
       for (int64_t bi = 0; bi < plan.blocks; ++bi) {
         const TileBlock b = plan.block(bi);
         const int64_t t_count = b.tiles();
         k.input(g, src, nullptr, b, ci0, ci0 + count, v, count * t_count, work);
-        const float* y = y_data + kPoints * first_tile[bi] * c_out;
+        const float* y = y_data + kPoints * first_tile[bi] * c_out + co0;
         for (int64_t p = 0; p < kPoints; ++p) {
           // M_p[ci, co] += V_p[ci, t] Y_p[t, co]
-          cpu::gemm(count, c_out, t_count, v + p * count * t_count, t_count, y + p * t_count * c_out, c_out,
-                    m + p * count * c_out, c_out, bi > 0);
+          cpu::gemm(count, co_count, t_count, v + p * count * t_count, t_count, y + p * t_count * c_out, c_out,
+                    m + p * count * co_count, co_count, bi > 0);
         }
       }
-      if (!k.weight(m, count * c_out, ci0, ci0 + count, c_in, c_out, grad_weight, work)) {
+      if (!k.weight(m, count * co_count, ci0, ci0 + count, c_in, co0, co0 + co_count, grad_weight, work)) {
         finite.store(false, std::memory_order_relaxed);
       }
     }

@@ -36,8 +36,9 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
 // The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:
 // Y[p * point_stride + t * C_out + co] = A dy A^T of the block's output gradient (zero where mask
 // <= 0 and past the output) for channels [co0, co1), and sums[co - co0] += the gradient's sum (the
-// bias gradient); weight_transform: dw[co][ci][3x3] = G^T M G for ci in [ci0, ci1), M[p][ci - ci0][co]
-// (false if a result is not finite). Scratch: grad_scratch(b.cols), weight_scratch(C_out) floats.
+// bias gradient); weight_transform: dw[co][ci][3x3] = G^T M G for ci in [ci0, ci1), co in [co0, co1),
+// M[p][ci - ci0][co - co0] (false if a result is not finite). Scratch: grad_scratch(b.cols),
+// weight_scratch(co1 - co0) floats.
 inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kPoints) * cols; }
 inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel * kKernel) * c_out; }
 #define UNET_DECLARE_WINOGRAD_CPU_KERNELS(ISA)                                                          \
@@ -55,7 +56,7 @@ inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel *
                       const conv::ChannelParts<const float>* mask, const TileBlock& b, int64_t co0,         \
                       int64_t co1, float* y, int64_t point_stride, double* sums, float* scratch);           \
   bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in,      \
-                        int64_t c_out, float* dw, float* scratch);                                           \
+                        int64_t co0, int64_t co1, float* dw, float* scratch);                                \
   void add(float* dst, const float* src, int64_t n);                                                   \
   }
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)

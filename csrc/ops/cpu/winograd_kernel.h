@@ -187,24 +187,25 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
   }
 }
 
-bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in, int64_t c_out,
-                      float* dw, float* scratch) {
+bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in, int64_t co0,
+                      int64_t co1, float* dw, float* scratch) {
   bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
   constexpr int kTaps = kKernel * kKernel;
-  float* half = scratch;                          // [3 k][6 q][c_out]: G^T down the columns
-  float* full = half + kKernel * kIn * c_out;     // [3 k][3 l][c_out]
+  const int64_t n = co1 - co0;
+  float* half = scratch;                 // [3 k][6 q][n]: G^T down the columns
+  float* full = half + kKernel * kIn * n;  // [3 k][3 l][n]
   for (int64_t ci = ci0; ci < ci1; ++ci) {
-    const float* mc = m + (ci - ci0) * c_out;
+    const float* mc = m + (ci - ci0) * n;
     for (int q = 0; q < kIn; ++q) {
-      apply_rows<kGT, kKernel, kIn>(mc + q * point_stride, kIn * point_stride, half + q * c_out, kIn * c_out, c_out);
+      apply_rows<kGT, kKernel, kIn>(mc + q * point_stride, kIn * point_stride, half + q * n, kIn * n, n);
     }
     for (int k = 0; k < kKernel; ++k) {
-      apply_rows<kGT, kKernel, kIn>(half + k * kIn * c_out, c_out, full + k * kKernel * c_out, c_out, c_out);
+      apply_rows<kGT, kKernel, kIn>(half + k * kIn * n, n, full + k * kKernel * n, n, n);
     }
-    for (int64_t co = 0; co < c_out; ++co) {
+    for (int64_t co = co0; co < co1; ++co) {
       float* to = dw + (co * c_in + ci) * kTaps;
       for (int t = 0; t < kTaps; ++t) {
-        const float value = full[t * c_out + co];
+        const float value = full[t * n + co - co0];
         nonfinite |= !(value - value == 0.0f);
         to[t] = value;
       }

@@ -160,6 +160,26 @@ def test_concat_forward_and_backward_against_float64():
         assert not torch.equal(direct[2], got[2])  # wgrad ran on Winograd
 
 
+def test_wgrad_in_groups_of_blocks():
+    """A gradient whose transform exceeds 64 MB (36 x tiles x C_out floats) runs in groups of tile
+    blocks, the sums carried from one group to the next: the same accuracy."""
+    gen = torch.Generator().manual_seed(10)
+    x, weight, _ = _conv_inputs(1, 128, 256, 202, 202, gen)  # 2500 tiles x 256 channels: 92 MB
+    out = F.conv2d(x, weight).relu()
+    grad = torch.randn(out.shape, generator=gen)
+    ours = torch.ops.unet_ext._conv2d_backward(grad, x, weight, out, 0, [False, True, True])
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        direct = torch.ops.unet_ext._conv2d_backward(grad, x, weight, out, 0, [False, True, True])
+    assert not torch.equal(ours[1], direct[1])
+    masked = torch.ops.aten.threshold_backward(grad, out, 0)
+    stock = torch.ops.aten.convolution_backward(masked, x, weight, [256], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [False, True, True])
+    exact = torch.ops.aten.convolution_backward(masked.double(), x.double(), weight.double(), [256], [1, 1], [0, 0],
+                                                [1, 1], False, [0, 0], 1, [False, True, True])
+    _assert_accurate(ours[1], stock[1], exact[1], "grouped wgrad")
+    _assert_accurate(ours[2], stock[2], exact[2], "grouped bias grad")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e38])
 def test_non_finite_values_match_the_direct_path(value):
     """A NaN or infinity would spread over whole tiles (and 3e38 overflows in the transforms):

@@ -224,6 +224,7 @@ constexpr int64_t kMaxChannelBlock = 256;
 // The weight gradient's tile blocks (the GEMMs' K), its gradient transform's channel groups and its
 // input-channel blocks (the GEMMs' M; a task's M is 36 x block x C_out floats).
 constexpr int64_t kWgradTiles = 256, kWgradChannelGroup = 64, kWgradMaxChannelBlock = 128;
+constexpr int64_t kWgradGroupBytes = int64_t{64} << 20;  // the transformed gradient held at once
 
 // The GEMMs sum C_in products per point in chunks of kChunk, each from zero, and add the chunks'
 // sums: float32 rounding then grows with kChunk + C_in / kChunk terms instead of C_in (the
@@ -331,38 +332,34 @@ bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
 // The weight gradient, F(3x3, 4x4): per tile block, Y_p[T, C_out] = A dy A^T of the (masked) output
 // gradient and V_p[C_in, T] = B^T d B of the input (the forward's input transform); the 36 GEMMs
 // M_p[C_in, C_out] += V_p Y_p sum over the blocks; dw = G^T M G per channel pair at the end.
-// Phase 1 transforms the whole gradient (Y for every block: 36/16 of its size) in parallel over
+// Phase 1 transforms the gradient of a group of blocks (Y: 36/16 of its size) in parallel over
 // (block, channel group); phase 2 runs tasks over input-channel blocks (and output-channel blocks
 // where the threads are many), each owning its part of M (no partial sums to add, a fixed order:
-// deterministic) and walking every block in turn.
+// deterministic) and walking the group's blocks in turn; then the next group.
 bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>& grad,
                      const ChannelParts<const float>* mask, float* grad_weight, float* grad_bias) {
   const int64_t threads = at::get_num_threads();
   const BlockPlan plan(g, kWgradTiles);
+  const int64_t c_in = g.in_channels, c_out = g.out_channels;
+  // Groups of consecutive blocks whose Y fits kWgradGroupBytes (one block at least): each group
+  // runs phase 1 then phase 2, so Y never holds more than a group (36/16 of a large gradient
+  // otherwise; 1.2 GB for 16 x 128 channels at 256x256).
   std::vector<int64_t> first_tile(plan.blocks + 1, 0);  // block b's tiles start at first_tile[b]
   for (int64_t bi = 0; bi < plan.blocks; ++bi) first_tile[bi + 1] = first_tile[bi] + plan.block(bi).tiles();
-  const int64_t c_in = g.in_channels, c_out = g.out_channels;
+  const int64_t group_tiles = std::max<int64_t>(1, kWgradGroupBytes / (kPoints * c_out * 4));
+  std::vector<int64_t> group_first{0};  // group i is blocks [group_first[i], group_first[i + 1])
+  for (int64_t bi = 1; bi < plan.blocks; ++bi)
+    if (first_tile[bi + 1] - first_tile[group_first.back()] > group_tiles) group_first.push_back(bi);
+  group_first.push_back(plan.blocks);
+  const int64_t groups = static_cast<int64_t>(group_first.size()) - 1;
+  int64_t y_tiles = 0;
+  for (int64_t i = 0; i < groups; ++i) y_tiles = std::max(y_tiles, first_tile[group_first[i + 1]] - first_tile[group_first[i]]);
   const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor y_all = cpu::empty_huge({kPoints * first_tile[plan.blocks] * c_out}, options);
+  at::Tensor y_buffer = cpu::empty_huge({kPoints * y_tiles * c_out}, options);
   at::Tensor sums = at::zeros({plan.blocks, c_out}, options.dtype(at::kDouble));
-  float* y_data = y_all.mutable_data_ptr<float>();
+  float* y_data = y_buffer.mutable_data_ptr<float>();
   double* sums_data = sums.mutable_data_ptr<double>();
   const Kernels& k = kernels();
-  const int64_t co_group = std::min<int64_t>(c_out, kWgradChannelGroup), co_groups = (c_out + co_group - 1) / co_group;
-  at::parallel_for(0, plan.blocks * co_groups, 1, [&](int64_t t0, int64_t t1) {
-    float* work = cpu::scratch<float>(2, grad_scratch(plan.cols));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t bi = task / co_groups, co0 = (task % co_groups) * co_group;
-      const TileBlock b = plan.block(bi);
-      k.grad(g, grad, mask, b, co0, std::min(c_out, co0 + co_group), y_data + kPoints * first_tile[bi] * c_out,
-             b.tiles() * c_out, sums_data + bi * c_out + co0, work);
-    }
-  });
-  if (grad_bias) {
-    const at::Tensor bias = sums.sum(0);  // in block order
-    const double* bias_data = bias.const_data_ptr<double>();
-    for (int64_t co = 0; co < c_out; ++co) grad_bias[co] = static_cast<float>(bias_data[co]);
-  }
   // Input-channel blocks: at least two tasks per thread where the channels allow (16 at least);
   // where they do not (many threads, 128 channels), the output channels are split too, each such
   // task transforming its input channels again (the input transform is a small part of a task).
@@ -371,32 +368,56 @@ bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src
   const int64_t ci_blocks = (c_in + ci_block - 1) / ci_block;
   const int64_t co_split = std::clamp<int64_t>((2 * threads + ci_blocks - 1) / ci_blocks, 1, std::max<int64_t>(1, c_out / 32));
   const int64_t co_block = co_split == 1 ? c_out : ((c_out + co_split - 1) / co_split + 15) / 16 * 16;
-  const int64_t co_blocks = (c_out + co_block - 1) / co_block;
+  const int64_t co_blocks = (c_out + co_block - 1) / co_block, tasks = ci_blocks * co_blocks;
+  // A task's M lives in its thread's scratch when one group serves (the task runs start to end in
+  // one parallel region), else in one tensor that outlives the groups' regions.
+  const int64_t m_size = kPoints * ci_block * co_block;
+  at::Tensor m_all = groups > 1 ? cpu::empty_huge({tasks * m_size}, options) : at::Tensor();
+  const int64_t co_group = std::min<int64_t>(c_out, kWgradChannelGroup), co_groups = (c_out + co_group - 1) / co_group;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, ci_blocks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
-    float* m = cpu::scratch<float>(0, kPoints * ci_block * co_block);
-    float* v = cpu::scratch<float>(1, kPoints * ci_block * plan.rows * plan.cols);
-    float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), weight_scratch(co_block)));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t ci0 = (task / co_blocks) * ci_block, count = std::min(ci_block, c_in - ci0);
-      const int64_t co0 = (task % co_blocks) * co_block, co_count = std::min(co_block, c_out - co0);
-      for (int64_t bi = 0; bi < plan.blocks; ++bi) {
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t b_first = group_first[gi], b_end = group_first[gi + 1], tile0 = first_tile[b_first];
+    at::parallel_for(0, (b_end - b_first) * co_groups, 1, [&](int64_t t0, int64_t t1) {
+      float* work = cpu::scratch<float>(2, grad_scratch(plan.cols));
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t bi = b_first + task / co_groups, co0 = (task % co_groups) * co_group;
         const TileBlock b = plan.block(bi);
-        const int64_t t_count = b.tiles();
-        k.input(g, src, nullptr, b, ci0, ci0 + count, v, count * t_count, work);
-        const float* y = y_data + kPoints * first_tile[bi] * c_out + co0;
-        for (int64_t p = 0; p < kPoints; ++p) {
-          // M_p[ci, co] += V_p[ci, t] Y_p[t, co]
-          cpu::gemm(count, co_count, t_count, v + p * count * t_count, t_count, y + p * t_count * c_out, c_out,
-                    m + p * count * co_count, co_count, bi > 0);
+        k.grad(g, grad, mask, b, co0, std::min(c_out, co0 + co_group), y_data + kPoints * (first_tile[bi] - tile0) * c_out,
+               b.tiles() * c_out, sums_data + bi * c_out + co0, work);
+      }
+    });
+    const bool last = gi + 1 == groups;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      float* scratch_m = m_all.defined() ? nullptr : cpu::scratch<float>(0, m_size);
+      float* v = cpu::scratch<float>(1, kPoints * ci_block * plan.rows * plan.cols);
+      float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), weight_scratch(co_block)));
+      for (int64_t task = t0; task < t1; ++task) {
+        float* m = m_all.defined() ? m_all.mutable_data_ptr<float>() + task * m_size : scratch_m;
+        const int64_t ci0 = (task / co_blocks) * ci_block, count = std::min(ci_block, c_in - ci0);
+        const int64_t co0 = (task % co_blocks) * co_block, co_count = std::min(co_block, c_out - co0);
+        for (int64_t bi = b_first; bi < b_end; ++bi) {
+          const TileBlock b = plan.block(bi);
+          const int64_t t_count = b.tiles();
+          k.input(g, src, nullptr, b, ci0, ci0 + count, v, count * t_count, work);
+          const float* y = y_data + kPoints * (first_tile[bi] - tile0) * c_out + co0;
+          for (int64_t p = 0; p < kPoints; ++p) {
+            // M_p[ci, co] += V_p[ci, t] Y_p[t, co]
+            cpu::gemm(count, co_count, t_count, v + p * count * t_count, t_count, y + p * t_count * c_out, c_out,
+                      m + p * count * co_count, co_count, bi > 0);
+          }
+        }
+        if (last && !k.weight(m, count * co_count, ci0, ci0 + count, c_in, co0, co0 + co_count, grad_weight, work)) {
+          finite.store(false, std::memory_order_relaxed);
         }
       }
-      if (!k.weight(m, count * co_count, ci0, ci0 + count, c_in, co0, co0 + co_count, grad_weight, work)) {
-        finite.store(false, std::memory_order_relaxed);
-      }
-    }
-    cpu::gemm_release();
-  });
+      cpu::gemm_release();
+    });
+  }
+  if (grad_bias) {
+    const at::Tensor bias = sums.sum(0);  // in block order
+    const double* bias_data = bias.const_data_ptr<double>();
+    for (int64_t co = 0; co < c_out; ++co) grad_bias[co] = static_cast<float>(bias_data[co]);
+  }
   return finite.load();
 }
 

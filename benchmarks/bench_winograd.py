@@ -99,8 +99,8 @@ def time_fns(fns, rounds):
     for fn in fns.values():  # warm-up (filter caches, scratch, oneDNN primitives)
         fn()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):  # the order reversed every other round: no variant always follows the same one
+        for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)

@@ -42,6 +42,20 @@ def test_tile_against_direct_convolution_float64():
         torch.testing.assert_close(y, exact, rtol=1e-13, atol=1e-13)
 
 
+def test_wgrad_tile_against_direct_correlation_float64():
+    """F(3x3, 4x4): the 3x3 weight gradient of one tile, the correlation of the 6x6 input with the
+    4x4 output gradient."""
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(20):
+        d = torch.randn(6, 6, dtype=torch.float64, generator=gen)
+        dy = torch.randn(4, 4, dtype=torch.float64, generator=gen)
+        dw = torch.ops.unet_ext._winograd_wgrad_tile(d, dy)
+        exact = F.conv2d(d[None, None], dy[None, None])[0, 0]
+        torch.testing.assert_close(dw, exact, rtol=1e-13, atol=1e-13)
+    with pytest.raises(RuntimeError, match="grad must have shape \\[4, 4\\]"):
+        torch.ops.unet_ext._winograd_wgrad_tile(torch.zeros(6, 6, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
+
+
 def test_tile_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="input must have shape \\[6, 6\\]"):
         torch.ops.unet_ext._winograd_tile(torch.zeros(5, 6, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
@@ -62,7 +76,7 @@ CASES = [  # (N, C_in, C_out, H, W, padding): >= 192 channels (1 / C_in + 1 / C_
     (2, 208, 200, 9, 22, 1),    # "same"
     (8, 192, 256, 7, 7, 2),     # padding 2 (dgrad padding 0)
     (6, 200, 192, 6, 9, 2),     # small images, padding 2
-    (32, 192, 192, 3, 3, 0),    # a single 1x1 output
+    (32, 192, 192, 6, 6, 0),    # a single whole tile per image
     (1, 192, 192, 30, 600, 0),  # tile rows wider than a block: row segments
     (2, 256, 384, 20, 20, 1),   # several channel blocks
 ]
@@ -75,85 +89,121 @@ def _conv_inputs(n, c_in, c_out, h, w, gen, layout=torch.contiguous_format):
     return x, weight, bias
 
 
+def _leaves(*tensors):
+    """Three copies of each tensor as autograd leaves: ours (float32), the float64 reference, stock float32."""
+    return [[t.clone().requires_grad_() for t in tensors], [t.double().requires_grad_() for t in tensors],
+            [t.clone().requires_grad_() for t in tensors]]
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_forward_and_dgrad_against_float64(case, layout):
+def test_forward_and_backward_against_float64(case, layout):
+    """Forward, dgrad, wgrad and the bias gradient against float64 at 8x stock float32's error, and
+    that each ran on Winograd (its rounding differs from the direct path's)."""
     n, c_in, c_out, h, w, padding = case
     gen = torch.Generator().manual_seed(1)
     x, weight, bias = _conv_inputs(n, c_in, c_out, h, w, gen, layout)
-    for op, ref in ((conv2d_relu, reference.conv2d_relu), (conv2d_bias, reference.conv2d_bias)):
-        xs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
-        outs = [op(xs[0], weight, bias, padding), ref(xs[1], weight.double(), bias.double(), padding),
-                ref(xs[2], weight, bias, padding)]
-        assert outs[0].is_contiguous(memory_format=layout)
-        _assert_accurate(outs[0], outs[2], outs[1], f"{op.__name__} forward")
-        grad = torch.randn(outs[0].shape, generator=gen)
-        # The same ReLU mask on every side (ours), so dgrad compares like with like.
-        mask = (outs[0] > 0).double() if op is conv2d_relu else torch.ones(())
-        gx = [torch.autograd.grad(o, xi, grad.to(o.dtype) * (mask.to(o.dtype) if i else 1))[0]
-              for i, (o, xi) in enumerate(zip(outs, xs))]
-        if op is conv2d_relu:  # the references' own masks differ at ReLU-boundary pixels: recompute unmasked
-            gx[1] = torch.autograd.grad(F.conv2d(xs[1], weight.double(), bias.double(), padding=padding), xs[1],
-                                        grad.double() * mask)[0]
-            gx[2] = torch.autograd.grad(F.conv2d(xs[2], weight, bias, padding=padding), xs[2],
-                                        grad * mask.float())[0]
-        assert gx[0].is_contiguous(memory_format=layout)
-        _assert_accurate(gx[0], gx[2], gx[1], f"{op.__name__} dgrad")
-        # Winograd ran (its rounding differs from the direct path's somewhere).
+    for op in (conv2d_relu, conv2d_bias):
+        leaves = _leaves(x, weight, bias)
+        out = op(*leaves[0], padding)
+        assert out.is_contiguous(memory_format=layout)
+        exact, stock = (F.conv2d(*leaves[i], padding=padding) for i in (1, 2))
+        if op is conv2d_relu:
+            exact, stock = exact.relu(), stock.relu()
+        _assert_accurate(out, stock, exact, f"{op.__name__} forward")
+        # Our ReLU mask on every side (the references' own masks differ at boundary pixels), so the
+        # gradients compare like with like: the references take it unmasked, pre-multiplied.
+        grad = torch.randn(out.shape, generator=gen)
+        mask = (out > 0).float() if op is conv2d_relu else torch.ones(())
+        ours = torch.autograd.grad(out, leaves[0], grad)
+        want, base = (torch.autograd.grad(F.conv2d(*leaves[i], padding=padding), leaves[i], (grad * mask).to(leaves[i][0].dtype))
+                      for i in (1, 2))
+        assert ours[0].is_contiguous(memory_format=layout)
+        for name, a, b, c in zip(("dgrad", "wgrad", "bias grad"), ours, base, want):
+            _assert_accurate(a, b, c, f"{op.__name__} {name}")
         with unet_ext.backends.cpu.flags(allow_winograd=False):
-            xd = x.clone().requires_grad_()
-            direct = op(xd, weight, bias, padding)
-            gd = torch.autograd.grad(direct, xd, grad)[0]
-        assert not torch.equal(direct, outs[0]) and not torch.equal(gd, gx[0])
+            leaves_d = _leaves(x, weight, bias)[0]
+            direct_out = op(*leaves_d, padding)
+            direct = torch.autograd.grad(direct_out, leaves_d, grad)
+        assert not torch.equal(direct_out, out) and not torch.equal(direct[0], ours[0])
+        assert not torch.equal(direct[1], ours[1])
 
 
-def test_concat_forward_and_dgrad_against_float64():
+def test_concat_forward_and_backward_against_float64():
+    """conv2d_relu_concat on Winograd: the input transforms read the skip's crop window in place
+    (forward and wgrad), dgrad writes it; grad_skip is zero outside the window."""
     gen = torch.Generator().manual_seed(2)
     for padding in (0, 1):
         skip = torch.randn(2, 192, 27, 29, generator=gen)
         up = torch.randn(2, 200, 18, 21, generator=gen)
         weight = torch.randn(208, 392, 3, 3, generator=gen) * (2 / (9 * 392)) ** 0.5
         bias = torch.randn(208, generator=gen) * 0.1
-        leaves = [(skip.clone().requires_grad_(), up.clone().requires_grad_()),
-                  (skip.double().requires_grad_(), up.double().requires_grad_()),
-                  (skip.clone().requires_grad_(), up.clone().requires_grad_())]
-        out = conv2d_relu_concat(*leaves[0], weight, bias, padding)
-        exact = reference.conv2d_relu_concat(*leaves[1], weight.double(), bias.double(), padding)
-        stock = reference.conv2d_relu_concat(*leaves[2], weight, bias, padding)
+        leaves = _leaves(skip, up, weight, bias)
+        out = conv2d_relu_concat(*leaves[0], padding)
+        exact = reference.conv2d_relu_concat(*leaves[1], padding)
+        stock = reference.conv2d_relu_concat(*leaves[2], padding)
         _assert_accurate(out, stock, exact, "conv2d_relu_concat forward")
         grad = torch.randn(out.shape, generator=gen) * (out > 0)
         got = torch.autograd.grad(out, leaves[0], grad)
-        want = torch.autograd.grad(
-            F.conv2d(torch.cat([reference.crop_concat(leaves[1][0], leaves[1][1])], 1), weight.double(), padding=padding),
-            leaves[1], grad.double())
-        base = torch.autograd.grad(
-            F.conv2d(reference.crop_concat(*leaves[2]), weight, padding=padding), leaves[2], grad)
-        for name, a, b, c in zip(("grad_skip", "grad_up"), got, base, want):
+        want, base = (torch.autograd.grad(F.conv2d(reference.crop_concat(*leaves[i][:2]), *leaves[i][2:], padding=padding),
+                                          leaves[i], grad.to(leaves[i][0].dtype)) for i in (1, 2))
+        for name, a, b, c in zip(("grad_skip", "grad_up", "grad_weight", "grad_bias"), got, base, want):
             _assert_accurate(a, b, c, f"conv2d_relu_concat {name}")
         # Outside the crop window grad_skip is exactly zero.
         top, left = (27 - 18) // 2, (29 - 21) // 2
         window = torch.zeros_like(skip, dtype=torch.bool)
         window[:, :, top:top + 18, left:left + 21] = True
         assert (got[0][~window] == 0).all()
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            leaves_d = _leaves(skip, up, weight, bias)[0]
+            direct = torch.autograd.grad(conv2d_relu_concat(*leaves_d, padding), leaves_d, grad)
+        assert not torch.equal(direct[2], got[2])  # wgrad ran on Winograd
+
+
+def test_wgrad_in_groups_of_blocks():
+    """A gradient whose transform exceeds 64 MB (36 x tiles x C_out floats) runs in groups of tile
+    blocks, the sums carried from one group to the next: the same accuracy."""
+    gen = torch.Generator().manual_seed(10)
+    x, weight, _ = _conv_inputs(1, 128, 256, 202, 202, gen)  # 2500 tiles x 256 channels: 92 MB
+    out = F.conv2d(x, weight).relu()
+    grad = torch.randn(out.shape, generator=gen)
+    ours = torch.ops.unet_ext._conv2d_backward(grad, x, weight, out, 0, [False, True, True])
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        direct = torch.ops.unet_ext._conv2d_backward(grad, x, weight, out, 0, [False, True, True])
+    assert not torch.equal(ours[1], direct[1])
+    masked = torch.ops.aten.threshold_backward(grad, out, 0)
+    stock = torch.ops.aten.convolution_backward(masked, x, weight, [256], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [False, True, True])
+    exact = torch.ops.aten.convolution_backward(masked.double(), x.double(), weight.double(), [256], [1, 1], [0, 0],
+                                                [1, 1], False, [0, 0], 1, [False, True, True])
+    _assert_accurate(ours[1], stock[1], exact[1], "grouped wgrad")
+    _assert_accurate(ours[2], stock[2], exact[2], "grouped bias grad")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 3e38])
 def test_non_finite_values_match_the_direct_path(value):
     """A NaN or infinity would spread over whole tiles (and 3e38 overflows in the transforms):
-    such calls are recomputed by the direct path, forward and dgrad, so they match it exactly."""
+    such calls are recomputed by the direct path, forward, dgrad and wgrad, so every non-finite
+    result matches it exactly. Either the input or the output gradient carries the value (wgrad
+    reads both)."""
     gen = torch.Generator().manual_seed(3)
     x, weight, bias = _conv_inputs(2, 192, 192, 24, 24, gen)
-    x[0, 3, 5, 5] = value
     grad = torch.randn(2, 192, 24, 24, generator=gen)
-    grad[1, 2, 7, 7] = value
-    results = []
-    for allow in (True, False):
-        with unet_ext.backends.cpu.flags(allow_winograd=allow):
-            xi = x.clone().requires_grad_()
-            out = conv2d_relu(xi, weight, bias, 1)
-            results.append((out, torch.autograd.grad(out, xi, grad)[0]))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for where in ("input", "grad", "both"):
+        xv, gv = x.clone(), grad.clone()
+        if where != "grad":
+            xv[0, 3, 5, 5] = value
+        if where != "input":
+            gv[1, 2, 7, 7] = value
+        results = []
+        for allow in (True, False):
+            with unet_ext.backends.cpu.flags(allow_winograd=allow):
+                xi, wi, bi = (t.clone().requires_grad_() for t in (xv, weight, bias))
+                out = conv2d_relu(xi, wi, bi, 1)
+                results.append((out, *torch.autograd.grad(out, (xi, wi, bi), gv)))
+        for a, b in zip(*results):  # exact where the value reaches; results it does not reach may be Winograd's
+            exact = not torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-4, equal_nan=True)
 
 
 def test_off_switch_takes_the_direct_path():
@@ -176,12 +226,37 @@ def test_padding_beyond_k_minus_1_stays_direct():
     assert torch.equal(wino, direct)
 
 
+def test_mostly_empty_tiles_stay_direct():
+    """1x1 outputs fill 1/16 of a tile: 4x the direct path's products (and wgrad's error was 9x
+    stock's), so the direct path serves them, forward and wgrad (dgrad's 3x3 outputs fill 9/16)."""
+    gen = torch.Generator().manual_seed(9)
+    x, weight, bias = _conv_inputs(64, 192, 192, 3, 3, gen)
+    grad = torch.randn(64, 192, 1, 1, generator=gen)
+    results = []
+    for allow in (True, False):
+        with unet_ext.backends.cpu.flags(allow_winograd=allow):
+            leaves = [t.clone().requires_grad_() for t in (weight, bias)]
+            out = conv2d_relu(x, *leaves, 0)
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_float64_never_uses_winograd():
+    """float64 takes the direct path, forward and backward (gradcheck stays exact): bit for bit the
+    same with the switch on and off, on a layer that float32 runs on Winograd."""
     gen = torch.Generator().manual_seed(5)
-    x, weight, bias = _conv_inputs(1, 32, 32, 10, 10, gen)
-    x, weight, bias = x.double(), weight.double(), bias.double()
-    torch.testing.assert_close(conv2d_relu(x, weight, bias, 1), reference.conv2d_relu(x, weight, bias, 1),
-                               rtol=1e-10, atol=1e-12)
+    x, weight, bias = (t.double() for t in _conv_inputs(2, 192, 192, 24, 24, gen))
+    grad = torch.randn(2, 192, 24, 24, generator=gen, dtype=torch.float64)
+    results = []
+    for allow in (True, False):
+        with unet_ext.backends.cpu.flags(allow_winograd=allow):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            out = conv2d_relu(*leaves, 1)
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(results[0][0], reference.conv2d_relu(x, weight, bias, 1), rtol=1e-10, atol=1e-12)
 
 
 def test_filter_cache_sees_in_place_updates_and_new_weights():
@@ -201,9 +276,11 @@ def test_filter_cache_sees_in_place_updates_and_new_weights():
         torch.testing.assert_close(conv2d_bias(x, weight, bias, 1), second)
 
 
-# (C_in, C_out) of every paper 3x3 layer that takes the Winograd path (encoder, then decoder,
-# the first decoder conv of each level as conv2d_relu_concat), at a 20x20 input: the error per
-# output depends on the channels (the sums' length), not on the image size.
+# (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each
+# level as conv2d_relu_concat), at a 24x24 input (36 tiles: Winograd takes forward, dgrad and wgrad
+# where the channels are enough): the forward's and dgrad's error per output depend on the
+# channels (the sums' length), not on the image size; wgrad's sums run over the image (the
+# benchmark's sizes: benchmarks/bench_winograd.py --wgrad prints the same ratios).
 PAPER_LAYERS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 1024),
                 (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (256, 128), (128, 128),
                 (128, 64), (64, 64)]
@@ -214,7 +291,7 @@ def test_paper_layer_accuracy(c_in, c_out):
     """Forward, dgrad and wgrad of a paper layer: max error against float64 at most 8x stock
     float32's on the same input."""
     gen = torch.Generator().manual_seed(c_in + c_out)
-    x, weight, bias = _conv_inputs(1, c_in, c_out, 20, 20, gen)
+    x, weight, bias = _conv_inputs(1, c_in, c_out, 24, 24, gen)
     xs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
     ws = [weight.clone().requires_grad_(), weight.double().requires_grad_(), weight.clone().requires_grad_()]
     out = conv2d_relu(xs[0], ws[0], bias, 0)
@@ -227,3 +304,12 @@ def test_paper_layer_accuracy(c_in, c_out):
         grads.append(torch.autograd.grad(pre, (xs[i], ws[i]), grad.to(pre.dtype)))
     _assert_accurate(grads[0][0], grads[2][0], grads[1][0], f"{c_in}->{c_out} dgrad")
     _assert_accurate(grads[0][1], grads[2][1], grads[1][1], f"{c_in}->{c_out} wgrad")
+    # Winograd ran where the selection rule's channels say (winograd.cpp): forward and dgrad from
+    # 1 / C_in + 1 / C_out <= 1 / 96, wgrad from 1 / 48.
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight)]
+        direct = conv2d_relu(leaves[0], leaves[1], bias, 0)
+        direct_grads = torch.autograd.grad(direct, leaves, grad)
+    forward_rule, wgrad_rule = 96 * (c_in + c_out) <= c_in * c_out, 48 * (c_in + c_out) <= c_in * c_out
+    assert torch.equal(direct, out) != forward_rule and torch.equal(direct_grads[0], grads[0][0]) != forward_rule
+    assert torch.equal(direct_grads[1], grads[0][1]) != wgrad_rule

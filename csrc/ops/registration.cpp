@@ -65,10 +65,12 @@ TORCH_LIBRARY(unet_ext, m) {
   // Frees the blocks the CPU output cache holds (cpu/huge_pages.h): unet_ext.empty_cache().
   m.def("_empty_cache() -> ()", &unet_ext::cpu::empty_cache);
   // unet_ext.backends.cpu.allow_winograd: whether float32 3x3 convolutions may take the Winograd
-  // F(4x4, 3x3) path (cpu/winograd_cpu.h); and its tile math on one float64 tile, for the unit test.
+  // F(4x4, 3x3) path (cpu/winograd_cpu.h); and its tile math on one float64 tile (forward, and the
+  // weight gradient's F(3x3, 4x4)), for the unit tests.
   m.def("_allow_winograd() -> bool", [] { return unet_ext::winograd::allow_winograd(); });
   m.def("_set_allow_winograd(bool allow) -> ()", [](bool allow) { unet_ext::winograd::set_allow_winograd(allow); });
   m.def("_winograd_tile(Tensor input, Tensor filter) -> Tensor");
+  m.def("_winograd_wgrad_tile(Tensor input, Tensor grad) -> Tensor");
   // The instruction set the per-ISA CPU kernels run with (cpu/cpu_isa.h): unet-ext info, tests.
   m.def("_cpu_isa() -> str", [] { return std::string(unet_ext::cpu::isa_name(unet_ext::cpu::best_isa())); });
 }

@@ -34,6 +34,23 @@ inline constexpr double kG[kIn][kKernel] = {{1, 0, 0},
 inline constexpr double kAT[kOut][kIn] = {
     {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -0.5, 0}, {0, 1, 1, 4, 0.25, 0}, {0, 1, -1, 8, -0.125, 1}};
 
+// The weight gradient's F(3x3, 4x4) uses the transposes: A (6x4) on the output gradient's 4x4
+// tiles and G^T (3x6) back to the 3x3 filter (weight_gradient_tile below).
+template <int R, int C>
+struct Transposed {  // the C x R transpose of an R x C matrix, indexed like a double[C][R]
+  double m[C][R];
+  constexpr const double* operator[](int i) const { return m[i]; }
+};
+template <int R, int C>
+constexpr Transposed<R, C> transposed(const double (&a)[R][C]) {
+  Transposed<R, C> t{};
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) t.m[j][i] = a[i][j];
+  return t;
+}
+inline constexpr Transposed<kOut, kIn> kA = transposed(kAT);
+inline constexpr Transposed<kIn, kKernel> kGT = transposed(kG);
+
 // The CPU kernels run these on SIMD vectors inside functions built for an ISA (winograd_<isa>.cpp):
 // inlined there always, never called out of line with the baseline ABI.
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -120,6 +137,13 @@ UNET_HD void input_tile(const T* d, T* v) { transform_tile<kBT, kIn, kIn>(d, v);
 template <typename T>
 UNET_HD void output_tile(const T* m, T* y) { transform_tile<kAT, kOut, kIn>(m, y); }
 
+// The weight gradient's transforms: the output gradient's A dy A^T (6x6) of dy (4x4), and the
+// filter gradient G^T m G (3x3) of the products m (6x6) summed over tiles.
+template <typename T>
+UNET_HD void grad_tile(const T* dy, T* m) { transform_tile<kA, kIn, kOut>(dy, m); }
+template <typename T>
+UNET_HD void weight_tile(const T* m, T* dw) { transform_tile<kGT, kKernel, kIn>(m, dw); }
+
 // The 4x4 output tile of the 3x3 correlation of d (6x6) with g (3x3), by Winograd.
 template <typename T>
 UNET_HD void convolve_tile(const T* d, const T* g, T* y) {
@@ -128,6 +152,18 @@ UNET_HD void convolve_tile(const T* d, const T* g, T* y) {
   input_tile(d, v);
   for (int i = 0; i < kPoints; ++i) m[i] = u[i] * v[i];
   output_tile(m, y);
+}
+
+// One tile's weight gradient, F(3x3, 4x4): dw[ky][kx] = sum_ij dy[i][j] d[i + ky][j + kx] for the
+// 6x6 input d and the 4x4 output gradient dy is G^T [(A dy A^T) . (B^T d B)] G, the transpose of
+// convolve_tile in the filter (y = A^T [(G g G^T) . V] A is linear in g).
+template <typename T>
+UNET_HD void weight_gradient_tile(const T* d, const T* dy, T* dw) {
+  T v[kPoints], m[kPoints];
+  input_tile(d, v);
+  grad_tile(dy, m);
+  for (int i = 0; i < kPoints; ++i) m[i] *= v[i];
+  weight_tile(m, dw);
 }
 
 }  // namespace winograd

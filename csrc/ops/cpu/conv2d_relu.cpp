@@ -1,7 +1,7 @@
 // conv2d_relu / conv2d_bias and their backward on the CPU: the blocked implicit-GEMM kernels of
 // cpu/conv2d_kernel.h on one NCHW source (channels_last inputs are converted and the results
 // returned channels_last); float32 deep layers go to oneDNN (use_onednn); float32 3x3 layers with
-// enough channels to Winograd F(4x4, 3x3) (cpu/winograd_cpu.h), forward and dgrad.
+// enough channels to Winograd F(4x4, 3x3) (cpu/winograd_cpu.h): forward, dgrad and wgrad.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -140,34 +140,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
 }
 
 // dgrad by Winograd where use_winograd takes the dgrad convolution (the masked gradient with the
-// flipped weight); wgrad and the bias grad (and dgrad elsewhere) by conv2d_backward_direct.
+// flipped weight), the weight and bias grads by Winograd F(3x3, 4x4) where use_winograd_wgrad takes
+// them; the rest (and any call with a non-finite result on the Winograd path) by
+// conv2d_backward_direct.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input_arg, const at::Tensor& weight,
     const std::optional<at::Tensor>& output_arg, int64_t padding, std::array<bool, 3> output_mask) {
   const ConvGeometry g = conv2d_geometry("unet_ext._conv2d_backward", input_arg, weight, std::nullopt, padding);
-  const ConvGeometry d = dgrad_geometry(g);
-  if (!output_mask[0] || !winograd::use_winograd(d, input_arg.scalar_type(), true) ||
-      !grad_out.sizes().equals({g.batch, g.out_channels, g.out_h, g.out_w}) ||
-      (output_arg.has_value() && output_arg->defined() && !output_arg->sizes().equals(grad_out.sizes()))) {
+  const auto dtype = input_arg.scalar_type();
+  const bool masked = output_arg.has_value() && output_arg->defined();
+  const bool wino_dgrad = output_mask[0] && winograd::use_winograd(dgrad_geometry(g), dtype, true);
+  const bool wino_wgrad = output_mask[1] && winograd::use_winograd_wgrad(g, dtype);
+  if (!(wino_dgrad || wino_wgrad) || !grad_out.sizes().equals({g.batch, g.out_channels, g.out_h, g.out_w}) ||
+      (masked && !output_arg->sizes().equals(grad_out.sizes()))) {
     return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // it checks
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const bool masked = output_arg.has_value() && output_arg->defined();
   const at::Tensor grad = grad_out.to(at::kFloat).contiguous();
   const at::Tensor output = masked ? output_arg->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor grad_input = empty_huge(input_arg.sizes(), input_arg.options());
   const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
   const ChannelParts<const float> mask = masked ? grad_parts(output) : ChannelParts<const float>{};
-  if (!winograd::convolve(d, grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight), nullptr, false,
-                          dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w))) {
-    return conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, output_mask);  // non-finite
-  }
-  const auto format = conv_memory_format(input_arg);
-  if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
+  std::array<bool, 3> direct = output_mask;  // what is left for the direct path
+  at::Tensor grad_input = at::empty({0}, input_arg.options());
   at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
-  if (output_mask[1] || output_mask[2]) {
-    std::tie(std::ignore, grad_weight, grad_bias) =
-        conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, {false, output_mask[1], output_mask[2]});
+  if (wino_dgrad) {
+    grad_input = empty_huge(input_arg.sizes(), input_arg.options());
+    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight),
+                           nullptr, false, dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w))) {
+      const auto format = conv_memory_format(input_arg);
+      if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);
+      direct[0] = false;
+    }  // else non-finite: the direct path's
+  }
+  if (wino_wgrad) {
+    const at::Tensor input = input_arg.contiguous();
+    at::Tensor gw = empty_huge(weight.sizes(), weight.options().dtype(at::kFloat));
+    at::Tensor gb = at::empty({g.out_channels}, weight.options().dtype(at::kFloat));
+    if (winograd::weight_gradient(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w),
+                                  grad_parts(grad), masked ? &mask : nullptr, gw.mutable_data_ptr<float>(),
+                                  gb.mutable_data_ptr<float>())) {
+      grad_weight = gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+      if (output_mask[2]) grad_bias = gb.to(weight.scalar_type());
+      direct[1] = direct[2] = false;
+    }  // else non-finite: the direct path's
+  }
+  if (direct[0] || direct[1] || direct[2]) {
+    auto [gi, gw, gb] = conv2d_backward_direct(grad_out, input_arg, weight, output_arg, padding, direct);
+    if (direct[0]) grad_input = gi;
+    if (direct[1]) grad_weight = gw;
+    if (direct[2]) grad_bias = gb;
   }
   return {grad_input, grad_weight, grad_bias};
 }

@@ -1,7 +1,8 @@
 // conv2d_relu_concat and its backward on the CPU: the kernels of cpu/conv2d_kernel.h on a two-part
 // source (conv2d_relu.h's ChannelParts: the skip's crop window, then up), so the concatenation is
 // never materialised; dgrad writes grad_skip's window and grad_up from the epilogue. float32 with
-// enough channels takes Winograd F(4x4, 3x3) (cpu/winograd_cpu.h) on the same two-part source.
+// enough channels takes Winograd F(4x4, 3x3) (cpu/winograd_cpu.h) on the same two-part source:
+// forward, dgrad and wgrad.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -160,7 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
 }
 
 // dgrad by Winograd (grad_skip's crop window and grad_up written from its output transform) where
-// use_winograd takes the dgrad convolution; the weight and bias grads by the direct backward.
+// use_winograd takes the dgrad convolution; the weight and bias grads by Winograd F(3x3, 4x4) (its
+// input transform reads the crop window in place) where use_winograd_wgrad takes them; the rest
+// (and any non-finite result on the Winograd path) by the direct backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& skip_arg, const at::Tensor& up_arg,
     const at::Tensor& weight, const at::Tensor& output_arg, int64_t padding,
@@ -168,30 +171,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
   const ConcatGeometry c = conv2d_concat_geometry("unet_ext._conv2d_relu_concat_backward", skip_arg, up_arg,
                                                   weight, std::nullopt, padding);
   const ConvGeometry& g = c.conv;
+  const auto dtype = skip_arg.scalar_type();
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  if (!(output_mask[0] || output_mask[1]) || !winograd::use_winograd(dgrad_geometry(g), skip_arg.scalar_type(), true) ||
-      !grad_out.sizes().equals(out_shape) || !output_arg.sizes().equals(out_shape)) {
+  const bool wino_dgrad = (output_mask[0] || output_mask[1]) && winograd::use_winograd(dgrad_geometry(g), dtype, true);
+  const bool wino_wgrad = output_mask[2] && winograd::use_winograd_wgrad(g, dtype);
+  if (!(wino_dgrad || wino_wgrad) || !grad_out.sizes().equals(out_shape) || !output_arg.sizes().equals(out_shape)) {
     return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
   const at::Tensor grad = grad_out.to(at::kFloat).contiguous(), output = output_arg.to(at::kFloat).contiguous();
-  at::Tensor gs = empty_huge(skip.sizes(), skip.options()), gu = empty_huge(up.sizes(), up.options());
-  if (gs.numel() > 0) zero_outside_window(c, gs.mutable_data_ptr<float>());
   const auto grad_parts = [&](const at::Tensor& t) { return dense_parts(t.const_data_ptr<float>(), g.out_channels, g.out_h, g.out_w); };
   const ChannelParts<const float> mask = grad_parts(output);
-  if (!winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
-                          c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()))) {
-    return conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, output_mask);
-  }
-  const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
+  std::array<bool, 4> direct = output_mask;  // what is left for the direct path
   at::Tensor grad_skip = at::empty({0}, skip.options()), grad_up = at::empty({0}, up.options());
-  if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;
-  if (output_mask[1]) grad_up = up_format == at::MemoryFormat::ChannelsLast ? gu.contiguous(up_format) : gu;
   at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
-  if (output_mask[2] || output_mask[3]) {
-    std::tie(std::ignore, std::ignore, grad_weight, grad_bias) = conv2d_relu_concat_backward_direct(
-        grad_out, skip_arg, up_arg, weight, output_arg, padding, {false, false, output_mask[2], output_mask[3]});
+  if (wino_dgrad) {
+    at::Tensor gs = empty_huge(skip.sizes(), skip.options()), gu = empty_huge(up.sizes(), up.options());
+    if (gs.numel() > 0) zero_outside_window(c, gs.mutable_data_ptr<float>());
+    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
+                           c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()))) {
+      const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
+      if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;
+      if (output_mask[1]) grad_up = up_format == at::MemoryFormat::ChannelsLast ? gu.contiguous(up_format) : gu;
+      direct[0] = direct[1] = false;
+    }  // else non-finite: the direct path's
+  }
+  if (wino_wgrad) {
+    at::Tensor gw = empty_huge(weight.sizes(), weight.options().dtype(at::kFloat));
+    at::Tensor gb = at::empty({g.out_channels}, weight.options().dtype(at::kFloat));
+    if (winograd::weight_gradient(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), grad_parts(grad),
+                                  &mask, gw.mutable_data_ptr<float>(), gb.mutable_data_ptr<float>())) {
+      grad_weight = gw.to(weight.scalar_type()).contiguous(weight.suggest_memory_format());
+      if (output_mask[3]) grad_bias = gb.to(weight.scalar_type());
+      direct[2] = direct[3] = false;
+    }  // else non-finite: the direct path's
+  }
+  if (direct[0] || direct[1] || direct[2] || direct[3]) {
+    auto [gs, gu, gw, gb] = conv2d_relu_concat_backward_direct(grad_out, skip_arg, up_arg, weight, output_arg, padding, direct);
+    if (direct[0]) grad_skip = gs;
+    if (direct[1]) grad_up = gu;
+    if (direct[2]) grad_weight = gw;
+    if (direct[3]) grad_bias = gb;
   }
   return {grad_skip, grad_up, grad_weight, grad_bias};
 }

@@ -36,17 +36,22 @@ struct Kernels {
   decltype(&baseline::output_transform) output;
   decltype(&baseline::filter_transform) filter;
   decltype(&baseline::add) add;
+  decltype(&baseline::grad_transform) grad;
+  decltype(&baseline::weight_transform) weight;
 };
 
 const Kernels& kernels() {
   static const Kernels k = [] {
     switch (cpu::best_isa()) {
       case cpu::Isa::kAvx512:
-        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform, &avx512::add};
+        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform, &avx512::add,
+                       &avx512::grad_transform, &avx512::weight_transform};
       case cpu::Isa::kAvx2:
-        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform, &avx2::add};
+        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform, &avx2::add,
+                       &avx2::grad_transform, &avx2::weight_transform};
       default:
-        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform, &baseline::add};
+        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform, &baseline::add,
+                       &baseline::grad_transform, &baseline::weight_transform};
     }
   }();
   return k;
@@ -81,15 +86,41 @@ void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_orde
 // 2x14x14 (18 tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.2-1.5x; those need
 // kMinTilesPerCall tiles. Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
 // of each output reads padding, stock float32 sums fewer terms, and Winograd's error was 8-11x
-// stock's (padding 3).
+// stock's (padding 3). And tiles at least half inside the output (8 of 16 outputs on average): a
+// tile costs 36 products per channel pair however much of it is output, the direct path 9 per
+// output; 1x1 outputs (1/16 of a tile) were 0.29-0.42x the direct path forward, and their wgrad 9x
+// stock's error (the transforms' rounding, where stock sums a few terms).
 constexpr int64_t kChannelScale = 96, kMinTilesPerCall = 32;
 
-bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
+namespace {
+bool winograd_geometry(const ConvGeometry& g, at::ScalarType dtype, int64_t channel_scale, int64_t min_tiles) {
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
   return dtype == at::kFloat && allow_winograd() && g.kernel_h == kKernel && g.kernel_w == kKernel &&
          g.pad_h >= 0 && g.pad_h < kKernel && g.pad_w >= 0 && g.pad_w < kKernel &&
-         kChannelScale * (g.in_channels + g.out_channels) <= g.in_channels * g.out_channels && tiles > 0 &&
-         (!filter_per_call || tiles >= kMinTilesPerCall);
+         channel_scale * (g.in_channels + g.out_channels) <= g.in_channels * g.out_channels && tiles > 0 &&
+         tiles >= min_tiles && 2 * g.batch * g.out_h * g.out_w >= kOut * kOut * tiles;
+}
+}  // namespace
+
+bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
+  return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? kMinTilesPerCall : 1);
+}
+
+// The weight gradient's rule has its own channel scale: its direct path (oneDNN's wgrad from 256
+// input channels, our GEMMs below) runs further from the FMA peak than the forward's, and its
+// transforms are cheaper (A's entries are powers of two; G^T runs once per channel pair, not per
+// tile). Measured wgrad alone against the direct path (interleaved medians on a machine loaded by
+// other jobs, which flatters Winograd; README "Winograd"): 2 x 128 -> 128 at 74x74 1.6-2.0x,
+// 1 x 128 -> 128 at 282 1.9x, 1 x 128 -> 256 at 140 2.5x; 64 channels 1.1-1.7x, 2 x 64 -> 128 at
+// 76 1.0-1.9x, 32 channels 0.8-0.9x. So from 1 / C_in + 1 / C_out <= 1 / 48 (128 -> 128, and
+// the concat's 256 -> 128); 256 -> 256 and up were 2.3-2.8x. UNET_EXT_WINOGRAD_WGRAD_SCALE
+// replaces the 48, read per call (a benchmark knob: benchmarks/bench_winograd.py sets a scale no
+// layer meets to time the direct wgrad in the same process).
+constexpr int64_t kWgradChannelScale = 48;
+
+bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
+  const char* value = std::getenv("UNET_EXT_WINOGRAD_WGRAD_SCALE");
+  return winograd_geometry(g, dtype, value != nullptr ? std::atoll(value) : kWgradChannelScale, kMinTilesPerCall);
 }
 
 namespace {
@@ -190,6 +221,10 @@ at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
 // transformed weights, up to 151 MB, are streamed once per block).
 constexpr int64_t kBlockBytes = int64_t{1} << 20, kMinTiles = 64, kMaxTiles = 512;
 constexpr int64_t kMaxChannelBlock = 256;
+// The weight gradient's tile blocks (the GEMMs' K), its gradient transform's channel groups and its
+// input-channel blocks (the GEMMs' M; a task's M is 36 x block x C_out floats).
+constexpr int64_t kWgradTiles = 256, kWgradChannelGroup = 64, kWgradMaxChannelBlock = 128;
+constexpr int64_t kWgradGroupBytes = int64_t{64} << 20;  // the transformed gradient held at once
 
 // The GEMMs sum C_in products per point in chunks of kChunk, each from zero, and add the chunks'
 // sums: float32 rounding then grows with kChunk + C_in / kChunk terms instead of C_in (the
@@ -200,6 +235,33 @@ constexpr int64_t kMaxChannelBlock = 256;
 // layers' 64 chunk sums in one run were up to 8.2x stock's error; grouped, the paper's layers
 // are at 2.4-5.9x (forward and dgrad, batch 2 at 20x20, README "Winograd").
 constexpr int64_t kChunk = 16, kGroup = 64;
+
+// The tile blocks of a convolution's output: about `target` tiles each, whole tile rows while a
+// row is shorter than the target, else row segments; equal sizes (balanced tasks).
+struct BlockPlan {
+  int64_t tiles_h, tiles_w, rows, cols, row_blocks, col_blocks, blocks;
+  BlockPlan(const ConvGeometry& g, int64_t target) {
+    tiles_h = (g.out_h + kOut - 1) / kOut;
+    tiles_w = (g.out_w + kOut - 1) / kOut;
+    cols = tiles_w;
+    rows = std::min(tiles_h, (target + tiles_w - 1) / tiles_w);
+    if (tiles_w > target) {
+      const int64_t parts = (tiles_w + target - 1) / target;
+      cols = (tiles_w + parts - 1) / parts;
+      rows = 1;
+    }
+    row_blocks = (tiles_h + rows - 1) / rows;
+    rows = (tiles_h + row_blocks - 1) / row_blocks;
+    row_blocks = (tiles_h + rows - 1) / rows;
+    col_blocks = (tiles_w + cols - 1) / cols;
+    blocks = g.batch * row_blocks * col_blocks;
+  }
+  TileBlock block(int64_t bi) const {
+    const int64_t ty = (bi / col_blocks) % row_blocks, tx = bi % col_blocks;
+    return TileBlock{bi / (col_blocks * row_blocks), ty * rows, std::min(rows, tiles_h - ty * rows), tx * cols,
+                     std::min(cols, tiles_w - tx * cols)};
+  }
+};
 
 }  // namespace
 
@@ -216,44 +278,30 @@ at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight,
 bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
               const at::Tensor& u, const float* bias, bool relu, const ChannelParts<float>& dst) {
   std::atomic<bool> finite{true};
-  const int64_t tiles_h = (g.out_h + kOut - 1) / kOut, tiles_w = (g.out_w + kOut - 1) / kOut;
   const int64_t threads = at::get_num_threads();
   int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);
-  const int64_t target = std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)), kMinTiles, kMaxTiles);
-  // Block shape: whole tile rows while a row is shorter than the target, else row segments.
-  int64_t cols = tiles_w, rows = std::min(tiles_h, (target + tiles_w - 1) / tiles_w);
-  if (tiles_w > target) {
-    const int64_t parts = (tiles_w + target - 1) / target;
-    cols = (tiles_w + parts - 1) / parts;
-    rows = 1;
-  }
-  int64_t row_blocks = (tiles_h + rows - 1) / rows;
-  rows = (tiles_h + row_blocks - 1) / row_blocks;  // equal blocks: balanced tasks
-  row_blocks = (tiles_h + rows - 1) / rows;
-  const int64_t col_blocks = (tiles_w + cols - 1) / cols;
-  const int64_t blocks = g.batch * row_blocks * col_blocks;
+  const BlockPlan plan(g, std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)), kMinTiles, kMaxTiles));
+  const int64_t blocks = plan.blocks;
   // Few blocks (the deep layers: small images): split the output channels too.
   if (blocks < 2 * threads && g.out_channels >= 32) {
     const int64_t split = std::min<int64_t>((2 * threads + blocks - 1) / blocks, g.out_channels / 16);
     co_block = std::min(co_block, ((g.out_channels + split - 1) / split + 15) / 16 * 16);
   }
   const int64_t co_blocks = (g.out_channels + co_block - 1) / co_block;
-  const int64_t block_tiles = rows * cols;
+  const int64_t block_tiles = plan.rows * plan.cols;
   const float* u_data = u.const_data_ptr<float>();
   const Kernels& k = kernels();
   at::parallel_for(0, blocks * co_blocks, 1, [&](int64_t t0, int64_t t1) {
     float* v = cpu::scratch<float>(0, kPoints * g.in_channels * block_tiles);
     float* m = cpu::scratch<float>(1, kPoints * co_block * block_tiles);
-    float* work = cpu::scratch<float>(2, transform_scratch(cols));
+    float* work = cpu::scratch<float>(2, transform_scratch(plan.cols));
     float* partial = cpu::scratch<float>(3, 2 * co_block * block_tiles);
     float* group = partial + co_block * block_tiles;
     int64_t loaded = -1;  // the block whose V this thread holds
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bi = task / co_blocks, co0 = (task % co_blocks) * co_block;
       const int64_t co_count = std::min(co_block, g.out_channels - co0);
-      const int64_t ty = (bi / col_blocks) % row_blocks, tx = bi % col_blocks;
-      const TileBlock b{bi / (col_blocks * row_blocks), ty * rows, std::min(rows, tiles_h - ty * rows), tx * cols,
-                        std::min(cols, tiles_w - tx * cols)};
+      const TileBlock b = plan.block(bi);
       const int64_t t_count = b.tiles();
       if (bi != loaded) {
         k.input(g, src, mask, b, 0, g.in_channels, v, g.in_channels * t_count, work);
@@ -281,6 +329,98 @@ bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
   return finite.load();
 }
 
+// The weight gradient, F(3x3, 4x4): per tile block, Y_p[T, C_out] = A dy A^T of the (masked) output
+// gradient and V_p[C_in, T] = B^T d B of the input (the forward's input transform); the 36 GEMMs
+// M_p[C_in, C_out] += V_p Y_p sum over the blocks; dw = G^T M G per channel pair at the end.
+// Phase 1 transforms the gradient of a group of blocks (Y: 36/16 of its size) in parallel over
+// (block, channel group); phase 2 runs tasks over input-channel blocks (and output-channel blocks
+// where the threads are many), each owning its part of M (no partial sums to add, a fixed order:
+// deterministic) and walking the group's blocks in turn; then the next group.
+bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>& grad,
+                     const ChannelParts<const float>* mask, float* grad_weight, float* grad_bias) {
+  const int64_t threads = at::get_num_threads();
+  const BlockPlan plan(g, kWgradTiles);
+  const int64_t c_in = g.in_channels, c_out = g.out_channels;
+  // Groups of consecutive blocks whose Y fits kWgradGroupBytes (one block at least): each group
+  // runs phase 1 then phase 2, so Y never holds more than a group (36/16 of a large gradient
+  // otherwise; 1.2 GB for 16 x 128 channels at 256x256).
+  std::vector<int64_t> first_tile(plan.blocks + 1, 0);  // block b's tiles start at first_tile[b]
+  for (int64_t bi = 0; bi < plan.blocks; ++bi) first_tile[bi + 1] = first_tile[bi] + plan.block(bi).tiles();
+  const int64_t group_tiles = std::max<int64_t>(1, kWgradGroupBytes / (kPoints * c_out * 4));
+  std::vector<int64_t> group_first{0};  // group i is blocks [group_first[i], group_first[i + 1])
+  for (int64_t bi = 1; bi < plan.blocks; ++bi)
+    if (first_tile[bi + 1] - first_tile[group_first.back()] > group_tiles) group_first.push_back(bi);
+  group_first.push_back(plan.blocks);
+  const int64_t groups = static_cast<int64_t>(group_first.size()) - 1;
+  int64_t y_tiles = 0;
+  for (int64_t i = 0; i < groups; ++i) y_tiles = std::max(y_tiles, first_tile[group_first[i + 1]] - first_tile[group_first[i]]);
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor y_buffer = cpu::empty_huge({kPoints * y_tiles * c_out}, options);
+  at::Tensor sums = at::zeros({plan.blocks, c_out}, options.dtype(at::kDouble));
+  float* y_data = y_buffer.mutable_data_ptr<float>();
+  double* sums_data = sums.mutable_data_ptr<double>();
+  const Kernels& k = kernels();
+  // Input-channel blocks: at least two tasks per thread where the channels allow (16 at least);
+  // where they do not (many threads, 128 channels), the output channels are split too, each such
+  // task transforming its input channels again (the input transform is a small part of a task).
+  const int64_t per_task = (c_in + 2 * threads - 1) / (2 * threads);
+  const int64_t ci_block = std::clamp<int64_t>((per_task + 15) / 16 * 16, 16, kWgradMaxChannelBlock);
+  const int64_t ci_blocks = (c_in + ci_block - 1) / ci_block;
+  const int64_t co_split = std::clamp<int64_t>((2 * threads + ci_blocks - 1) / ci_blocks, 1, std::max<int64_t>(1, c_out / 32));
+  const int64_t co_block = co_split == 1 ? c_out : ((c_out + co_split - 1) / co_split + 15) / 16 * 16;
+  const int64_t co_blocks = (c_out + co_block - 1) / co_block, tasks = ci_blocks * co_blocks;
+  // A task's M lives in its thread's scratch when one group serves (the task runs start to end in
+  // one parallel region), else in one tensor that outlives the groups' regions.
+  const int64_t m_size = kPoints * ci_block * co_block;
+  at::Tensor m_all = groups > 1 ? cpu::empty_huge({tasks * m_size}, options) : at::Tensor();
+  const int64_t co_group = std::min<int64_t>(c_out, kWgradChannelGroup), co_groups = (c_out + co_group - 1) / co_group;
+  std::atomic<bool> finite{true};
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t b_first = group_first[gi], b_end = group_first[gi + 1], tile0 = first_tile[b_first];
+    at::parallel_for(0, (b_end - b_first) * co_groups, 1, [&](int64_t t0, int64_t t1) {
+      float* work = cpu::scratch<float>(2, grad_scratch(plan.cols));
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t bi = b_first + task / co_groups, co0 = (task % co_groups) * co_group;
+        const TileBlock b = plan.block(bi);
+        k.grad(g, grad, mask, b, co0, std::min(c_out, co0 + co_group), y_data + kPoints * (first_tile[bi] - tile0) * c_out,
+               b.tiles() * c_out, sums_data + bi * c_out + co0, work);
+      }
+    });
+    const bool last = gi + 1 == groups;
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      float* scratch_m = m_all.defined() ? nullptr : cpu::scratch<float>(0, m_size);
+      float* v = cpu::scratch<float>(1, kPoints * ci_block * plan.rows * plan.cols);
+      float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), weight_scratch(co_block)));
+      for (int64_t task = t0; task < t1; ++task) {
+        float* m = m_all.defined() ? m_all.mutable_data_ptr<float>() + task * m_size : scratch_m;
+        const int64_t ci0 = (task / co_blocks) * ci_block, count = std::min(ci_block, c_in - ci0);
+        const int64_t co0 = (task % co_blocks) * co_block, co_count = std::min(co_block, c_out - co0);
+        for (int64_t bi = b_first; bi < b_end; ++bi) {
+          const TileBlock b = plan.block(bi);
+          const int64_t t_count = b.tiles();
+          k.input(g, src, nullptr, b, ci0, ci0 + count, v, count * t_count, work);
+          const float* y = y_data + kPoints * (first_tile[bi] - tile0) * c_out + co0;
+          for (int64_t p = 0; p < kPoints; ++p) {
+            // M_p[ci, co] += V_p[ci, t] Y_p[t, co]
+            cpu::gemm(count, co_count, t_count, v + p * count * t_count, t_count, y + p * t_count * c_out, c_out,
+                      m + p * count * co_count, co_count, bi > 0);
+          }
+        }
+        if (last && !k.weight(m, count * co_count, ci0, ci0 + count, c_in, co0, co0 + co_count, grad_weight, work)) {
+          finite.store(false, std::memory_order_relaxed);
+        }
+      }
+      cpu::gemm_release();
+    });
+  }
+  if (grad_bias) {
+    const at::Tensor bias = sums.sum(0);  // in block order
+    const double* bias_data = bias.const_data_ptr<double>();
+    for (int64_t co = 0; co < c_out; ++co) grad_bias[co] = static_cast<float>(bias_data[co]);
+  }
+  return finite.load();
+}
+
 namespace {
 
 // One 4x4 output tile of the 3x3 correlation of a 6x6 input with a 3x3 filter, float64, by
@@ -297,8 +437,25 @@ at::Tensor winograd_tile_cpu(const at::Tensor& input, const at::Tensor& filter) 
   return out;
 }
 
+// The 3x3 weight gradient of one tile: the correlation of a 6x6 input with a 4x4 output gradient,
+// float64, by winograd.h's F(3x3, 4x4) (weight_gradient_tile; the reference is F.conv2d).
+at::Tensor winograd_wgrad_tile_cpu(const at::Tensor& input, const at::Tensor& grad) {
+  constexpr const char* op = "unet_ext._winograd_wgrad_tile";
+  TORCH_CHECK(input.scalar_type() == at::kDouble && grad.scalar_type() == at::kDouble, op,
+              ": input and grad must be float64, got ", input.scalar_type(), " and ", grad.scalar_type());
+  TORCH_CHECK(input.sizes().equals({kIn, kIn}), op, ": input must have shape [6, 6], got ", input.sizes());
+  TORCH_CHECK(grad.sizes().equals({kOut, kOut}), op, ": grad must have shape [4, 4], got ", grad.sizes());
+  at::Tensor out = at::empty({kKernel, kKernel}, input.options());
+  weight_gradient_tile(input.contiguous().const_data_ptr<double>(), grad.contiguous().const_data_ptr<double>(),
+                       out.mutable_data_ptr<double>());
+  return out;
+}
+
 }  // namespace
 }  // namespace winograd
 }  // namespace unet_ext
 
-TORCH_LIBRARY_IMPL(unet_ext, CPU, m) { m.impl("_winograd_tile", &unet_ext::winograd::winograd_tile_cpu); }
+TORCH_LIBRARY_IMPL(unet_ext, CPU, m) {
+  m.impl("_winograd_tile", &unet_ext::winograd::winograd_tile_cpu);
+  m.impl("_winograd_wgrad_tile", &unet_ext::winograd::winograd_wgrad_tile_cpu);
+}

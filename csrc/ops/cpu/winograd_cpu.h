@@ -33,6 +33,14 @@ struct TileBlock {
 // floats; the filter's: filter_scratch(cols) doubles.
 inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
 inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * kKernel + kPoints) * cols; }
+// The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:
+// Y[p * point_stride + t * C_out + co] = A dy A^T of the block's output gradient (zero where mask
+// <= 0 and past the output) for channels [co0, co1), and sums[co - co0] += the gradient's sum (the
+// bias gradient); weight_transform: dw[co][ci][3x3] = G^T M G for ci in [ci0, ci1), co in [co0, co1),
+// M[p][ci - ci0][co - co0] (false if a result is not finite). Scratch: grad_scratch(b.cols),
+// weight_scratch(co1 - co0) floats.
+inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kPoints) * cols; }
+inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel * kKernel) * c_out; }
 #define UNET_DECLARE_WINOGRAD_CPU_KERNELS(ISA)                                                          \
   namespace ISA {                                                                                      \
   void input_transform(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,        \
@@ -44,6 +52,11 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
   void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
                         int64_t col_stride, int64_t tap_stride, bool flip, int64_t r0, int64_t r1,      \
                         float* u, double* scratch);                                                     \
+  void grad_transform(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& grad,          \
+                      const conv::ChannelParts<const float>* mask, const TileBlock& b, int64_t co0,         \
+                      int64_t co1, float* y, int64_t point_stride, double* sums, float* scratch);           \
+  bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in,      \
+                        int64_t co0, int64_t co1, float* dw, float* scratch);                                \
   void add(float* dst, const float* src, int64_t n);                                                   \
   }
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)
@@ -61,6 +74,8 @@ void set_allow_winograd(bool allow);
 bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
 bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight);
 bool filter_cache_enabled();
+// Whether the weight gradient of this convolution takes weight_gradient below.
+bool use_winograd_wgrad(const conv::ConvGeometry& g, at::ScalarType dtype);
 
 // Transformed filters, float32: forward U[36][C_out][C_in] of weight [C_out][C_in][3][3];
 // dgrad U[36][C_in][C_out] of the flipped, transposed weight. Cached per weight version where
@@ -76,6 +91,15 @@ at::Tensor dgrad_filter(const at::Tensor& weight);
 bool convolve(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
               const conv::ChannelParts<const float>* mask, const at::Tensor& u, const float* bias,
               bool relu, const conv::ChannelParts<float>& dst);
+
+// The weight gradient by Winograd F(3x3, 4x4): grad_weight [C_out][C_in][3][3] (float32, every
+// element written) of the 3x3 stride-1 geometry g from src and grad (the output gradient, dense
+// N x C_out x H_out x W_out; zero where mask <= 0 when mask is given), and grad_bias [C_out] (its
+// sums, when not null). Returns false when a result is not finite (the caller recomputes by the
+// direct path, as for convolve).
+bool weight_gradient(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
+                     const conv::ChannelParts<const float>& grad, const conv::ChannelParts<const float>* mask,
+                     float* grad_weight, float* grad_bias);
 
 }  // namespace winograd
 }  // namespace unet_ext

@@ -142,6 +142,78 @@ void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_st
   }
 }
 
+void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad, const ChannelParts<const float>* mask,
+                    const TileBlock& b, int64_t co0, int64_t co1, float* y, int64_t point_stride, double* sums,
+                    float* scratch) {
+  const int64_t cols = b.cols, width = kOut * cols, ld = g.out_channels;
+  const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(width, g.out_w - ow0);
+  float* row = scratch;                // [4 cols]: one gradient row of the block row, zero past the output
+  float* split = row + width;          // [4 j][cols]: split[j][x] = row[4 x + j]
+  float* h = split + kOut * cols;      // [4 a][6 k][cols]: A along each gradient row
+  float* out = h + kOut * kIn * cols;  // [36][cols]: one channel's tile row, transformed
+  // Tile rows outside, channels inside: the 16 channels that share a cache line of Y follow one another.
+  for (int64_t r = 0; r < b.rows; ++r) {
+    for (int64_t co = co0; co < co1; ++co) {
+      double sum = 0;
+      for (int a = 0; a < kOut; ++a) {
+        float* ha = h + a * kIn * cols;
+        const int64_t oh = kOut * (b.ty0 + r) + a;
+        if (oh >= g.out_h) {  // past the output: a zero gradient
+          std::fill(ha, ha + kIn * cols, 0.0f);
+          continue;
+        }
+        const float* s = grad.at(b.n, co, oh) + ow0;
+        if (mask) {
+          const float* m = mask->at(b.n, co, oh) + ow0;
+          for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+        } else {
+          std::copy(s, s + count, row);
+        }
+        std::fill(row + count, row + width, 0.0f);
+        for (int64_t x = 0; x < count; ++x) sum += row[x];
+        for (int64_t x = 0; x < cols; ++x)
+          for (int j = 0; j < kOut; ++j) split[j * cols + x] = row[kOut * x + j];
+        apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
+      }
+      // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
+      for (int k = 0; k < kIn; ++k) {
+        apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
+      }
+      float* to = y + r * cols * ld + co;
+      for (int p = 0; p < kPoints; ++p)
+        for (int64_t x = 0; x < cols; ++x) to[p * point_stride + x * ld] = out[p * cols + x];
+      if (sums) sums[co - co0] += sum;
+    }
+  }
+}
+
+bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in, int64_t co0,
+                      int64_t co1, float* dw, float* scratch) {
+  bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
+  constexpr int kTaps = kKernel * kKernel;
+  const int64_t n = co1 - co0;
+  float* half = scratch;                 // [3 k][6 q][n]: G^T down the columns
+  float* full = half + kKernel * kIn * n;  // [3 k][3 l][n]
+  for (int64_t ci = ci0; ci < ci1; ++ci) {
+    const float* mc = m + (ci - ci0) * n;
+    for (int q = 0; q < kIn; ++q) {
+      apply_rows<kGT, kKernel, kIn>(mc + q * point_stride, kIn * point_stride, half + q * n, kIn * n, n);
+    }
+    for (int k = 0; k < kKernel; ++k) {
+      apply_rows<kGT, kKernel, kIn>(half + k * kIn * n, n, full + k * kKernel * n, n, n);
+    }
+    for (int64_t co = co0; co < co1; ++co) {
+      float* to = dw + (co * c_in + ci) * kTaps;
+      for (int t = 0; t < kTaps; ++t) {
+        const float value = full[t * n + co - co0];
+        nonfinite |= !(value - value == 0.0f);
+        to[t] = value;
+      }
+    }
+  }
+  return !nonfinite;
+}
+
 void add(float* __restrict dst, const float* __restrict src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }

@@ -183,9 +183,10 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options, a
 
 void empty_cache() {
   cache().clear();
-  // The conv kernels' per-thread scratch (gemm.h): one task per thread, each frees its own.
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release_scratch(); });
+  // The conv kernels' per-thread scratch (gemm.h): each thread of the team frees its own. The
+  // range is longer than any team, so every thread gets a task, also where the team is larger
+  // than at::get_num_threads() (partials.h).
+  at::parallel_for(0, int64_t{1} << 16, 1, [](int64_t, int64_t) { release_scratch(); });
   release_scratch();
 }
 

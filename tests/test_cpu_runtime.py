@@ -4,8 +4,10 @@ UNET_EXT_HUGE_PAGES=0; the output cache across fork() (another thread allocating
 workers), out of memory, and its RSS after empty_cache(); one OpenMP runtime governed by
 torch.set_num_threads; ops called from several Python threads at once. Each case that can hang
 or must see a fresh process runs in a subprocess with a timeout."""
+import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,9 +25,14 @@ CPU = os.path.join(ROOT, "csrc", "ops", "cpu")
 
 
 def run_python(code, env=None, timeout=120):
-    """Runs `code` in a fresh interpreter from the repository root; returns its stdout."""
+    """Runs `code` in a fresh interpreter from the repository root; returns its stdout. An
+    LD_PRELOAD in `env` comes after this process's own (scripts/sanitize.sh preloads ASan's
+    runtime, which must stay first)."""
+    env = dict(os.environ, **(env or {}))
+    if os.environ.get("LD_PRELOAD") and env["LD_PRELOAD"] != os.environ["LD_PRELOAD"]:
+        env["LD_PRELOAD"] = os.environ["LD_PRELOAD"] + " " + env["LD_PRELOAD"]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+                            text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -306,6 +313,116 @@ def test_one_openmp_runtime_governed_by_torch_set_num_threads(preload):
     counts = {int(n): (int(b), int(a)) for n, b, a in (l.split() for l in lines[1:])}
     assert counts[1][1] == counts[1][0], out  # one thread: no OpenMP team was started
     assert counts[5][1] >= counts[1][1] + 4, out  # five threads: a team of four more
+
+
+
+def _openmp_runtimes():
+    """Other OpenMP runtimes on this machine: Intel's (pip `intel-openmp`, which scripts/setup.sh
+    installs; MKL builds of numpy bring it too), LLVM's (Debian `libomp5`), and any paths in
+    UNET_EXT_TEST_OPENMP_RUNTIMES (colon-separated)."""
+    candidates = [os.path.join(sys.prefix, "lib", "libiomp5.so"), "/usr/lib/x86_64-linux-gnu/libomp.so.5"]
+    candidates += sorted(glob.glob("/usr/lib/llvm-*/lib/libomp.so.5"))[-1:]
+    candidates += [p for p in os.environ.get("UNET_EXT_TEST_OPENMP_RUNTIMES", "").split(":") if p]
+    found = {}
+    for path in candidates:
+        if os.path.exists(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+OTHER_RUNTIMES = _openmp_runtimes()
+
+
+@pytest.mark.parametrize("runtime", OTHER_RUNTIMES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no other OpenMP runtime here: pip install intel-openmp (scripts/setup.sh does), apt-get install "
+           "libomp5, or name one in UNET_EXT_TEST_OPENMP_RUNTIMES"))],
+    ids=lambda path: os.path.basename(path) if path else "none")
+def test_ops_with_another_openmp_runtime_loaded_first(runtime):
+    """Intel's or LLVM's OpenMP runtime preloaded (both export libgomp's GOMP_* entry points, so
+    torch's and our parallel regions run on it), OMP_NUM_THREADS=5 and torch.set_num_threads at
+    other counts: every op's forward and backward equals the float64 reference, in every count."""
+    out = run_python("""
+        import os, torch
+        maps = open("/proc/self/maps").read()
+        print("mapped", int(%r in maps))
+        script = %r
+        for n in (3, 1, 2):
+            torch.set_num_threads(n)
+            exec(script, {})
+            print("threads", n, len(os.listdir("/proc/self/task")))
+    """ % (os.path.realpath(runtime), ISA_SCRIPT), env={"LD_PRELOAD": runtime, "OMP_NUM_THREADS": "5"}, timeout=300)
+    assert "mapped 1" in out, out
+    tasks = {int(n): int(t) for n, t in re.findall(r"threads (\d) (\d+)", out)}
+    assert tasks[3] >= 3, out  # a team ran (the main thread and two more, at least)
+
+
+SHIM = r"""
+/* torch's thread count pinned at 2 (what at::get_num_threads reads) while the runtime that runs
+   the parallel regions keeps OMP_NUM_THREADS: a team larger than torch's count, as where another
+   OpenMP runtime answers torch's omp_get_max_threads or our regions run on another runtime. */
+int omp_get_max_threads(void) { return 2; }
+void omp_set_num_threads(int n) { (void)n; }
+"""
+
+
+def test_per_thread_buffers_with_a_team_larger_than_torchs_thread_count(tmp_path):
+    """Per-thread partial sums sized from at::get_num_threads() and indexed by the OpenMP thread
+    number ran past their end when the team is larger (IndexError from the conv backward before
+    partials.h). With torch's count pinned at 2 and teams of 4, every op's results equal the
+    float64 reference (computed here, outside the pinned process: torch's own at::parallel_reduce
+    indexes its buffers that way too)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the OpenMP shim")
+    (tmp_path / "shim.c").write_text(SHIM)
+    (tmp_path / "shim.map").write_text("OMP_1.0 { global: omp_get_max_threads; omp_set_num_threads; local: *; };\n")
+    shim = str(tmp_path / "libshim.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,--version-script=" + str(tmp_path / "shim.map"),
+                    "-o", shim, str(tmp_path / "shim.c")], check=True)
+    g = torch.Generator().manual_seed(0)
+    d = torch.float64
+    cases = {
+        "conv2d_relu": (lambda x, w, b: reference.conv2d_relu(x, w, b, 1),
+                        [torch.randn(8, 8, 40, 40, dtype=d, generator=g), torch.randn(6, 8, 3, 3, dtype=d, generator=g),
+                         torch.randn(6, dtype=d, generator=g)]),
+        "conv2d_relu_concat": (lambda s, u, w, b: reference.conv2d_relu_concat(s, u, w, b, 0),
+                               [torch.randn(4, 4, 44, 44, dtype=d, generator=g),
+                                torch.randn(4, 4, 40, 40, dtype=d, generator=g),
+                                torch.randn(6, 8, 3, 3, dtype=d, generator=g), torch.randn(6, dtype=d, generator=g)]),
+        "conv_transpose2x2": (reference.conv_transpose2x2,
+                              [torch.randn(8, 8, 20, 24, dtype=d, generator=g),
+                               torch.randn(8, 4, 2, 2, dtype=d, generator=g), torch.randn(4, dtype=d, generator=g)]),
+    }
+    inputs = {name: [t.contiguous() for t in ts] for name, (_, ts) in cases.items()}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    out = run_python("""
+        import os, sys, torch, unet_ext
+        from unet_ext import ops
+        inputs = torch.load(sys.argv[1])
+        tasks = len(os.listdir("/proc/self/task"))
+        results = {}
+        for name, ts in inputs.items():
+            fn = {"conv2d_relu": lambda x, w, b: ops.conv2d_relu(x, w, b, 1),
+                  "conv2d_relu_concat": lambda s, u, w, b: ops.conv2d_relu_concat(s, u, w, b, 0),
+                  "conv_transpose2x2": ops.conv_transpose2x2}[name]
+            ts = [t.clone().requires_grad_() for t in ts]
+            y = fn(*ts)
+            y.backward(torch.ones_like(y))
+            results[name] = [y.detach()] + [t.grad for t in ts]
+        unet_ext.empty_cache()
+        torch.save(results, sys.argv[2])
+        print(torch.get_num_threads(), len(os.listdir("/proc/self/task")) - tasks)
+    """.replace("sys.argv[1]", repr(str(tmp_path / "inputs.pt"))).replace("sys.argv[2]", repr(str(tmp_path / "out.pt"))),
+        env={"LD_PRELOAD": shim, "OMP_NUM_THREADS": "4"})
+    count, started = map(int, out.split()[-2:])
+    assert count == 2 and started >= 3, out  # torch says 2 threads; the regions ran on teams of 4
+    results = torch.load(tmp_path / "out.pt")
+    for name, (ref, _) in cases.items():
+        ts = [t.clone().requires_grad_() for t in inputs[name]]
+        y = ref(*ts)
+        y.backward(torch.ones_like(y))
+        for got, want in zip(results[name], [y.detach()] + [t.grad for t in ts]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 OPS_CASES = {

@@ -3,7 +3,8 @@
 // CPU allocator. Blocks are mapped with mmap, not posix_memalign: glibc serves 2-32 MiB from its
 // heap once its dynamic mmap threshold has grown, and free() there need not return the pages,
 // so empty_cache() would not shrink the process. The cache's lock is taken around fork()
-// (pthread_atfork), so a child forked while another thread allocates finds it unlocked.
+// (pthread_atfork), so a child forked while another thread allocates finds it unlocked, and the
+// cache is built when the library loads (a fork during its first use would leave its guard held).
 #include "huge_pages.h"
 
 #include <ATen/EmptyTensor.h>
@@ -136,6 +137,13 @@ BlockCache& cache() {
   }();
   return *instance;
 }
+
+// Built while the library loads, in one thread, before anything can fork: a child forked while
+// another thread is inside the first call of cache() (or enabled(), or the brgemm probe) waits
+// forever on that static's guard, the thread that holds it being gone, in its first big output
+// (or GEMM). The window is not short: registering the fork handlers waits for the handlers of a
+// fork under way in another thread, so a fork that starts first always lands inside it.
+[[maybe_unused]] const bool initialized_at_load = (enabled(), cache(), float_brgemm_available(), true);
 
 void release(void* context) {
   auto* block = static_cast<Block*>(context);

@@ -121,52 +121,127 @@ def test_every_op_under_each_isa_and_without_huge_pages(env):
 # The output cache: fork, out of memory, RSS
 
 
+# In the scripts below: waits for a forked child. A child that is blocked (neither runnable nor in
+# uninterruptible sleep) and has used no CPU time for `stall` seconds is hung: a deadlock, which
+# never resolves. A child that runs, however slowly (its fork and exit copy and free a large
+# address space: 0.2-0.6 s each with two busy loops on the 2-core machine), is waited for, up to
+# `cap` seconds. Prints nothing; returns the child's wall time, or None if it hung (then killed).
+WAIT_CHILD = """
+def wait_child(pid, stall=5.0, cap=120.0):
+    import os, signal, time
+    start = last_progress = time.time()
+    last_cpu = -1
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            return time.time() - start
+        try:
+            fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        now, cpu = time.time(), int(fields[11]) + int(fields[12])
+        if fields[0] in "RDZ" or cpu != last_cpu:
+            last_progress, last_cpu = now, cpu
+        if now - last_progress > stall or now - start > cap:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.001)
+"""
+
+
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     """A child forked while another thread holds the cache's lock must still allocate (the lock
     is held across fork() by pthread_atfork handlers). The other threads cycle through many
     output sizes, so the 512 MiB cache keeps evicting (unmapping under its lock)."""
-    out = run_python("""
-        import os, signal, threading, time, torch, unet_ext
-        from unet_ext.ops import conv2d_bias, crop_concat
-        # channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
-        # (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
-        # the cache's lock, a window in which the main thread forks.
-        w = torch.ones(2, 2, 1, 1)
-        stop = False
-        def churn():
-            while not stop:
-                for k in range(8, 73, 2):
-                    x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
-                    conv2d_bias(x, w, None, 0)
-        threads = [threading.Thread(target=churn) for _ in range(2)]
-        for t in threads: t.start()
-        hung = 0
-        for _ in range(30):
-            pid = os.fork()
-            if pid == 0:
-                # One thread, as DataLoader workers: libgomp itself is not fork-safe while
-                # other threads' OpenMP teams are busy (stock torch ops hang there too).
-                torch.set_num_threads(1)
-                x = torch.zeros(1, 1, 256, 8192)
-                crop_concat(x, x[:, :0]); crop_concat(x, x)
-                os._exit(0)
-            deadline = time.time() + 5
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    assert os.waitstatus_to_exitcode(status) == 0
-                    break
-                if time.time() > deadline:
-                    hung += 1
-                    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
-                    break
-                time.sleep(0.001)
-            if hung:
-                break
-        stop = True
-        for t in threads: t.join()
-        print("hung", hung)
+    out = run_python(WAIT_CHILD + """
+import os, threading, torch, unet_ext
+from unet_ext.ops import conv2d_bias, crop_concat
+# channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
+# (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
+# the cache's lock, a window in which the main thread forks.
+w = torch.ones(2, 2, 1, 1)
+stop = False
+def churn():
+    while not stop:
+        for k in range(8, 73, 2):
+            x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
+            conv2d_bias(x, w, None, 0)
+threads = [threading.Thread(target=churn) for _ in range(2)]
+for t in threads: t.start()
+hung, times = 0, []
+for _ in range(30):
+    pid = os.fork()
+    if pid == 0:
+        # One thread, as DataLoader workers: libgomp itself is not fork-safe while
+        # other threads' OpenMP teams are busy (stock torch ops hang there too).
+        torch.set_num_threads(1)
+        x = torch.zeros(1, 1, 256, 8192)
+        crop_concat(x, x[:, :0]); crop_concat(x, x)
+        os._exit(0)
+    took = wait_child(pid)
+    if took is None:
+        hung += 1
+        break
+    times.append(took)
+stop = True
+for t in threads: t.join()
+print("slowest %.2f s" % max(times or [0]))
+print("hung", hung)
     """, timeout=900)
+    assert out.split()[-1] == "0", out
+
+
+ATFORK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+/* Fork handlers registered from a thread other than the main one take a second longer. */
+int __register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void), void* dso) {
+  static int (*real)(void (*)(void), void (*)(void), void (*)(void), void*);
+  if (!real) real = (int (*)(void (*)(void), void (*)(void), void (*)(void), void*))
+                        dlvsym(RTLD_NEXT, "__register_atfork", "GLIBC_2.3.2");
+  if (syscall(SYS_gettid) != getpid()) {
+    struct timespec second = {1, 0};
+    nanosleep(&second, 0);
+  }
+  return real(prepare, parent, child, dso);
+}
+"""
+
+
+def test_fork_during_the_first_big_output_does_not_deadlock_the_child(tmp_path):
+    """The output cache was built, and its fork handlers registered, by the first big output: a
+    child forked while another thread was inside that first call waited forever on the static's
+    guard (__cxa_guard_acquire) in its own first big output. Registering waits for the handlers
+    of a concurrent fork, so under load the window is as long as a fork. A shim makes every
+    registration from another thread take a second; the cache must be ready before."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs a C compiler and /proc")
+    (tmp_path / "shim.c").write_text(ATFORK_SHIM)
+    (tmp_path / "shim.map").write_text("GLIBC_2.3.2 { global: __register_atfork; local: *; };\n")
+    shim = str(tmp_path / "libshim.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,--version-script=" + str(tmp_path / "shim.map"),
+                    "-o", shim, str(tmp_path / "shim.c"), "-ldl"], check=True)
+    out = run_python(WAIT_CHILD + """
+import os, threading, time, torch, unet_ext
+from unet_ext.ops import crop_concat
+x = torch.zeros(1, 1, 256, 8192)  # outputs of 16 MiB: the output cache's
+first = threading.Thread(target=lambda: crop_concat(x, x))  # the process's first big output
+first.start()
+time.sleep(0.3)  # inside it, if it builds the cache (its registration takes a second)
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    crop_concat(x, x)
+    os._exit(0)
+print("hung", int(wait_child(pid) is None))
+first.join()
+    """, env={"LD_PRELOAD": shim})
     assert out.split()[-1] == "0", out
 
 

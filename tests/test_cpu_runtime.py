@@ -492,9 +492,9 @@ def test_per_thread_buffers_with_a_team_larger_than_torchs_thread_count(tmp_path
     inputs = {name: [t.contiguous() for t in ts] for name, (_, ts) in cases.items()}
     torch.save(inputs, tmp_path / "inputs.pt")
     out = run_python("""
-        import os, sys, torch, unet_ext
+        import os, torch, unet_ext
         from unet_ext import ops
-        inputs = torch.load(sys.argv[1])
+        inputs = torch.load(os.environ["INPUTS"])
         tasks = len(os.listdir("/proc/self/task"))
         results = {}
         for name, ts in inputs.items():
@@ -506,10 +506,10 @@ def test_per_thread_buffers_with_a_team_larger_than_torchs_thread_count(tmp_path
             y.backward(torch.ones_like(y))
             results[name] = [y.detach()] + [t.grad for t in ts]
         unet_ext.empty_cache()
-        torch.save(results, sys.argv[2])
+        torch.save(results, os.environ["RESULTS"])
         print(torch.get_num_threads(), len(os.listdir("/proc/self/task")) - tasks)
-    """.replace("sys.argv[1]", repr(str(tmp_path / "inputs.pt"))).replace("sys.argv[2]", repr(str(tmp_path / "out.pt"))),
-        env={"LD_PRELOAD": shim, "OMP_NUM_THREADS": "4"})
+    """, env={"LD_PRELOAD": shim, "OMP_NUM_THREADS": "4", "INPUTS": str(tmp_path / "inputs.pt"),
+              "RESULTS": str(tmp_path / "out.pt")})
     count, started = map(int, out.split()[-2:])
     assert count == 2 and started >= 3, out  # torch says 2 threads; the regions ran on teams of 4
     results = torch.load(tmp_path / "out.pt")

@@ -49,6 +49,13 @@ if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec
   pip_install --no-deps stardist || echo "setup: stardist not installed: unet-ext train needs a data folder" >&2
 fi
 
+# A second OpenMP runtime (Intel's libiomp5.so, the intel-openmp wheel: no Python module, a library
+# in $prefix/lib) for tests/test_cpu_runtime.py's ops with another runtime loaded first.
+if ! "$PYTHON" -c "import os, sys; sys.exit(not os.path.exists(os.path.join(sys.prefix, 'lib', 'libiomp5.so')))"; then
+  echo "setup: installing intel-openmp" >&2
+  pip_install --no-deps intel-openmp || echo "setup: intel-openmp not installed: its test skips" >&2
+fi
+
 # CUTLASS headers (the nvidia-cutlass wheel) for the tensor-core conv kernels, when CUDA
 # kernels will be built (a CUDA build without them fails; the GPU lease kit carries the wheel).
 wants_cuda=$("$PYTHON" -c "import os, torch; print(int(os.environ.get('FORCE_CUDA', '0') == '1' or torch.cuda.is_available()))")

@@ -4,8 +4,10 @@ UNET_EXT_HUGE_PAGES=0; the output cache across fork() (another thread allocating
 workers), out of memory, and its RSS after empty_cache(); one OpenMP runtime governed by
 torch.set_num_threads; ops called from several Python threads at once. Each case that can hang
 or must see a fresh process runs in a subprocess with a timeout."""
+import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,12 +22,21 @@ from unet_ext.__main__ import cpu_isa as cli_cpu_isa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = os.path.join(ROOT, "csrc", "ops", "cpu")
+# Under scripts/sanitize.sh (ASan's runtime preloaded) freed memory waits in ASan's quarantine and
+# its allocator serves the heap: resident-set sizes say nothing about ours there.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+rss_test = pytest.mark.skipif(UNDER_ASAN, reason="RSS under AddressSanitizer is its quarantine's, not ours")
 
 
 def run_python(code, env=None, timeout=120):
-    """Runs `code` in a fresh interpreter from the repository root; returns its stdout."""
+    """Runs `code` in a fresh interpreter from the repository root; returns its stdout. An
+    LD_PRELOAD in `env` comes after this process's own (scripts/sanitize.sh preloads ASan's
+    runtime, which must stay first)."""
+    env = dict(os.environ, **(env or {}))
+    if os.environ.get("LD_PRELOAD") and env["LD_PRELOAD"] != os.environ["LD_PRELOAD"]:
+        env["LD_PRELOAD"] = os.environ["LD_PRELOAD"] + " " + env["LD_PRELOAD"]
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+                            text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -114,52 +125,142 @@ def test_every_op_under_each_isa_and_without_huge_pages(env):
 # The output cache: fork, out of memory, RSS
 
 
+# In the scripts below: waits for a forked child. A child that is blocked (neither runnable nor in
+# uninterruptible sleep) and has used no CPU time for `stall` seconds is hung: a deadlock, which
+# never resolves. A child that runs, however slowly (its fork and exit copy and free a large
+# address space: 0.2-0.6 s each with two busy loops on the 2-core machine), is waited for, up to
+# `cap` seconds. Prints nothing; returns the child's wall time, or None if it hung (then killed).
+WAIT_CHILD = """
+def wait_child(pid, stall=5.0, cap=120.0):
+    import os, signal, time
+    start = last_progress = time.time()
+    last_cpu = -1
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            return time.time() - start
+        try:
+            fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        now, cpu = time.time(), int(fields[11]) + int(fields[12])
+        if fields[0] in "RDZ" or cpu != last_cpu:
+            last_progress, last_cpu = now, cpu
+        if now - last_progress > stall or now - start > cap:
+            import shutil, subprocess
+            if shutil.which("gdb"):  # where it hangs, for the assertion's message
+                bt = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                                    capture_output=True, text=True, timeout=120).stdout
+                print(chr(10).join(l[:160] for l in bt.splitlines() if l.startswith("#"))[:3000])
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.001)
+"""
+
+
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     """A child forked while another thread holds the cache's lock must still allocate (the lock
     is held across fork() by pthread_atfork handlers). The other threads cycle through many
     output sizes, so the 512 MiB cache keeps evicting (unmapping under its lock)."""
-    out = run_python("""
-        import os, signal, threading, time, torch, unet_ext
-        from unet_ext.ops import conv2d_bias, crop_concat
-        # channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
-        # (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
-        # the cache's lock, a window in which the main thread forks.
-        w = torch.ones(2, 2, 1, 1)
-        stop = False
-        def churn():
-            while not stop:
-                for k in range(8, 73, 2):
-                    x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
-                    conv2d_bias(x, w, None, 0)
-        threads = [threading.Thread(target=churn) for _ in range(2)]
-        for t in threads: t.start()
-        hung = 0
-        for _ in range(30):
-            pid = os.fork()
-            if pid == 0:
-                # One thread, as DataLoader workers: libgomp itself is not fork-safe while
-                # other threads' OpenMP teams are busy (stock torch ops hang there too).
-                torch.set_num_threads(1)
-                x = torch.zeros(1, 1, 256, 8192)
-                crop_concat(x, x[:, :0]); crop_concat(x, x)
-                os._exit(0)
-            deadline = time.time() + 5
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    assert os.waitstatus_to_exitcode(status) == 0
-                    break
-                if time.time() > deadline:
-                    hung += 1
-                    os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
-                    break
-                time.sleep(0.001)
-            if hung:
-                break
-        stop = True
-        for t in threads: t.join()
-        print("hung", hung)
+    out = run_python(WAIT_CHILD + """
+import os, threading, torch, unet_ext
+from unet_ext.ops import conv2d_bias, crop_concat
+# channels_last inputs: the op frees its NCHW result inside C++ (no GIL held); 8-72 MiB
+# (1.3 GiB in all) overflow the 512 MiB cache, so that free unmaps evicted blocks under
+# the cache's lock, a window in which the main thread forks.
+w = torch.ones(2, 2, 1, 1)
+stop = False
+def churn():
+    while not stop:
+        for k in range(8, 73, 2):
+            x = torch.empty(1, 2, 256, 512 * k, memory_format=torch.channels_last)
+            conv2d_bias(x, w, None, 0)
+def child_work():
+    # One thread, as DataLoader workers: libgomp itself is not fork-safe while
+    # other threads' OpenMP teams are busy (stock torch ops hang there too).
+    torch.set_num_threads(1)
+    x = torch.zeros(1, 1, 256, 8192)
+    crop_concat(x, x[:, :0]); crop_concat(x, x)
+# The child's path once here first: its first torch.set_num_threads builds torch's pthreadpool,
+# whose static registers an atexit destructor, and glibc's atexit lock is not reset in a child:
+# forked while a churn thread was registering one (a first-time static), the child hung there
+# (1 in 30 runs under load; torch's and glibc's, not the cache's).
+n = torch.get_num_threads()
+child_work()
+torch.set_num_threads(n)
+threads = [threading.Thread(target=churn) for _ in range(2)]
+for t in threads: t.start()
+hung, times = 0, []
+for _ in range(30):
+    pid = os.fork()
+    if pid == 0:
+        child_work()
+        os._exit(0)
+    took = wait_child(pid)
+    if took is None:
+        hung += 1
+        break
+    times.append(took)
+stop = True
+for t in threads: t.join()
+print("slowest %.2f s" % max(times or [0]))
+print("hung", hung)
     """, timeout=900)
+    assert out.split()[-1] == "0", out
+
+
+ATFORK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+/* Fork handlers registered from a thread other than the main one take a second longer. */
+int __register_atfork(void (*prepare)(void), void (*parent)(void), void (*child)(void), void* dso) {
+  static int (*real)(void (*)(void), void (*)(void), void (*)(void), void*);
+  if (!real) real = (int (*)(void (*)(void), void (*)(void), void (*)(void), void*))
+                        dlvsym(RTLD_NEXT, "__register_atfork", "GLIBC_2.3.2");
+  if (syscall(SYS_gettid) != getpid()) {
+    struct timespec second = {1, 0};
+    nanosleep(&second, 0);
+  }
+  return real(prepare, parent, child, dso);
+}
+"""
+
+
+def test_fork_during_the_first_big_output_does_not_deadlock_the_child(tmp_path):
+    """The output cache was built, and its fork handlers registered, by the first big output: a
+    child forked while another thread was inside that first call waited forever on the static's
+    guard (__cxa_guard_acquire) in its own first big output. Registering waits for the handlers
+    of a concurrent fork, so under load the window is as long as a fork. A shim makes every
+    registration from another thread take a second; the cache must be ready before."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs a C compiler and /proc")
+    (tmp_path / "shim.c").write_text(ATFORK_SHIM)
+    (tmp_path / "shim.map").write_text("GLIBC_2.3.2 { global: __register_atfork; local: *; };\n")
+    shim = str(tmp_path / "libshim.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,--version-script=" + str(tmp_path / "shim.map"),
+                    "-o", shim, str(tmp_path / "shim.c"), "-ldl"], check=True)
+    out = run_python(WAIT_CHILD + """
+import os, threading, time, torch, unet_ext
+from unet_ext.ops import crop_concat
+torch.set_num_threads(torch.get_num_threads())  # torch's pthreadpool built here (see above)
+x = torch.zeros(1, 1, 256, 8192)  # outputs of 16 MiB: the output cache's
+first = threading.Thread(target=lambda: crop_concat(x, x))  # the process's first big output
+first.start()
+time.sleep(0.3)  # inside it, if it builds the cache (its registration takes a second)
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    crop_concat(x, x)
+    os._exit(0)
+print("hung", int(wait_child(pid) is None))
+first.join()
+    """, env={"LD_PRELOAD": shim})
     assert out.split()[-1] == "0", out
 
 
@@ -208,6 +309,7 @@ def test_out_of_memory_empties_the_cache_and_retries():
     """)
 
 
+@rss_test
 def test_rss_returns_after_empty_cache_for_blocks_of_2_to_32_mib():
     """Outputs of 2-32 MiB (what glibc's heap serves once its mmap threshold has grown) are given
     back to the system by empty_cache()."""
@@ -238,6 +340,7 @@ def test_rss_returns_after_empty_cache_for_blocks_of_2_to_32_mib():
     assert after - base < 24, out
 
 
+@rss_test
 def test_empty_cache_gives_back_the_conv_scratch():
     """The conv kernels keep per-thread scratch between calls (gemm.h); empty_cache() frees it."""
     out = run_python("""
@@ -306,6 +409,116 @@ def test_one_openmp_runtime_governed_by_torch_set_num_threads(preload):
     counts = {int(n): (int(b), int(a)) for n, b, a in (l.split() for l in lines[1:])}
     assert counts[1][1] == counts[1][0], out  # one thread: no OpenMP team was started
     assert counts[5][1] >= counts[1][1] + 4, out  # five threads: a team of four more
+
+
+
+def _openmp_runtimes():
+    """Other OpenMP runtimes on this machine: Intel's (pip `intel-openmp`, which scripts/setup.sh
+    installs; MKL builds of numpy bring it too), LLVM's (Debian `libomp5`), and any paths in
+    UNET_EXT_TEST_OPENMP_RUNTIMES (colon-separated)."""
+    candidates = [os.path.join(sys.prefix, "lib", "libiomp5.so"), "/usr/lib/x86_64-linux-gnu/libomp.so.5"]
+    candidates += sorted(glob.glob("/usr/lib/llvm-*/lib/libomp.so.5"))[-1:]
+    candidates += [p for p in os.environ.get("UNET_EXT_TEST_OPENMP_RUNTIMES", "").split(":") if p]
+    found = {}
+    for path in candidates:
+        if os.path.exists(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+OTHER_RUNTIMES = _openmp_runtimes()
+
+
+@pytest.mark.parametrize("runtime", OTHER_RUNTIMES or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no other OpenMP runtime here: pip install intel-openmp (scripts/setup.sh does), apt-get install "
+           "libomp5, or name one in UNET_EXT_TEST_OPENMP_RUNTIMES"))],
+    ids=lambda path: os.path.basename(path) if path else "none")
+def test_ops_with_another_openmp_runtime_loaded_first(runtime):
+    """Intel's or LLVM's OpenMP runtime preloaded (both export libgomp's GOMP_* entry points, so
+    torch's and our parallel regions run on it), OMP_NUM_THREADS=5 and torch.set_num_threads at
+    other counts: every op's forward and backward equals the float64 reference, in every count."""
+    out = run_python("""
+        import os, torch
+        maps = open("/proc/self/maps").read()
+        print("mapped", int(%r in maps))
+        script = %r
+        for n in (3, 1, 2):
+            torch.set_num_threads(n)
+            exec(script, {})
+            print("threads", n, len(os.listdir("/proc/self/task")))
+    """ % (os.path.realpath(runtime), ISA_SCRIPT), env={"LD_PRELOAD": runtime, "OMP_NUM_THREADS": "5"}, timeout=300)
+    assert "mapped 1" in out, out
+    tasks = {int(n): int(t) for n, t in re.findall(r"threads (\d) (\d+)", out)}
+    assert tasks[3] >= 3, out  # a team ran (the main thread and two more, at least)
+
+
+SHIM = r"""
+/* torch's thread count pinned at 2 (what at::get_num_threads reads) while the runtime that runs
+   the parallel regions keeps OMP_NUM_THREADS: a team larger than torch's count, as where another
+   OpenMP runtime answers torch's omp_get_max_threads or our regions run on another runtime. */
+int omp_get_max_threads(void) { return 2; }
+void omp_set_num_threads(int n) { (void)n; }
+"""
+
+
+def test_per_thread_buffers_with_a_team_larger_than_torchs_thread_count(tmp_path):
+    """Per-thread partial sums sized from at::get_num_threads() and indexed by the OpenMP thread
+    number ran past their end when the team is larger (IndexError from the conv backward before
+    partials.h). With torch's count pinned at 2 and teams of 4, every op's results equal the
+    float64 reference (computed here, outside the pinned process: torch's own at::parallel_reduce
+    indexes its buffers that way too)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the OpenMP shim")
+    (tmp_path / "shim.c").write_text(SHIM)
+    (tmp_path / "shim.map").write_text("OMP_1.0 { global: omp_get_max_threads; omp_set_num_threads; local: *; };\n")
+    shim = str(tmp_path / "libshim.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-Wl,--version-script=" + str(tmp_path / "shim.map"),
+                    "-o", shim, str(tmp_path / "shim.c")], check=True)
+    g = torch.Generator().manual_seed(0)
+    d = torch.float64
+    cases = {
+        "conv2d_relu": (lambda x, w, b: reference.conv2d_relu(x, w, b, 1),
+                        [torch.randn(8, 8, 40, 40, dtype=d, generator=g), torch.randn(6, 8, 3, 3, dtype=d, generator=g),
+                         torch.randn(6, dtype=d, generator=g)]),
+        "conv2d_relu_concat": (lambda s, u, w, b: reference.conv2d_relu_concat(s, u, w, b, 0),
+                               [torch.randn(4, 4, 44, 44, dtype=d, generator=g),
+                                torch.randn(4, 4, 40, 40, dtype=d, generator=g),
+                                torch.randn(6, 8, 3, 3, dtype=d, generator=g), torch.randn(6, dtype=d, generator=g)]),
+        "conv_transpose2x2": (reference.conv_transpose2x2,
+                              [torch.randn(8, 8, 20, 24, dtype=d, generator=g),
+                               torch.randn(8, 4, 2, 2, dtype=d, generator=g), torch.randn(4, dtype=d, generator=g)]),
+    }
+    inputs = {name: [t.contiguous() for t in ts] for name, (_, ts) in cases.items()}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    out = run_python("""
+        import os, torch, unet_ext
+        from unet_ext import ops
+        inputs = torch.load(os.environ["INPUTS"])
+        tasks = len(os.listdir("/proc/self/task"))
+        results = {}
+        for name, ts in inputs.items():
+            fn = {"conv2d_relu": lambda x, w, b: ops.conv2d_relu(x, w, b, 1),
+                  "conv2d_relu_concat": lambda s, u, w, b: ops.conv2d_relu_concat(s, u, w, b, 0),
+                  "conv_transpose2x2": ops.conv_transpose2x2}[name]
+            ts = [t.clone().requires_grad_() for t in ts]
+            y = fn(*ts)
+            y.backward(torch.ones_like(y))
+            results[name] = [y.detach()] + [t.grad for t in ts]
+        unet_ext.empty_cache()
+        torch.save(results, os.environ["RESULTS"])
+        print(torch.get_num_threads(), len(os.listdir("/proc/self/task")) - tasks)
+    """, env={"LD_PRELOAD": shim, "OMP_NUM_THREADS": "4", "INPUTS": str(tmp_path / "inputs.pt"),
+              "RESULTS": str(tmp_path / "out.pt")})
+    count, started = map(int, out.split()[-2:])
+    assert count == 2 and started >= 3, out  # torch says 2 threads; the regions ran on teams of 4
+    results = torch.load(tmp_path / "out.pt")
+    for name, (ref, _) in cases.items():
+        ts = [t.clone().requires_grad_() for t in inputs[name]]
+        y = ref(*ts)
+        y.backward(torch.ones_like(y))
+        for got, want in zip(results[name], [y.detach()] + [t.grad for t in ts]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 OPS_CASES = {

@@ -7,7 +7,7 @@
 // (use_shifted_rows). Bias + ReLU (+ the cast) are applied while the product is in cache.
 // Backward: dgrad is the same convolution of the masked gradient (zero where output <= 0, applied
 // while loading the window) with the flipped weight; wgrad and the bias grad are summed in a
-// fixed order (per-thread partials, or input-channel blocks owned by one task). A source is
+// fixed order (per-part partials, or input-channel blocks owned by one task). A source is
 // conv2d_relu.h's ChannelParts: one NCHW tensor, or the skip's crop window then up.
 #pragma once
 
@@ -30,6 +30,7 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
+#include "partials.h"
 
 namespace unet_ext {
 namespace conv {
@@ -59,7 +60,7 @@ struct BlockPlan {
 
 // Up to this many input channels, one GEMM over shifted rows (see shifted_rows) beats a GEMM per tap.
 constexpr int64_t kFewChannels = 8;
-constexpr int64_t kMaxPartialElements = int64_t{1} << 22;  // per-thread wgrad partials, all threads
+constexpr int64_t kMaxPartialElements = int64_t{1} << 22;  // wgrad partials, all parts (one per thread)
 
 // One GEMM over shifted rows (K = C_in*kh*kw, see shifted_rows) instead of one GEMM per tap: with
 // few input channels (K = C_in is too short), and where the weights outweigh the image (U-Net's
@@ -297,8 +298,9 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
 // few input channels each task owns a block of input channels and walks all images and blocks
 // in order (deterministic, no partial sums): one GEMM per tap, window_tap x masked_t, into
 // taps-ordered sums [kh*kw][C_in][C_out]; or, where use_shifted_rows, one GEMM over the shifted
-// rows into [(c, ky, kx)][C_out]. Small weights: per-thread partials of the same GEMMs over the
-// blocks, added in thread order. Either way the sums are transposed into grad_weight at the end.
+// rows into [(c, ky, kx)][C_out]. Small weights: per-part partials (one part of the blocks per
+// thread) of the same GEMMs, added in part order. Either way the sums are transposed into
+// grad_weight at the end.
 template <typename scalar_t>
 void weight_gradients(const ConvGeometry& g, const Source<scalar_t>& input, const scalar_t* grad_out,
                       const scalar_t* mask, at::Tensor& grad_weight, at::Tensor& grad_bias) {
@@ -356,33 +358,39 @@ void weight_gradients(const ConvGeometry& g, const Source<scalar_t>& input, cons
       cpu::gemm_release();
     });
   } else {
-    at::Tensor weight_partials = at::zeros({threads, taps * tap_size}, acc_options);
-    at::Tensor bias_partials = at::zeros({threads, g.out_channels}, acc_options);
-    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-      const int thread = at::get_thread_num();
+    // One partial per part (partials.h), whatever the size of the team that runs the parts.
+    const int64_t parts = cpu::partial_count(num_blocks);
+    at::Tensor weight_partials = at::zeros({parts, taps * tap_size}, acc_options);
+    at::Tensor bias_partials = at::zeros({parts, g.out_channels}, acc_options);
+    acc_t* weight_partial = weight_partials.mutable_data_ptr<acc_t>();  // rows in the layout of `sums`
+    acc_t* bias_partial = bias_partials.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       std::unique_ptr<acc_t[]> window(in_place ? nullptr : new acc_t[g.in_channels * plan.window_rows(plan.rows, g) * plan.width]);
       std::unique_ptr<acc_t[]> masked(new acc_t[g.out_channels * wide]);
       std::unique_ptr<acc_t[]> masked_t(new acc_t[wide * g.out_channels]);
       std::unique_ptr<acc_t[]> rows_buffer(shifted ? new acc_t[g.taps() * wide] : nullptr);
-      acc_t* weight_sum = weight_partials[thread].mutable_data_ptr<acc_t>();  // the layout of `sums`
-      acc_t* bias_sum = bias_partials[thread].mutable_data_ptr<acc_t>();
-      for (int64_t b = b0; b < b1; ++b) {
-        const Block blk = plan.block(b, g);
-        int64_t channel_stride = 0;
-        const acc_t* win = block_window(g, plan, input, static_cast<const Source<scalar_t>*>(nullptr), blk, 0,
-                                        g.in_channels, window.get(), channel_stride);
-        const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
-        masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
-        if (shifted) {
-          shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer.get());
-          cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
-                    g.out_channels, weight_sum, g.out_channels, true);
-          continue;
-        }
-        for (int64_t tap = 0; tap < taps; ++tap) {
-          const int64_t ky = tap / g.kernel_w, kx = tap % g.kernel_w;
-          cpu::gemm(g.in_channels, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
-                    masked_t.get(), g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
+      for (int64_t part = p0; part < p1; ++part) {
+        acc_t* weight_sum = weight_partial + part * taps * tap_size;
+        acc_t* bias_sum = bias_partial + part * g.out_channels;
+        const int64_t b1 = cpu::part_begin(num_blocks, parts, part + 1);
+        for (int64_t b = cpu::part_begin(num_blocks, parts, part); b < b1; ++b) {
+          const Block blk = plan.block(b, g);
+          int64_t channel_stride = 0;
+          const acc_t* win = block_window(g, plan, input, static_cast<const Source<scalar_t>*>(nullptr), blk, 0,
+                                          g.in_channels, window.get(), channel_stride);
+          const int64_t columns = blk.rows * plan.width - (g.kernel_w - 1);
+          masked_gradient(g, plan, grad_out, mask, blk, masked.get(), masked_t.get(), bias_sum);
+          if (shifted) {
+            shifted_rows(g, plan, win, channel_stride, g.in_channels, columns, rows_buffer.get());
+            cpu::gemm(g.taps(), g.out_channels, columns, rows_buffer.get(), columns, masked_t.get(),
+                      g.out_channels, weight_sum, g.out_channels, true);
+            continue;
+          }
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const int64_t ky = tap / g.kernel_w, kx = tap % g.kernel_w;
+            cpu::gemm(g.in_channels, g.out_channels, columns, win + ky * plan.width + kx, channel_stride,
+                      masked_t.get(), g.out_channels, weight_sum + tap * tap_size, g.out_channels, true);
+          }
         }
       }
       cpu::gemm_release();

@@ -2,8 +2,8 @@
 // Y[(co, dy, dx), p] = sum_ci W[ci, co, dy, dx] * x[ci, p], whose epilogue adds the bias and
 // scatters each column into its 2x2 output pixels while Y is in cache. Backward gathers the
 // 2x2 gradient of each input pixel into G[(co, dy, dx), p]: dgrad = W G, wgrad = sum x G^T
-// (per-thread partials, added in thread order), grad_bias = row sums of G. Kernels read NCHW;
-// channels_last inputs are converted and the results returned channels_last.
+// (per-part partials, one part per thread, added in order), grad_bias = row sums of G. Kernels
+// read NCHW; channels_last inputs are converted and the results returned channels_last.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
+#include "partials.h"
 
 namespace unet_ext {
 namespace conv {
@@ -97,17 +98,17 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
   const int64_t blocks_per_image = (g.in_h + rows - 1) / rows;
   const int64_t out_plane = g.out_h * g.out_w, in_plane = g.in_h * g.in_w;
   const bool want_weight = grad_weight.defined();
-  const int threads = at::get_num_threads();
+  // One partial per part (partials.h), whatever the size of the team that runs the parts.
+  const int64_t blocks = g.batch * blocks_per_image, parts = cpu::partial_count(blocks);
   const auto acc_options = weight_matrix.options();
   at::Tensor weight_partials, bias_partials;
   if (want_weight) {
-    weight_partials = at::zeros({threads, g.in_channels, 4 * g.out_channels}, acc_options);
-    bias_partials = at::zeros({threads, g.out_channels}, acc_options);
+    weight_partials = at::zeros({parts, g.in_channels, 4 * g.out_channels}, acc_options);
+    bias_partials = at::zeros({parts, g.out_channels}, acc_options);
   }
   const acc_t* weights = weight_matrix.const_data_ptr<acc_t>();
   const int64_t phases = 4 * g.out_channels;
-  at::parallel_for(0, g.batch * blocks_per_image, 1, [&](int64_t b0, int64_t b1) {
-    const int thread = at::get_thread_num();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t max_pixels = rows * g.in_w;
     // G[(co, dy, dx), pixel]: each input pixel's 2x2 output gradient, for dgrad = W G; its
     // transpose G^T[pixel, (co, dy, dx)] for wgrad = x G^T (both plain GEMM operands).
@@ -115,45 +116,48 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
     std::unique_ptr<acc_t[]> gathered_t(want_weight ? new acc_t[max_pixels * phases] : nullptr);
     std::unique_ptr<acc_t[]> x(want_weight ? new acc_t[g.in_channels * max_pixels] : nullptr);
     std::unique_ptr<acc_t[]> dx(grad_input ? new acc_t[g.in_channels * max_pixels] : nullptr);
-    acc_t* weight_sum = want_weight ? weight_partials[thread].mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* bias_sum = want_weight ? bias_partials[thread].mutable_data_ptr<acc_t>() : nullptr;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
-      const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
-      acc_t* G = gathered.get();
-      acc_t* GT = gathered_t.get();
-      for (int64_t co = 0; co < g.out_channels; ++co) {
-        const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
-        acc_t s = 0;
-        for (int64_t dy = 0; dy < 2; ++dy) {
-          acc_t* even = G + up_phase(co, dy, 0) * pixels;
-          acc_t* odd = G + up_phase(co, dy, 1) * pixels;
-          for (int64_t r = 0; r < block_rows; ++r) {
-            const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
-            for (int64_t w = 0; w < g.in_w; ++w) {
-              const acc_t e = static_cast<acc_t>(row[2 * w]), o = static_cast<acc_t>(row[2 * w + 1]);
-              even[r * g.in_w + w] = e;
-              odd[r * g.in_w + w] = o;
-              s += e + o;
+    for (int64_t part = p0; part < p1; ++part) {
+      acc_t* weight_sum = want_weight ? weight_partials[part].mutable_data_ptr<acc_t>() : nullptr;
+      acc_t* bias_sum = want_weight ? bias_partials[part].mutable_data_ptr<acc_t>() : nullptr;
+      const int64_t b1 = cpu::part_begin(blocks, parts, part + 1);
+      for (int64_t b = cpu::part_begin(blocks, parts, part); b < b1; ++b) {
+        const int64_t n = b / blocks_per_image, h0 = (b % blocks_per_image) * rows;
+        const int64_t block_rows = std::min(rows, g.in_h - h0), pixels = block_rows * g.in_w;
+        acc_t* G = gathered.get();
+        acc_t* GT = gathered_t.get();
+        for (int64_t co = 0; co < g.out_channels; ++co) {
+          const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
+          acc_t s = 0;
+          for (int64_t dy = 0; dy < 2; ++dy) {
+            acc_t* even = G + up_phase(co, dy, 0) * pixels;
+            acc_t* odd = G + up_phase(co, dy, 1) * pixels;
+            for (int64_t r = 0; r < block_rows; ++r) {
+              const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
+              for (int64_t w = 0; w < g.in_w; ++w) {
+                const acc_t e = static_cast<acc_t>(row[2 * w]), o = static_cast<acc_t>(row[2 * w + 1]);
+                even[r * g.in_w + w] = e;
+                odd[r * g.in_w + w] = o;
+                s += e + o;
+              }
             }
           }
+          if (bias_sum) bias_sum[co] += s;
         }
-        if (bias_sum) bias_sum[co] += s;
-      }
-      if (GT) cpu::transpose(G, phases, pixels, GT);
-      if (grad_input) {
-        // dx[C_in, pixels] = W[C_in, 4 C_out] G[4 C_out, pixels]
-        cpu::gemm(g.in_channels, pixels, phases, weights, phases, G, pixels, dx.get(), pixels, false);
-        for (int64_t ci = 0; ci < g.in_channels; ++ci) {
-          scalar_t* dst = grad_input + (n * g.in_channels + ci) * in_plane + h0 * g.in_w;
-          const acc_t* src = dx.get() + ci * pixels;
-          for (int64_t i = 0; i < pixels; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+        if (GT) cpu::transpose(G, phases, pixels, GT);
+        if (grad_input) {
+          // dx[C_in, pixels] = W[C_in, 4 C_out] G[4 C_out, pixels]
+          cpu::gemm(g.in_channels, pixels, phases, weights, phases, G, pixels, dx.get(), pixels, false);
+          for (int64_t ci = 0; ci < g.in_channels; ++ci) {
+            scalar_t* dst = grad_input + (n * g.in_channels + ci) * in_plane + h0 * g.in_w;
+            const acc_t* src = dx.get() + ci * pixels;
+            for (int64_t i = 0; i < pixels; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+          }
         }
-      }
-      if (want_weight) {
-        load_input_block(g, input, n, h0, pixels, x.get());
-        // weight_sum[C_in, 4 C_out] += x[C_in, pixels] G^T[pixels, 4 C_out]
-        cpu::gemm(g.in_channels, phases, pixels, x.get(), pixels, GT, phases, weight_sum, phases, true);
+        if (want_weight) {
+          load_input_block(g, input, n, h0, pixels, x.get());
+          // weight_sum[C_in, 4 C_out] += x[C_in, pixels] G^T[pixels, 4 C_out]
+          cpu::gemm(g.in_channels, phases, pixels, x.get(), pixels, GT, phases, weight_sum, phases, true);
+        }
       }
     }
     cpu::gemm_release();

@@ -61,6 +61,12 @@ bool has_bf16_dot_products() {
   return has;
 }
 
+namespace {
+// Chosen while the library loads: a fork while another thread is inside a static's first call
+// leaves its guard held in the child (huge_pages.cpp).
+[[maybe_unused]] const bool chosen_at_load = (best_isa(), has_bf16_dot_products(), true);
+}  // namespace
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";

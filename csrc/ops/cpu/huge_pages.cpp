@@ -3,7 +3,8 @@
 // CPU allocator. Blocks are mapped with mmap, not posix_memalign: glibc serves 2-32 MiB from its
 // heap once its dynamic mmap threshold has grown, and free() there need not return the pages,
 // so empty_cache() would not shrink the process. The cache's lock is taken around fork()
-// (pthread_atfork), so a child forked while another thread allocates finds it unlocked.
+// (pthread_atfork), so a child forked while another thread allocates finds it unlocked, and the
+// cache is built when the library loads (a fork during its first use would leave its guard held).
 #include "huge_pages.h"
 
 #include <ATen/EmptyTensor.h>
@@ -137,6 +138,13 @@ BlockCache& cache() {
   return *instance;
 }
 
+// Built while the library loads, in one thread, before anything can fork: a child forked while
+// another thread is inside the first call of cache() (or enabled(), or the brgemm probe) waits
+// forever on that static's guard, the thread that holds it being gone, in its first big output
+// (or GEMM). The window is not short: registering the fork handlers waits for the handlers of a
+// fork under way in another thread, so a fork that starts first always lands inside it.
+[[maybe_unused]] const bool initialized_at_load = (enabled(), cache(), float_brgemm_available(), true);
+
 void release(void* context) {
   auto* block = static_cast<Block*>(context);
   cache().give(block->ptr, block->bytes);
@@ -183,9 +191,10 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options, a
 
 void empty_cache() {
   cache().clear();
-  // The conv kernels' per-thread scratch (gemm.h): one task per thread, each frees its own.
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release_scratch(); });
+  // The conv kernels' per-thread scratch (gemm.h): each thread of the team frees its own. The
+  // range is longer than any team, so every thread gets a task, also where the team is larger
+  // than at::get_num_threads() (partials.h).
+  at::parallel_for(0, int64_t{1} << 16, 1, [](int64_t, int64_t) { release_scratch(); });
   release_scratch();
 }
 

@@ -66,6 +66,9 @@ std::atomic<bool>& allow_flag() {
   return flag;
 }
 
+// Set while the library loads (huge_pages.cpp: no static's first call under way at a fork).
+[[maybe_unused]] const bool chosen_at_load = (kernels(), allow_flag(), true);
+
 }  // namespace
 
 bool filter_cache_enabled() { return !c10::GradMode::is_enabled(); }

@@ -264,6 +264,81 @@ first.join()
     assert out.split()[-1] == "0", out
 
 
+SLOW_FREE_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <malloc.h>
+#include <time.h>
+/* Freeing a block of 4 MiB or more takes 50 ms longer: whoever frees one under a lock holds
+   that lock for as long. */
+static void (*real_free)(void*);
+__attribute__((constructor)) static void find_free(void) { real_free = (void (*)(void*))dlsym(RTLD_NEXT, "free"); }
+void free(void* p) {
+  if (!real_free) return;  /* dlsym's own allocations, before it returns: kept */
+  if (p && malloc_usable_size(p) >= (4u << 20)) {
+    struct timespec wait = {0, 50000000};
+    nanosleep(&wait, 0);
+  }
+  real_free(p);
+}
+"""
+
+
+def test_fork_while_another_thread_uses_the_winograd_filter_cache(tmp_path):
+    """No-grad Winograd convolutions keep transformed filters in a cache under a lock (DataLoader
+    workers forked while the main thread runs inference). A child forked while another thread held
+    that lock waited on it forever in its first no-grad Winograd conv; dropping entries also freed
+    their filters under it. The lock is now held across fork() and nothing is freed under it. A
+    shim makes every large free take 50 ms, so a thread that frees under the lock holds it that long."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs a C compiler and /proc")
+    (tmp_path / "shim.c").write_text(SLOW_FREE_SHIM)
+    shim = str(tmp_path / "libslowfree.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", shim, str(tmp_path / "shim.c"), "-ldl"], check=True)
+    out = run_python(WAIT_CHILD + """
+import os, threading, time, torch, unet_ext
+from unet_ext.ops import conv2d_relu
+torch.manual_seed(0)
+x = torch.randn(1, 256, 34, 34)  # 256 -> 256 channels, 81 tiles: Winograd, filters cached (9.4 MB)
+def conv(w):
+    with torch.no_grad():
+        return conv2d_relu(x, w, None, 1)
+# The child's weight is made here: torch's random generator has a lock of its own, which the
+# churn thread's randn may hold at fork (torch's, not ours).
+child_weight = torch.randn(256, 256, 3, 3)
+def child_work():
+    torch.set_num_threads(1)  # one thread, as DataLoader workers (see the test above)
+    conv(child_weight.clone())  # a new weight: its filters are transformed and cached in the child
+n = torch.get_num_threads()
+child_work()  # the child's path once here first (statics, torch's thread pool)
+torch.set_num_threads(n)
+stop = False
+def churn():
+    while not stop:
+        weights = [torch.randn(256, 256, 3, 3) for _ in range(4)]
+        for w in weights:
+            conv(w)
+        del weights  # the next call drops their four cache entries
+thread = threading.Thread(target=churn)
+thread.start()
+hung = 0
+for _ in range(10):
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:
+        child_work()
+        os._exit(0)
+    if wait_child(pid) is None:
+        hung += 1
+        break
+stop = True
+thread.join()
+print("hung", hung)
+    """, env={"LD_PRELOAD": shim, "UNET_EXT_HUGE_PAGES": "0"}, timeout=600)
+    assert out.split()[-1] == "0", out
+
+
 def test_dataloader_workers_running_the_ops():
     """Forked DataLoader workers (persistent, across epochs) run the ops on big outputs while the
     parent runs them too; every batch equals the serial result."""

@@ -18,6 +18,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__linux__)
+#include <pthread.h>
+#endif
+
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
@@ -172,6 +176,16 @@ struct CacheEntry {
 std::mutex cache_mutex;
 std::list<CacheEntry> cache_entries;  // most recently used first
 
+#if defined(__linux__)
+// Held across fork() (pthread_atfork, registered while the library loads, before anything can
+// fork): a child forked while another thread holds the lock finds it unlocked, not held forever by
+// a thread it does not have (DataLoader workers running no-grad Winograd convs). Nothing is freed
+// under the lock (dropped entries are destroyed after it), so it nests inside no other lock and
+// the order of the handlers does not matter.
+[[maybe_unused]] const bool fork_handlers_registered =
+    (pthread_atfork([] { cache_mutex.lock(); }, [] { cache_mutex.unlock(); }, [] { cache_mutex.unlock(); }), true);
+#endif
+
 bool cacheable(const at::Tensor& weight) {
   return filter_cache_enabled() && !weight.is_inference() && weight.scalar_type() == at::kFloat;
 }
@@ -204,17 +218,26 @@ at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
     }
   }
   at::Tensor u = transform_filter(weight, dgrad);
+  // Dropped entries move here and are freed after the lock is released (declared first: destroyed
+  // last): freeing their filters takes the output cache's lock, which must not nest in this one.
+  std::list<CacheEntry> dropped;
   std::lock_guard<std::mutex> lock(mutex);
   // Drop this weight's older versions and any entry whose weight is gone, then trim to the budget.
-  entries.remove_if([&](const CacheEntry& e) {
-    return e.impl.expired() || (e.dgrad == dgrad && e.impl.lock().get() == weight.unsafeGetTensorImpl());
-  });
+  for (auto it = entries.begin(); it != entries.end();) {
+    const auto next = std::next(it);
+    if (it->impl.expired() || (it->dgrad == dgrad && it->impl.lock().get() == weight.unsafeGetTensorImpl())) {
+      dropped.splice(dropped.end(), entries, it);
+    }
+    it = next;
+  }
   entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
                                 weight.const_data_ptr(), weight.sizes().vec(), version, dgrad, u});
   int64_t bytes = 0;
   for (auto it = entries.begin(); it != entries.end();) {
+    const auto next = std::next(it);
     bytes += it->u.nbytes();
-    it = bytes > kCacheBytes && it != entries.begin() ? entries.erase(it) : std::next(it);
+    if (bytes > kCacheBytes && it != entries.begin()) dropped.splice(dropped.end(), entries, it);
+    it = next;
   }
   return u;
 }

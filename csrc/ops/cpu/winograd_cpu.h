@@ -69,8 +69,8 @@ bool allow_winograd();
 void set_allow_winograd(bool allow);
 
 // Whether the Winograd path serves this convolution (see the measurements in winograd.cpp);
-// filter_per_call: its filters are transformed on this call (dgrad; and the forward unless its
-// weight's current filters are cached, use_winograd_forward), so small images stay direct.
+// filter_per_call: its filters are transformed on this call (dgrad; and the forward on a weight
+// version's first call, use_winograd_forward), so small images stay direct.
 bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
 bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight);
 bool filter_cache_enabled();

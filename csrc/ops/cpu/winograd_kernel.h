@@ -236,38 +236,58 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
   float* row = scratch;                // [4 cols]: one gradient row of the block row, zero past the output
   float* split = row + width;          // [4 j][cols]: split[j][x] = row[4 x + j]
   float* h = split + kOut * cols;      // [4 a][6 k][cols]: A along each gradient row
-  float* out = h + kOut * kIn * cols;  // [36][cols]: one channel's tile row, transformed
-  // Tile rows outside, channels inside: the 16 channels that share a cache line of Y follow one another.
+  float* outs = h + kOut * kIn * cols;  // [kGradChannels c][36][cols]: a channel group's tile row, transformed
+  // Tile rows outside, groups of kGradChannels channels inside: Y is written a whole cache line
+  // (16 channels) at a time, not one float per line per channel (those scattered stores were
+  // half of a 32-channel wgrad).
   for (int64_t r = 0; r < b.rows; ++r) {
-    for (int64_t co = co0; co < co1; ++co) {
-      double sum = 0;
-      for (int a = 0; a < kOut; ++a) {
-        float* ha = h + a * kIn * cols;
-        const int64_t oh = kOut * (b.ty0 + r) + a;
-        if (oh >= g.out_h) {  // past the output: a zero gradient
-          std::fill(ha, ha + kIn * cols, 0.0f);
-          continue;
+    for (int64_t g0 = co0; g0 < co1; g0 += kGradChannels) {
+      const int64_t n = std::min<int64_t>(kGradChannels, co1 - g0);
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t co = g0 + c;
+        double sum = 0;
+        for (int a = 0; a < kOut; ++a) {
+          float* ha = h + a * kIn * cols;
+          const int64_t oh = kOut * (b.ty0 + r) + a;
+          if (oh >= g.out_h) {  // past the output: a zero gradient
+            std::fill(ha, ha + kIn * cols, 0.0f);
+            continue;
+          }
+          const float* s = grad.at(b.n, co, oh) + ow0;
+          if (mask) {
+            const float* m = mask->at(b.n, co, oh) + ow0;
+            for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+          } else {
+            std::copy(s, s + count, row);
+          }
+          std::fill(row + count, row + width, 0.0f);
+          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad).
+          double part[8] = {};
+          for (int64_t x0 = 0; x0 < width; x0 += 8)
+            for (int l = 0; l < 8; ++l) part[l] += x0 + l < width ? row[x0 + l] : 0.0f;
+          sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+          deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
+          apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
         }
-        const float* s = grad.at(b.n, co, oh) + ow0;
-        if (mask) {
-          const float* m = mask->at(b.n, co, oh) + ow0;
-          for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-        } else {
-          std::copy(s, s + count, row);
+        // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
+        float* out = outs + c * kPoints * cols;
+        for (int k = 0; k < kIn; ++k) {
+          apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
         }
-        std::fill(row + count, row + width, 0.0f);
-        for (int64_t x = 0; x < count; ++x) sum += row[x];
-        deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
-        apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
+        if (sums) sums[co - co0] += sum;
       }
-      // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
-      for (int k = 0; k < kIn; ++k) {
-        apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
+      // Y[p][r cols + x][g0 + c] = outs[c][p][x]
+      for (int p = 0; p < kPoints; ++p) {
+        for (int64_t x = 0; x < cols; ++x) {
+          float* to = y + p * point_stride + (r * cols + x) * ld + g0;
+          const float* from = outs + p * cols + x;
+          if (n == kGradChannels) {  // a constant trip count: unrolled
+            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * cols];
+          } else {
+            for (int64_t c = 0; c < n; ++c) to[c] = from[c * kPoints * cols];
+          }
+        }
       }
-      float* to = y + r * cols * ld + co;
-      for (int p = 0; p < kPoints; ++p)
-        for (int64_t x = 0; x < cols; ++x) to[p * point_stride + x * ld] = out[p * cols + x];
-      if (sums) sums[co - co0] += sum;
     }
   }
 }

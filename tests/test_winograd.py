@@ -70,15 +70,17 @@ def test_switch():
     assert unet_ext.backends.cpu.allow_winograd
 
 
-CASES = [  # (N, C_in, C_out, H, W, padding): >= 192 channels (1 / C_in + 1 / C_out <= 1 / 96) and
-    # batches so that forward and dgrad have >= 32 tiles (the selection rule, winograd.cpp)
-    (3, 192, 192, 13, 17, 0),   # partial edge tiles in both directions
-    (2, 208, 200, 9, 22, 1),    # "same"
-    (8, 192, 256, 7, 7, 2),     # padding 2 (dgrad padding 0)
-    (6, 200, 192, 6, 9, 2),     # small images, padding 2
-    (32, 192, 192, 6, 6, 0),    # a single whole tile per image
-    (1, 192, 192, 30, 600, 0),  # tile rows wider than a block: row segments
-    (2, 256, 384, 20, 20, 1),   # several channel blocks
+CASES = [  # (N, C_in, C_out, H, W, padding): channels and batches so that forward, dgrad and wgrad
+    # take Winograd (1 / C_in + 1 / C_out <= 1 / 32, and >= 128 tiles: winograd.cpp's selection rule)
+    (11, 192, 192, 13, 17, 0),   # partial edge tiles in both directions
+    (8, 208, 200, 9, 22, 1),     # "same"
+    (32, 192, 256, 7, 7, 2),     # padding 2 (dgrad padding 0)
+    (22, 200, 192, 6, 9, 2),     # small images, padding 2
+    (128, 192, 192, 6, 6, 0),    # a single whole tile per image
+    (1, 192, 192, 30, 600, 0),   # tile rows wider than a block: row segments
+    (6, 256, 384, 20, 20, 1),    # several channel blocks
+    (2, 64, 96, 17, 70, 1),      # mid channels, rows of 18 tiles (16 by shuffles, the rest one by one)
+    (2, 64, 64, 11, 150, 0),     # 37 tiles a row, a partial last tile
 ]
 
 
@@ -134,8 +136,8 @@ def test_concat_forward_and_backward_against_float64():
     (forward and wgrad), dgrad writes it; grad_skip is zero outside the window."""
     gen = torch.Generator().manual_seed(2)
     for padding in (0, 1):
-        skip = torch.randn(2, 192, 27, 29, generator=gen)
-        up = torch.randn(2, 200, 18, 21, generator=gen)
+        skip = torch.randn(2, 192, 45, 47, generator=gen)
+        up = torch.randn(2, 200, 36, 39, generator=gen)
         weight = torch.randn(208, 392, 3, 3, generator=gen) * (2 / (9 * 392)) ** 0.5
         bias = torch.randn(208, generator=gen) * 0.1
         leaves = _leaves(skip, up, weight, bias)
@@ -150,14 +152,17 @@ def test_concat_forward_and_backward_against_float64():
         for name, a, b, c in zip(("grad_skip", "grad_up", "grad_weight", "grad_bias"), got, base, want):
             _assert_accurate(a, b, c, f"conv2d_relu_concat {name}")
         # Outside the crop window grad_skip is exactly zero.
-        top, left = (27 - 18) // 2, (29 - 21) // 2
+        top, left = (45 - 36) // 2, (47 - 39) // 2
         window = torch.zeros_like(skip, dtype=torch.bool)
-        window[:, :, top:top + 18, left:left + 21] = True
+        window[:, :, top:top + 36, left:left + 39] = True
         assert (got[0][~window] == 0).all()
         with unet_ext.backends.cpu.flags(allow_winograd=False):
             leaves_d = _leaves(skip, up, weight, bias)[0]
-            direct = torch.autograd.grad(conv2d_relu_concat(*leaves_d, padding), leaves_d, grad)
-        assert not torch.equal(direct[2], got[2])  # wgrad ran on Winograd
+            direct_out = conv2d_relu_concat(*leaves_d, padding)
+            direct = torch.autograd.grad(direct_out, leaves_d, grad)
+        # forward, dgrad and wgrad ran on Winograd
+        assert not torch.equal(direct_out, out) and not torch.equal(direct[1], got[1])
+        assert not torch.equal(direct[2], got[2])
 
 
 def test_wgrad_in_groups_of_blocks():
@@ -187,8 +192,8 @@ def test_non_finite_values_match_the_direct_path(value):
     result matches it exactly. Either the input or the output gradient carries the value (wgrad
     reads both)."""
     gen = torch.Generator().manual_seed(3)
-    x, weight, bias = _conv_inputs(2, 192, 192, 24, 24, gen)
-    grad = torch.randn(2, 192, 24, 24, generator=gen)
+    x, weight, bias = _conv_inputs(2, 192, 192, 32, 32, gen)  # 128 tiles: forward and dgrad on Winograd too
+    grad = torch.randn(2, 192, 32, 32, generator=gen)
     for where in ("input", "grad", "both"):
         xv, gv = x.clone(), grad.clone()
         if where != "grad":
@@ -208,7 +213,7 @@ def test_non_finite_values_match_the_direct_path(value):
 
 def test_off_switch_takes_the_direct_path():
     gen = torch.Generator().manual_seed(4)
-    x, weight, bias = _conv_inputs(2, 192, 192, 24, 24, gen)
+    x, weight, bias = _conv_inputs(4, 192, 192, 24, 24, gen)
     with unet_ext.backends.cpu.flags(allow_winograd=False):
         direct = conv2d_relu(x, weight, bias, 1)
     wino = conv2d_relu(x, weight, bias, 1)
@@ -261,7 +266,7 @@ def test_float64_never_uses_winograd():
 
 def test_filter_cache_sees_in_place_updates_and_new_weights():
     gen = torch.Generator().manual_seed(6)
-    x, weight, bias = _conv_inputs(2, 192, 192, 16, 16, gen)
+    x, weight, bias = _conv_inputs(8, 192, 192, 16, 16, gen)
     with torch.no_grad():
         first = conv2d_bias(x, weight, bias, 1)
         weight.mul_(2)  # bumps the version counter
@@ -276,14 +281,37 @@ def test_filter_cache_sees_in_place_updates_and_new_weights():
         torch.testing.assert_close(conv2d_bias(x, weight, bias, 1), second)
 
 
+def test_small_images_take_winograd_from_a_weight_versions_second_call():
+    """Below 128 tiles the filter transform costs more than Winograd saves when it is paid per
+    call (training, dgrad); in inference a weight version's first call takes the direct path and
+    the later ones Winograd on its cached filters."""
+    gen = torch.Generator().manual_seed(11)
+    x, weight, bias = _conv_inputs(2, 192, 192, 14, 14, gen)  # 2 x 9 tiles
+    with torch.no_grad():
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            direct = conv2d_relu(x, weight, bias, 0)
+        assert torch.equal(conv2d_relu(x, weight, bias, 0), direct)
+        second = conv2d_relu(x, weight, bias, 0)
+        assert not torch.equal(second, direct)
+        torch.testing.assert_close(second, direct, rtol=1e-4, atol=1e-5)
+        weight.mul_(2)  # a new version: its first call is direct again
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            direct = conv2d_relu(x, weight, bias, 0)
+        assert torch.equal(conv2d_relu(x, weight, bias, 0), direct)
+        assert not torch.equal(conv2d_relu(x, weight, bias, 0), direct)
+    # Grad mode (the filters are never cached): always direct.
+    assert torch.equal(conv2d_relu(x, weight, bias, 0), direct) and torch.equal(conv2d_relu(x, weight, bias, 0), direct)
+
+
 # (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each
-# level as conv2d_relu_concat), at a 24x24 input (36 tiles: Winograd takes forward, dgrad and wgrad
-# where the channels are enough): the forward's and dgrad's error per output depend on the
-# channels (the sums' length), not on the image size; wgrad's sums run over the image (the
-# benchmark's sizes: benchmarks/bench_winograd.py --wgrad prints the same ratios).
+# level as conv2d_relu_concat), and the 32-channel levels of base-32 models, at a 48x48 input (144
+# tiles: Winograd takes forward, dgrad and wgrad where the channels are enough): the forward's and
+# dgrad's error per output depend on the channels (the sums' length), not on the image size;
+# wgrad's sums run over the image (the benchmark's sizes: benchmarks/bench_winograd.py --wgrad
+# prints the same ratios).
 PAPER_LAYERS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 1024),
                 (1024, 1024), (1024, 512), (512, 512), (512, 256), (256, 256), (256, 128), (128, 128),
-                (128, 64), (64, 64)]
+                (128, 64), (64, 64), (32, 32), (32, 64), (64, 32)]
 
 
 @pytest.mark.parametrize("c_in,c_out", sorted(set(PAPER_LAYERS)), ids=lambda v: str(v))
@@ -291,7 +319,7 @@ def test_paper_layer_accuracy(c_in, c_out):
     """Forward, dgrad and wgrad of a paper layer: max error against float64 at most 8x stock
     float32's on the same input."""
     gen = torch.Generator().manual_seed(c_in + c_out)
-    x, weight, bias = _conv_inputs(1, c_in, c_out, 24, 24, gen)
+    x, weight, bias = _conv_inputs(1, c_in, c_out, 48, 48, gen)
     xs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
     ws = [weight.clone().requires_grad_(), weight.double().requires_grad_(), weight.clone().requires_grad_()]
     out = conv2d_relu(xs[0], ws[0], bias, 0)
@@ -305,11 +333,11 @@ def test_paper_layer_accuracy(c_in, c_out):
     _assert_accurate(grads[0][0], grads[2][0], grads[1][0], f"{c_in}->{c_out} dgrad")
     _assert_accurate(grads[0][1], grads[2][1], grads[1][1], f"{c_in}->{c_out} wgrad")
     # Winograd ran where the selection rule's channels say (winograd.cpp): forward and dgrad from
-    # 1 / C_in + 1 / C_out <= 1 / 96, wgrad from 1 / 48.
+    # 1 / C_in + 1 / C_out <= 1 / 16, wgrad from 1 / 32.
     with unet_ext.backends.cpu.flags(allow_winograd=False):
         leaves = [t.clone().requires_grad_() for t in (x, weight)]
         direct = conv2d_relu(leaves[0], leaves[1], bias, 0)
         direct_grads = torch.autograd.grad(direct, leaves, grad)
-    forward_rule, wgrad_rule = 96 * (c_in + c_out) <= c_in * c_out, 48 * (c_in + c_out) <= c_in * c_out
+    forward_rule, wgrad_rule = 16 * (c_in + c_out) <= c_in * c_out, 32 * (c_in + c_out) <= c_in * c_out
     assert torch.equal(direct, out) != forward_rule and torch.equal(direct_grads[0], grads[0][0]) != forward_rule
     assert torch.equal(direct_grads[1], grads[0][1]) != wgrad_rule

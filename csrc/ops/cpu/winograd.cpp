@@ -81,23 +81,27 @@ bool allow_winograd() { return allow_flag().load(std::memory_order_relaxed); }
 void set_allow_winograd(bool allow) { allow_flag().store(allow, std::memory_order_relaxed); }
 
 // Measured on this project's 2-core AVX-512 CPU against the direct path (interleaved medians on
-// a quiet machine; runs that share the cores with other jobs favour Winograd and misled an earlier
-// rule): 64 -> 64 at 1x570x570 0.86x, 64 -> 64 at 2x314x314 0.78x, 128 -> 128 at 1x282x282 1.09x,
-// 256 -> 256 at 1x138x138 1.40x (dgrad 1.62x), 512 -> 512 at 1x66x66 1.69x (dgrad 1.27x). The
-// transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out. With 128
-// channels it is marginal (the paper's 128 -> 128 at 282 and 128 -> 256 at 140: forward
-// 0.94-1.09x and 0.97x in another run), so Winograd where 1 / C_in + 1 / C_out <= 1 / 96:
-// 256 -> 256 and up (the concat's 512 -> 256), not 256 -> 128 or 128 -> anything.
+// a quiet machine, load 1.0-1.5; runs that share the cores with other jobs favour Winograd), with
+// the transforms' phases split by shuffles (cpu/winograd_kernel.h): forward with cached filters
+// 2 x 32 -> 32 at 314x314 1.19x, 2 x 64 -> 64 at 154 1.61x, 2 x 128 -> 128 at 74 1.67x,
+// 2 x 64 -> 32 at 154 1.29x, 2 x 128 -> 64 at 78 1.60x, 1 x 64 -> 64 at 290 1.66x, 1 x 128 -> 128
+// at 282 2.0x; dgrad 2 x 32 -> 32 at 314 1.23x, 64 -> 64 at 154 1.54x, 128 -> 128 at 74 1.70x.
+// (Before the shuffles the transforms took 2/3 of a 64-channel forward and 64 -> 64 was 0.78-0.86x.)
+// The transforms cost ~ C_in + C_out per tile, the saved multiplications ~ C_in x C_out: Winograd
+// where 1 / C_in + 1 / C_out <= 1 / 16 (32 -> 32 and up; not the first layer, 1 -> 64).
 // Where the filters are transformed on the call (training: the weights change every step, and
-// every dgrad) that transform costs as much as the convolution on tiny images: 512 -> 512 at
-// 2x14x14 (18 tiles) 0.7x, 256 -> 512 at 2x16x16 (32 tiles) 1.2-1.5x; those need
-// kMinTilesPerCall tiles. Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
+// every dgrad) that transform, and the GEMMs' short N, cost more than they save on small images:
+// 2 x 512 -> 512 at 14x14 (forward 18 tiles, dgrad 32) 0.63x forward and 0.44x dgrad, 2 x 256 ->
+// 512 at 16 (32 tiles) 0.57x / 0.51x, 2 x 512 -> 256 at 24 (72 tiles) 0.81x / 0.75x, 2 x 256 ->
+// 256 at 22 (dgrad 72 tiles) 0.66x; at 2 x 36x36 (162 tiles) 1.15-1.21x: kMinTilesPerCall
+// tiles. (The forward's filters are per call only on a weight version's first call:
+// use_winograd_forward.) Padding up to k - 1 = 2 (dgrad's padding 2 - p >= 0): beyond it much
 // of each output reads padding, stock float32 sums fewer terms, and Winograd's error was 8-11x
 // stock's (padding 3). And tiles at least half inside the output (8 of 16 outputs on average): a
 // tile costs 36 products per channel pair however much of it is output, the direct path 9 per
 // output; 1x1 outputs (1/16 of a tile) were 0.29-0.42x the direct path forward, and their wgrad 9x
 // stock's error (the transforms' rounding, where stock sums a few terms).
-constexpr int64_t kChannelScale = 96, kMinTilesPerCall = 32;
+constexpr int64_t kChannelScale = 16, kMinTilesPerCall = 128;
 
 namespace {
 bool winograd_geometry(const ConvGeometry& g, at::ScalarType dtype, int64_t channel_scale, int64_t min_tiles) {
@@ -113,21 +117,22 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? kMinTilesPerCall : 1);
 }
 
-// The weight gradient's rule has its own channel scale: its direct path (oneDNN's wgrad from 256
-// input channels, our GEMMs below) runs further from the FMA peak than the forward's, and its
-// transforms are cheaper (A's entries are powers of two; G^T runs once per channel pair, not per
-// tile). Measured wgrad alone against the direct path (interleaved medians on a machine loaded by
-// other jobs, which flatters Winograd; README "Winograd"): 2 x 128 -> 128 at 74x74 1.6-2.0x,
-// 1 x 128 -> 128 at 282 1.9x, 1 x 128 -> 256 at 140 2.5x; 64 channels 1.1-1.7x, 2 x 64 -> 128 at
-// 76 1.0-1.9x, 32 channels 0.8-0.9x. So from 1 / C_in + 1 / C_out <= 1 / 48 (128 -> 128, and
-// the concat's 256 -> 128); 256 -> 256 and up were 2.3-2.8x. UNET_EXT_WINOGRAD_WGRAD_SCALE
-// replaces the 48, read per call (a benchmark knob: benchmarks/bench_winograd.py sets a scale no
-// layer meets to time the direct wgrad in the same process).
-constexpr int64_t kWgradChannelScale = 48;
+// The weight gradient's rule has its own channel scale and tile minimum: its transforms are
+// cheaper (A's entries are powers of two; G^T runs once per channel pair, not per tile), its
+// filter-size output needs no filter transform, but its direct path is near the FMA peak on small
+// channel counts. Measured wgrad alone against the direct path (quiet machine, load 1.1-1.5):
+// 2 x 32 -> 32 at 314 0.89x, 2 x 32 -> 64 at 156 0.84x, 2 x 64 -> 32 at 154 1.05x, 2 x 64 -> 64
+// at 154 1.33x, 2 x 64 -> 128 at 76 1.20x, 2 x 128 -> 128 at 74 1.72x, 2 x 128 -> 64 at 78 1.66x;
+// so from 1 / C_in + 1 / C_out <= 1 / 32 (64 -> 64 and up). On small images it still pays:
+// 2 x 512 -> 512 at 14 (18 tiles) 1.14x, 2 x 256 -> 512 at 16 (32 tiles) 1.86x, 2 x 512 -> 256 at
+// 24 2.29x: from 16 tiles. UNET_EXT_WINOGRAD_WGRAD_SCALE replaces the 32, read per call (a
+// benchmark knob: benchmarks/bench_winograd.py sets a scale no layer meets to time the direct
+// wgrad in the same process).
+constexpr int64_t kWgradChannelScale = 32, kWgradMinTiles = 16;
 
 bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_WGRAD_SCALE");
-  return winograd_geometry(g, dtype, value != nullptr ? std::atoll(value) : kWgradChannelScale, kMinTilesPerCall);
+  return winograd_geometry(g, dtype, value != nullptr ? std::atoll(value) : kWgradChannelScale, kWgradMinTiles);
 }
 
 namespace {
@@ -195,34 +200,12 @@ bool entry_matches(const CacheEntry& e, const at::Tensor& weight, bool dgrad) {
          weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
 }
 
-bool has_cached_filter(const at::Tensor& weight, bool dgrad) {
-  if (!cacheable(weight)) return false;
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  return std::any_of(cache_entries.begin(), cache_entries.end(),
-                     [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); });
-}
-
-at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
-  if (!cacheable(weight)) return transform_filter(weight, dgrad);
-  auto& mutex = cache_mutex;
+// Puts (weight's current version, u) first, under the lock; drops this weight's older versions
+// and any entry whose weight is gone into `dropped` (freed by the caller after the lock: freeing
+// filters takes the output cache's lock, which must not nest in this one), then trims to the budget.
+// An undefined u records that the version was seen (use_winograd_forward), costing no memory.
+void insert_entry(const at::Tensor& weight, bool dgrad, const at::Tensor& u, std::list<CacheEntry>& dropped) {
   auto& entries = cache_entries;
-  const int64_t version = weight._version();
-  const auto matches = [&](const CacheEntry& e) { return entry_matches(e, weight, dgrad); };
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto it = entries.begin(); it != entries.end(); ++it) {
-      if (matches(*it)) {
-        entries.splice(entries.begin(), entries, it);
-        return it->u;
-      }
-    }
-  }
-  at::Tensor u = transform_filter(weight, dgrad);
-  // Dropped entries move here and are freed after the lock is released (declared first: destroyed
-  // last): freeing their filters takes the output cache's lock, which must not nest in this one.
-  std::list<CacheEntry> dropped;
-  std::lock_guard<std::mutex> lock(mutex);
-  // Drop this weight's older versions and any entry whose weight is gone, then trim to the budget.
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);
     if (it->impl.expired() || (it->dgrad == dgrad && it->impl.lock().get() == weight.unsafeGetTensorImpl())) {
@@ -231,21 +214,57 @@ at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
     it = next;
   }
   entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-                                weight.const_data_ptr(), weight.sizes().vec(), version, dgrad, u});
+                                weight.const_data_ptr(), weight.sizes().vec(), weight._version(), dgrad, u});
   int64_t bytes = 0;
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);
-    bytes += it->u.nbytes();
+    bytes += it->u.defined() ? it->u.nbytes() : 0;
     if (bytes > kCacheBytes && it != entries.begin()) dropped.splice(dropped.end(), entries, it);
     it = next;
   }
+}
+
+// Whether this version of the weight was seen by the forward before (its filters cached, or a
+// record of the earlier call); records it if not. False where nothing is cached (grad mode).
+bool seen_before(const at::Tensor& weight) {
+  if (!cacheable(weight)) return false;
+  std::list<CacheEntry> dropped;  // destroyed after the lock is released (declared first)
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  for (auto it = cache_entries.begin(); it != cache_entries.end(); ++it) {
+    if (entry_matches(*it, weight, false)) {
+      cache_entries.splice(cache_entries.begin(), cache_entries, it);
+      return true;
+    }
+  }
+  insert_entry(weight, false, at::Tensor(), dropped);
+  return false;
+}
+
+at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (!cacheable(weight)) return transform_filter(weight, dgrad);
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    for (auto it = cache_entries.begin(); it != cache_entries.end(); ++it) {
+      if (entry_matches(*it, weight, dgrad) && it->u.defined()) {
+        cache_entries.splice(cache_entries.begin(), cache_entries, it);
+        return it->u;
+      }
+    }
+  }
+  at::Tensor u = transform_filter(weight, dgrad);
+  std::list<CacheEntry> dropped;  // destroyed after the lock is released (declared first)
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  insert_entry(weight, dgrad, u, dropped);
   return u;
 }
 
-// Tiles per task block: V [36][C_in][T] and M [36][co_block][T] near half the 2 MiB L2, but at
-// least kMinTiles (the GEMMs' N: below it the brgemm runs short vectors, and the deep layers'
-// transformed weights, up to 151 MB, are streamed once per block).
-constexpr int64_t kBlockBytes = int64_t{1} << 20, kMinTiles = 64, kMaxTiles = 512;
+// Tiles per task block: V [36][C_in][T] and M [36][co_block][T] near the 2 MiB L2, but at least
+// kMinTiles (the GEMMs' N: below it the brgemm runs short vectors, and the deep layers'
+// transformed weights, up to 151 MB, are streamed once per block). Forward, quiet machine, against
+// 1 MiB (blocks of 64 tiles from 64 channels): 2 MiB took 2 x 128 -> 128 at 74x74 from 8.4 to 8.0
+// ms (T = 72 -> 144), 1 x 256 -> 256 at 138 from 53.5 to 51.7, 64 channels the same; 4 MiB was
+// 7.3 / 52.0 but 4% slower on 64 channels, 8 MiB 5-20% slower everywhere.
+constexpr int64_t kBlockBytes = int64_t{2} << 20, kMinTiles = 64, kMaxTiles = 512;
 constexpr int64_t kMaxChannelBlock = 256;
 // The weight gradient's tile blocks (the GEMMs' K), its gradient transform's channel groups and its
 // input-channel blocks (the GEMMs' M; a task's M is 36 x block x C_out floats).
@@ -263,7 +282,9 @@ constexpr int64_t kWgradGroupBytes = int64_t{64} << 20;  // the transformed grad
 constexpr int64_t kChunk = 16, kGroup = 64;
 
 // The tile blocks of a convolution's output: about `target` tiles each, whole tile rows while a
-// row is shorter than the target, else row segments; equal sizes (balanced tasks).
+// row is shorter than the target, else row segments of at least `target` tiles (rounding the
+// number of segments up gave 64 -> 64 at 290x290, 72 tiles a row, blocks of 36 tiles, and
+// 128 -> 128 at 282 blocks of 35: 20-25% slower than whole rows); equal sizes (balanced tasks).
 struct BlockPlan {
   int64_t tiles_h, tiles_w, rows, cols, row_blocks, col_blocks, blocks;
   BlockPlan(const ConvGeometry& g, int64_t target) {
@@ -272,7 +293,7 @@ struct BlockPlan {
     cols = tiles_w;
     rows = std::min(tiles_h, (target + tiles_w - 1) / tiles_w);
     if (tiles_w > target) {
-      const int64_t parts = (tiles_w + target - 1) / target;
+      const int64_t parts = std::max<int64_t>(1, tiles_w / target);
       cols = (tiles_w + parts - 1) / parts;
       rows = 1;
     }
@@ -291,11 +312,12 @@ struct BlockPlan {
 
 }  // namespace
 
-// The forward's filters are per call unless an up-to-date transform of this weight is cached: in
-// training the op runs under the autograd Function's no_grad too, but every step brings a new
-// version. (So a small image takes Winograd only after a large one cached its weight's filters.)
+// The forward's filters count as per call unless this weight version was seen before: in training
+// the op runs under the autograd Function's no_grad too (so its filters are cached), but every
+// step brings a new version. In inference a small image (the deep layers' 49-64 tiles at batch 1)
+// takes the direct path on a version's first call and Winograd from the second.
 bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight) {
-  return use_winograd(g, dtype, !has_cached_filter(weight, false));
+  return use_winograd(g, dtype, false) && use_winograd(g, dtype, !seen_before(weight));
 }
 
 at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }

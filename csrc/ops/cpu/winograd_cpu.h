@@ -39,7 +39,8 @@ inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * 
 // bias gradient); weight_transform: dw[co][ci][3x3] = G^T M G for ci in [ci0, ci1), co in [co0, co1),
 // M[p][ci - ci0][co - co0] (false if a result is not finite). Scratch: grad_scratch(b.cols),
 // weight_scratch(co1 - co0) floats.
-inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kPoints) * cols; }
+constexpr int64_t kGradChannels = 16;  // grad_transform's channel group: a 64-byte line of Y
+inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kGradChannels * kPoints) * cols; }
 inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel * kKernel) * c_out; }
 #define UNET_DECLARE_WINOGRAD_CPU_KERNELS(ISA)                                                          \
   namespace ISA {                                                                                      \
@@ -69,8 +70,8 @@ bool allow_winograd();
 void set_allow_winograd(bool allow);
 
 // Whether the Winograd path serves this convolution (see the measurements in winograd.cpp);
-// filter_per_call: its filters are transformed on this call (dgrad; and the forward unless its
-// weight's current filters are cached, use_winograd_forward), so small images stay direct.
+// filter_per_call: its filters are transformed on this call (dgrad; and the forward on a weight
+// version's first call, use_winograd_forward), so small images stay direct.
 bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
 bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight);
 bool filter_cache_enabled();

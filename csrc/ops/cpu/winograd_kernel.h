@@ -41,6 +41,68 @@ inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, 
   apply<M, R, C, 1, 1>(in + x, in_j, out + x, out_k, n - x);
 }
 
+// out[k * out_k + x] = sum_j M[k][j] in[j][x] for x < n, the C rows of `in` anywhere (apply_rows
+// with a row pointer per j).
+template <const auto& M, int R, int C>
+inline void apply_rows_at(const float* const* in, float* __restrict out, int64_t out_k, int64_t n) {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+  int64_t x = 0;
+  for (; x + kLanes <= n; x += kLanes) {
+    Vec v[C], r[R];
+    for (int j = 0; j < C; ++j) v[j] = load<Vec>(in[j] + x);
+    transform<M, R, C, float>(v, r);
+    for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  }
+  for (; x < n; ++x) {
+    float v[C], r[R];
+    for (int j = 0; j < C; ++j) v[j] = in[j][x];
+    transform<M, R, C, float>(v, r);
+    for (int k = 0; k < R; ++k) out[k * out_k + x] = r[k];
+  }
+}
+
+// A tile row's columns, 4 apart: s[j][x] = row[4 x + j] for j < 4, x < n (the transforms run on
+// vectors of tiles). With 16 lanes (GCC), 16 tiles at a time by two rounds of two-source
+// shuffles (vpermt2ps) instead of 64 scalar moves; the re-interleave of the output likewise.
+#if UNET_CPU_LANES == 16 && defined(__GNUC__) && !defined(__clang__)
+#define UNET_WINOGRAD_SHUFFLE 1
+typedef float ShuffleVec __attribute__((vector_size(64)));
+typedef int32_t ShuffleIdx __attribute__((vector_size(64)));
+// Lanes 0-7 from phase j, 8-15 from phase j + 1, of 8 tiles (32 floats): kPhase01 (j = 0), kPhase23 (j = 2).
+inline constexpr ShuffleIdx kPhase01 = {0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29};
+inline constexpr ShuffleIdx kPhase23 = {2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31};
+// The low (kLow) or high (kHigh) halves of two vectors, one after the other.
+inline constexpr ShuffleIdx kLow = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+inline constexpr ShuffleIdx kHigh = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+// Output lane e = 4 x + p of [p0 x0-7 | p1 x0-7] and [p2 x0-7 | p3 x0-7]: tiles 0-3 (kOut0) or 4-7 (kOut1).
+inline constexpr ShuffleIdx kOut0 = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27};
+inline constexpr ShuffleIdx kOut1 = {4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
+#endif
+
+inline void deinterleave4(const float* __restrict row, float* __restrict s0, float* __restrict s1,
+                          float* __restrict s2, float* __restrict s3, int64_t n) {
+  int64_t x = 0;
+#ifdef UNET_WINOGRAD_SHUFFLE
+  for (; x + 16 <= n; x += 16) {
+    const float* r = row + kOut * x;
+    const ShuffleVec a0 = load<ShuffleVec>(r), a1 = load<ShuffleVec>(r + 16), a2 = load<ShuffleVec>(r + 32),
+                     a3 = load<ShuffleVec>(r + 48);
+    const ShuffleVec u0 = __builtin_shuffle(a0, a1, kPhase01), u1 = __builtin_shuffle(a0, a1, kPhase23);
+    const ShuffleVec w0 = __builtin_shuffle(a2, a3, kPhase01), w1 = __builtin_shuffle(a2, a3, kPhase23);
+    store(s0 + x, __builtin_shuffle(u0, w0, kLow));
+    store(s1 + x, __builtin_shuffle(u0, w0, kHigh));
+    store(s2 + x, __builtin_shuffle(u1, w1, kLow));
+    store(s3 + x, __builtin_shuffle(u1, w1, kHigh));
+  }
+#endif
+  for (; x < n; ++x) {
+    s0[x] = row[kOut * x];
+    s1[x] = row[kOut * x + 1];
+    s2[x] = row[kOut * x + 2];
+    s3[x] = row[kOut * x + 3];
+  }
+}
+
 void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src,
                      const ChannelParts<const float>* mask, const TileBlock& b, int64_t c0, int64_t c1, float* v,
                      int64_t point_stride, float* scratch) {
@@ -48,9 +110,15 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
   const int64_t col0 = kOut * b.tx0 - g.pad_w;  // input column of the row buffer's first element
   const int64_t lo = col0 < 0 ? std::min<int64_t>(-col0, width) : 0;
   const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(width, g.in_w - col0));
-  float* row = scratch;                   // [width]: one input row of the block row, zero-padded
-  float* split = row + width;             // [6 j][cols]: split[j][x] = row[4 x + j]
-  float* h = split + kIn * cols;          // [6 y][6 k][cols]: B^T along each input row
+  // row: [4 (cols + 1)], one input row of the block row, zero-padded; phases: [4 j][cols + 1],
+  // phases[j][x] = row[4 x + j] (so row[4 x + 4 + j] = phases[j][x + 1] for j = 4, 5); h: [6 y][6 k][cols],
+  // B^T along each input row. Within transform_scratch(cols): 44 cols + 8 <= 60 cols + 12.
+  const int64_t padded = kOut * (cols + 1);
+  float* row = scratch;
+  float* phases = row + padded;
+  float* h = phases + padded;
+  const float* split[kIn] = {phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1),
+                             phases + 1, phases + (cols + 1) + 1};
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t r = 0; r < b.rows; ++r) {
       for (int y = 0; y < kIn; ++y) {
@@ -68,10 +136,9 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
         } else {
           std::copy(s + lo, s + hi, row + lo);
         }
-        std::fill(row + hi, row + width, 0.0f);
-        for (int64_t x = 0; x < cols; ++x)
-          for (int j = 0; j < kIn; ++j) split[j * cols + x] = row[kOut * x + j];
-        apply_rows<kBT, kIn, kIn>(split, cols, hy, cols, cols);
+        std::fill(row + hi, row + padded, 0.0f);
+        deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
+        apply_rows_at<kBT, kIn, kIn>(split, hy, cols, cols);
       }
       // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[y][k][x]
       float* out = v + (c - c0) * t_count + r * cols;
@@ -108,7 +175,26 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
           return relu && value < 0.0f ? 0.0f : value;
         };
         const int64_t whole = count / kOut;
-        for (int64_t x = 0; x < whole; ++x)
+        int64_t x0 = 0;
+#ifdef UNET_WINOGRAD_SHUFFLE
+        const ShuffleVec zero = {}, bias_v = zero + shift;
+        ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
+        for (; x0 + 16 <= whole; x0 += 16) {
+          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
+                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
+          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+          const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
+                                   __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+          for (int q = 0; q < 4; ++q) {
+            const ShuffleVec value = o[q] + bias_v;
+            check += value - value;
+            store(d + kOut * x0 + 16 * q, relu ? (value < zero ? zero : value) : value);
+          }
+        }
+        for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
+#endif
+        for (int64_t x = x0; x < whole; ++x)
           for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
         for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(y[(i % kOut) * cols + i / kOut] + shift);
       }
@@ -150,39 +236,58 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
   float* row = scratch;                // [4 cols]: one gradient row of the block row, zero past the output
   float* split = row + width;          // [4 j][cols]: split[j][x] = row[4 x + j]
   float* h = split + kOut * cols;      // [4 a][6 k][cols]: A along each gradient row
-  float* out = h + kOut * kIn * cols;  // [36][cols]: one channel's tile row, transformed
-  // Tile rows outside, channels inside: the 16 channels that share a cache line of Y follow one another.
+  float* outs = h + kOut * kIn * cols;  // [kGradChannels c][36][cols]: a channel group's tile row, transformed
+  // Tile rows outside, groups of kGradChannels channels inside: Y is written a whole cache line
+  // (16 channels) at a time, not one float per line per channel (those scattered stores were
+  // half of a 32-channel wgrad).
   for (int64_t r = 0; r < b.rows; ++r) {
-    for (int64_t co = co0; co < co1; ++co) {
-      double sum = 0;
-      for (int a = 0; a < kOut; ++a) {
-        float* ha = h + a * kIn * cols;
-        const int64_t oh = kOut * (b.ty0 + r) + a;
-        if (oh >= g.out_h) {  // past the output: a zero gradient
-          std::fill(ha, ha + kIn * cols, 0.0f);
-          continue;
+    for (int64_t g0 = co0; g0 < co1; g0 += kGradChannels) {
+      const int64_t n = std::min<int64_t>(kGradChannels, co1 - g0);
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t co = g0 + c;
+        double sum = 0;
+        for (int a = 0; a < kOut; ++a) {
+          float* ha = h + a * kIn * cols;
+          const int64_t oh = kOut * (b.ty0 + r) + a;
+          if (oh >= g.out_h) {  // past the output: a zero gradient
+            std::fill(ha, ha + kIn * cols, 0.0f);
+            continue;
+          }
+          const float* s = grad.at(b.n, co, oh) + ow0;
+          if (mask) {
+            const float* m = mask->at(b.n, co, oh) + ow0;
+            for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+          } else {
+            std::copy(s, s + count, row);
+          }
+          std::fill(row + count, row + width, 0.0f);
+          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad).
+          double part[8] = {};
+          for (int64_t x0 = 0; x0 < width; x0 += 8)
+            for (int l = 0; l < 8; ++l) part[l] += x0 + l < width ? row[x0 + l] : 0.0f;
+          sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+          deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
+          apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
         }
-        const float* s = grad.at(b.n, co, oh) + ow0;
-        if (mask) {
-          const float* m = mask->at(b.n, co, oh) + ow0;
-          for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-        } else {
-          std::copy(s, s + count, row);
+        // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
+        float* out = outs + c * kPoints * cols;
+        for (int k = 0; k < kIn; ++k) {
+          apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
         }
-        std::fill(row + count, row + width, 0.0f);
-        for (int64_t x = 0; x < count; ++x) sum += row[x];
-        for (int64_t x = 0; x < cols; ++x)
-          for (int j = 0; j < kOut; ++j) split[j * cols + x] = row[kOut * x + j];
-        apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
+        if (sums) sums[co - co0] += sum;
       }
-      // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
-      for (int k = 0; k < kIn; ++k) {
-        apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
+      // Y[p][r cols + x][g0 + c] = outs[c][p][x]
+      for (int p = 0; p < kPoints; ++p) {
+        for (int64_t x = 0; x < cols; ++x) {
+          float* to = y + p * point_stride + (r * cols + x) * ld + g0;
+          const float* from = outs + p * cols + x;
+          if (n == kGradChannels) {  // a constant trip count: unrolled
+            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * cols];
+          } else {
+            for (int64_t c = 0; c < n; ++c) to[c] = from[c * kPoints * cols];
+          }
+        }
       }
-      float* to = y + r * cols * ld + co;
-      for (int p = 0; p < kPoints; ++p)
-        for (int64_t x = 0; x < cols; ++x) to[p * point_stride + x * ld] = out[p * cols + x];
-      if (sums) sums[co - co0] += sum;
     }
   }
 }

@@ -71,6 +71,40 @@ def test_ties_and_nan_follow_stock(device, dtype, layout):
     assert torch.equal(got, want)
 
 
+# Widths and channel counts around the CPU loops' vector lengths (bfloat16 runs on its raw bits:
+# 8, 16 and 32 lanes), odd sizes, and the U-Net's own shapes, in every layout.
+VECTOR_SHAPES = [
+    (2, 37, 13, 35),   # odd everything, channels not a multiple of any vector width
+    (1, 64, 31, 66),   # 64 channels (the model's), odd height
+    (2, 3, 10, 71),    # long odd rows: NCHW's vector loop and its tail
+    (1, 1, 3, 33),     # one channel, one window row
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", VECTOR_SHAPES, ids=str)
+def test_low_precision_at_vector_widths(dtype, layout, shape):
+    """Forward and backward bit-exact against F.max_pool2d (a maximum and its gradient are exact),
+    with the many ties 16-bit rounding makes, a few NaN and infinities, and a non-contiguous grad_out."""
+    x = torch.randn(shape, dtype=torch.float64).mul(3).round().div(3).to(dtype)  # ties in every dtype
+    flat = x.view(-1)
+    flat[::97] = float("nan")
+    flat[5::89] = float("inf")
+    flat[7::83] = -float("inf")
+    x = to_layout(x, layout).requires_grad_()
+    out, expected = max_pool2x2(x), F.max_pool2d(x, 2)
+    assert torch.equal(out.isnan(), expected.isnan()) and torch.equal(out.nan_to_num(), expected.nan_to_num())
+    grad = to_layout(torch.randn(expected.shape, dtype=torch.float64).to(dtype), "strided")
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    assert got.dtype == dtype and torch.equal(got, want)
+    direct = torch.ops.unet_ext._max_pool2x2_backward(grad, x.detach())
+    assert torch.equal(direct, want)
+    if layout == "channels_last":
+        assert direct.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_gradcheck():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(max_pool2x2, (x,))

@@ -339,6 +339,41 @@ print("hung", hung)
     assert out.split()[-1] == "0", out
 
 
+def test_fork_while_another_thread_records_weights_in_the_winograd_cache():
+    """The fork handler takes the Winograd cache's lock with the GIL held (os.fork). Code under
+    that lock must never take the GIL: it did, through weak_intrusive_ptr::lock() on a cached
+    weight that only Python still held (torch 2.14's PyObject preservation increfs the PyObject,
+    under the GIL), and CI's parent process hung in the fork handler while the other thread
+    waited for the GIL inside the lock. Here a thread records a new weight version per call
+    (no-grad forward, 32 -> 32 channels: the record is taken, the conv is small) with 40 earlier
+    weights alive in Python, while the main thread forks 300 times. A hang is the timeout."""
+    out = run_python("""
+import os, threading, torch, unet_ext
+from unet_ext.ops import conv2d_relu
+x = torch.randn(1, 32, 10, 10)
+alive = [torch.randn(32, 32, 3, 3) for _ in range(40)]
+stop = False
+def churn():
+    while not stop:
+        w = torch.randn(32, 32, 3, 3)
+        with torch.no_grad():
+            conv2d_relu(x, w, None, 0)
+        alive.append(w)
+        alive.pop(0)
+thread = threading.Thread(target=churn)
+thread.start()
+for _ in range(300):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+stop = True
+thread.join()
+print("forks", 300)
+    """, timeout=120)
+    assert out.split()[-1] == "300", out
+
+
 def test_dataloader_workers_running_the_ops():
     """Forked DataLoader workers (persistent, across epochs) run the ops on big outputs while the
     parent runs them too; every batch equals the serial result."""

@@ -170,7 +170,13 @@ at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
 // weights change every step. Entries past kCacheBytes are dropped, least recently used first.
 constexpr int64_t kCacheBytes = int64_t{1} << 30;
 struct CacheEntry {
+  // The weak reference keeps the TensorImpl's memory (not the tensor) alive, so no other tensor
+  // can have `key`'s address while the entry exists: a live weight whose TensorImpl is at `key`
+  // is that weight. Never lock() it under cache_mutex: with torch's PyObject preservation (2.14)
+  // lock() may take the GIL, and the fork handler takes cache_mutex with the GIL held (os.fork):
+  // a lock-order inversion that hung CI's fork test in the parent.
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  const c10::TensorImpl* key;
   const void* data;
   std::vector<int64_t> sizes;
   int64_t version;
@@ -197,7 +203,7 @@ bool cacheable(const at::Tensor& weight) {
 
 bool entry_matches(const CacheEntry& e, const at::Tensor& weight, bool dgrad) {
   return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == weight._version() &&
-         weight.sizes().equals(e.sizes) && e.impl.lock().get() == weight.unsafeGetTensorImpl();
+         weight.sizes().equals(e.sizes) && e.key == weight.unsafeGetTensorImpl();
 }
 
 // Puts (weight's current version, u) first, under the lock; drops this weight's older versions
@@ -208,13 +214,13 @@ void insert_entry(const at::Tensor& weight, bool dgrad, const at::Tensor& u, std
   auto& entries = cache_entries;
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);
-    if (it->impl.expired() || (it->dgrad == dgrad && it->impl.lock().get() == weight.unsafeGetTensorImpl())) {
+    if (it->impl.expired() || (it->dgrad == dgrad && it->key == weight.unsafeGetTensorImpl())) {
       dropped.splice(dropped.end(), entries, it);
     }
     it = next;
   }
   entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-                                weight.const_data_ptr(), weight.sizes().vec(), weight._version(), dgrad, u});
+                                weight.unsafeGetTensorImpl(), weight.const_data_ptr(), weight.sizes().vec(), weight._version(), dgrad, u});
   int64_t bytes = 0;
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);

@@ -430,3 +430,104 @@ def test_cpu_bf16_paths_both_within_twice_stock_error(op, threshold, monkeypatch
     want_exact = torch.autograd.grad(exact, tensors, grad.double())
     for a, b, e in zip(got, want, want_exact):
         assert_low_precision(a, b, e)
+
+
+# ---------------------------------------------- CPU bf16: channels_last weights (_cast_weight)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the name of every op dispatched below autograd."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _channels_last_leaf(t):
+    return torch.empty_like(t, memory_format=torch.channels_last).copy_(t).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("op", CONV_OPS)
+def test_cpu_bf16_channels_last_convolutions_cast_the_weight_channels_last(op):
+    """With channels_last activations under CPU bf16 autocast (the UNet's layout where oneDNN has
+    bf16 dot products), the float32 NCHW weight goes to bf16 channels_last in one pass
+    (unet_ext._cast_weight), which oneDNN then reads without its clones; values and every
+    gradient within twice stock's error, the weight's float32 gradient in the weight's layout."""
+    import unet_ext.model as model_module
+    args = list(_conv_args("cpu", op))
+    activations = 2 if op == "conv2d_relu_concat" else 1
+    for i in range(activations):
+        args[i] = _channels_last_leaf(args[i])
+    weight = args[activations]
+    with _Ops() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = getattr(ops, op)(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = getattr(reference, op)(*args)
+    exact = getattr(reference, op)(*(a.double() if torch.is_tensor(a) else a for a in args))
+    if model_module._BF16_ONEDNN:
+        assert "unet_ext::_cast_weight" in seen.names
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous(memory_format=torch.channels_last)
+    assert_low_precision(ours, stock, exact)
+    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tensors = [a for a in args if torch.is_tensor(a)]
+    got = torch.autograd.grad(ours, tensors, grad.to(ours.dtype))
+    want = torch.autograd.grad(stock, tensors, grad.to(stock.dtype))
+    want_exact = torch.autograd.grad(exact, tensors, grad)
+    for a, t, b, e in zip(got, tensors, want, want_exact):
+        assert a.dtype == t.dtype == torch.float32 and a.shape == t.shape
+        assert_low_precision(a, b, e)
+    weight_grad = got[activations]
+    assert weight_grad.is_contiguous() and weight.is_contiguous()
+
+
+def test_cpu_bf16_weight_changed_in_place_between_steps_is_read_afresh():
+    """The channels_last bf16 weight is cast per autocast region, never kept: an optimizer's
+    in-place update between two forwards is seen by the second."""
+    x, w, b, padding = _conv_args("cpu", "conv2d_relu")
+    x = _channels_last_leaf(x)
+    results = []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = ops.conv2d_relu(x, w, b, padding)
+            stock = reference.conv2d_relu(x, w, b, padding)
+        results.append((ours, stock))
+        with torch.no_grad():
+            w.mul_(-0.5).add_(0.01)
+    (first, _), (second, second_stock) = results
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second.float(), second_stock.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(512, 64, 3, 3), (5, 17, 3, 3), (3, 33, 2, 2), (2, 32, 1, 1), (7, 1, 3, 3),
+                                   (1, 16, 3, 3), (0, 4, 3, 3)])
+def test_cast_weight_matches_to_and_casts_the_gradient_back(shape):
+    """unet_ext._cast_weight(w, dtype, memory_format) is w.to(dtype, memory_format=...) bit for bit
+    (NaN and infinities included; 16-wide vector blocks and their scalar tails), and its gradient
+    comes back in the weight's dtype and layout, equal to the bf16 gradient cast."""
+    w = torch.randn(shape)
+    if w.numel() > 20:
+        w.view(-1)[3], w.view(-1)[17], w.view(-1)[-1] = float("nan"), float("inf"), -3e38
+    got = torch.ops.unet_ext._cast_weight(w, torch.bfloat16, torch.channels_last)
+    want = w.to(torch.bfloat16, memory_format=torch.channels_last)
+    assert got.stride() == want.stride() and got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    back = torch.ops.unet_ext._cast_weight(got, torch.float32, torch.contiguous_format)
+    assert back.is_contiguous() and torch.equal(back.nan_to_num(), want.float().nan_to_num())
+    leaf = w.nan_to_num().requires_grad_()
+    out = torch.ops.unet_ext._cast_weight(leaf, torch.bfloat16, torch.channels_last)
+    grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    (g,) = torch.autograd.grad(out, leaf, grad)
+    assert g.dtype == torch.float32 and g.is_contiguous() and torch.equal(g, grad.float())
+
+
+def test_cast_weight_opcheck():
+    w = torch.randn(6, 5, 3, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.unet_ext._cast_weight.default, (w, torch.bfloat16, torch.channels_last))
+    wl = torch.randn(6, 5, 3, 3).to(torch.bfloat16, memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.unet_ext._cast_weight.default, (wl, torch.float32, torch.contiguous_format))
+    with pytest.raises(RuntimeError, match="memory_format must be contiguous_format, or channels_last"):
+        torch.ops.unet_ext._cast_weight(torch.randn(3, 4), torch.bfloat16, torch.channels_last)

@@ -607,3 +607,31 @@ def test_up_conv_is_the_transposed_2x1_strided_conv_the_cuda_tensor_core_path_ru
     df = torch.nn.grad.conv2d_weight(as_pairs(grad), f.shape, x, stride=(2, 1))  # (C_in, 2 C_out, 2, 1)
     wgrad = df.permute(0, 2, 3, 1).reshape(c_in, 2, 2, c_out).permute(0, 3, 1, 2)
     torch.testing.assert_close(wgrad, w_req.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+def test_bf16_channels_last_up_conv_backward_is_within_twice_stock_error(weight_layout):
+    """bf16 channels_last up-convs take their backward as two GEMMs (csrc/ops/cpu/conv_transpose2x2.cpp,
+    gemm_backward) where the bf16 oneDNN path serves: every gradient within twice stock's error of
+    float64, grad_input channels_last, grad_weight in the weight's layout."""
+    gen = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x64 = torch.randn(2, 64, 7, 9, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(64, 24, 2, 2, generator=gen, dtype=torch.float64) / 8
+    b64 = torch.randn(24, generator=gen, dtype=torch.float64)
+    wfmt = cl if weight_layout == "channels_last" else torch.contiguous_format
+    x = x64.to(torch.bfloat16).contiguous(memory_format=cl).requires_grad_()
+    w = w64.to(torch.bfloat16).contiguous(memory_format=wfmt).requires_grad_()
+    b = b64.to(torch.bfloat16).requires_grad_()
+    out = conv_transpose2x2(x, w, b)
+    stock = F.conv_transpose2d(x, w, b, stride=2)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, [x, w, b], grad.to(torch.bfloat16))
+    want = torch.autograd.grad(stock, [x, w, b], grad.to(torch.bfloat16))
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    exact = torch.autograd.grad(F.conv_transpose2d(*leaves, stride=2), leaves, grad)
+    for g_ours, g_stock, g_exact in zip(got, want, exact):
+        assert g_ours.dtype == torch.bfloat16
+        assert_low_precision(g_ours, g_stock, g_exact)
+    assert got[0].is_contiguous(memory_format=cl)
+    assert got[1].is_contiguous(memory_format=wfmt)

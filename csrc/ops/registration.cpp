@@ -41,6 +41,11 @@ TORCH_LIBRARY(unet_ext, m) {
       "_conv_transpose2x2_backward(Tensor grad_out, Tensor input, Tensor weight, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // A convolution weight in another dtype and memory format (a copy, in one pass on the CPU): CPU
+  // bf16 autocast casts the float32 weights of channels_last convolutions with it, straight to the
+  // channels_last bf16 weight oneDNN wants; its backward casts the gradient back the same way.
+  m.def("_cast_weight(Tensor weight, ScalarType dtype, MemoryFormat memory_format) -> Tensor");
+
   // The U-Net down-step: F.max_pool2d(input, 2). The backward recomputes each window's argmax
   // from the input (no index tensor is kept) and routes grad_out there.
   m.def("max_pool2x2(Tensor input) -> Tensor");

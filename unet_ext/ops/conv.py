@@ -198,7 +198,7 @@ def _(input, weight, bias):
 @torch.library.register_fake("unet_ext::_conv_transpose2x2_backward")
 def _(grad_out, input, weight, output_mask):
     grad_input = input.new_empty(input.shape).contiguous(memory_format=_format(input)) if output_mask[0] else input.new_empty(0)
-    grad_weight = weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0)
+    grad_weight = weight.new_empty(weight.shape).contiguous(memory_format=_format(weight)) if output_mask[1] else weight.new_empty(0)
     grad_bias = weight.new_empty(weight.shape[1]) if output_mask[2] else weight.new_empty(0)
     return grad_input, grad_weight, grad_bias
 
@@ -221,3 +221,12 @@ def _up_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("unet_ext::conv_transpose2x2", _up_backward, setup_context=_up_setup)
+
+
+@torch.library.register_fake("unet_ext::_cast_weight")
+def _(weight, dtype, memory_format):
+    torch._check(memory_format == torch.contiguous_format or (memory_format == torch.channels_last and weight.dim() == 4),
+                 lambda: f"unet_ext._cast_weight: memory_format must be contiguous_format, or channels_last for a 4-D weight, got {memory_format} for {weight.dim()}-D")
+    return torch.empty_like(weight, dtype=dtype, memory_format=memory_format)
+
+# Its autograd is in C++ (csrc/ops/cpu/cast_weight.cpp): a Python one cost ~0.1 ms a call.

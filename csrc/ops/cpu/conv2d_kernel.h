@@ -495,6 +495,14 @@ inline bool use_onednn(const ConvGeometry& g, at::ScalarType dtype) {
          10 * g.kernel_h * g.kernel_w * g.out_channels >= g.in_h * g.in_w;
 }
 
+// ReLU's backward (grad where output > 0, else 0; a NaN output keeps its gradient) in one
+// vectorised pass, into a block of the output cache (empty_huge): a fresh activation-sized
+// at::empty pays a page fault per 4 KiB on first touch, every step.
+inline at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& output, at::MemoryFormat format) {
+  at::Tensor out = empty_huge(grad.sizes(), grad.options(), format);
+  return at::threshold_backward_out(out, grad, output, 0);
+}
+
 inline at::Tensor onednn_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           int64_t padding, bool relu) {
   static const c10::OperatorHandle pointwise =
@@ -502,7 +510,8 @@ inline at::Tensor onednn_forward(const at::Tensor& input, const at::Tensor& weig
   torch::jit::Stack stack;
   // channels_last stays channels_last: oneDNN runs it as nhwc directly (bf16 fwd+bwd 10-25% faster
   // than NCHW here); converting it to NCHW and back cost two copies on top.
-  torch::jit::push(stack, input.contiguous(conv_memory_format(input)), weight.contiguous(),
+  // A channels_last weight stays channels_last too (bf16 autocast casts it so: autocast/conv2d_relu.cpp).
+  torch::jit::push(stack, input.contiguous(conv_memory_format(input)), weight.contiguous(weight.suggest_memory_format()),
                    bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt,
                    std::vector<int64_t>{padding, padding}, std::vector<int64_t>{1, 1}, std::vector<int64_t>{1, 1},
                    int64_t{1}, std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(),

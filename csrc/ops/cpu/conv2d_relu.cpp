@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
     // Zero where output <= 0 (a NaN output keeps its gradient), then oneDNN's backward. The mask
     // is ReLU's own backward, one vectorised pass (masked_fill(le(0)) takes 20x as long here).
     const at::Tensor grad = grad_out_arg.to(input_arg.scalar_type());
-    const at::Tensor masked_grad = masked ? at::threshold_backward(grad, *output_arg, 0) : grad;
+    const at::Tensor masked_grad = masked ? relu_backward(grad, *output_arg, format) : grad;
     auto [gi, gw, gb] = at::convolution_backward(
         masked_grad.contiguous(format), input_arg.contiguous(format), weight, std::vector<int64_t>{g.out_channels},
         {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1, output_mask);

@@ -20,8 +20,12 @@ namespace {
 using namespace cpu_kernel;  // NOLINT: the kernels and their helpers
 
 // conv2d_relu_concat's input materialised: [skip cropped to up's size, up] on channels.
+// Made in a block of the output cache (empty_huge, no page faults on a reused size), in the
+// inputs' layout (channels_last where both are).
 at::Tensor cropped_concat(const ConcatGeometry& c, const at::Tensor& skip, const at::Tensor& up) {
-  return at::cat({skip.narrow(2, c.top, c.conv.in_h).narrow(3, c.left, c.conv.in_w), up}, 1);
+  at::Tensor out = empty_huge({c.conv.batch, c.conv.in_channels, c.conv.in_h, c.conv.in_w}, up.options(),
+                              conv_memory_format(skip, up));
+  return at::cat_out(out, {skip.narrow(2, c.top, c.conv.in_h).narrow(3, c.left, c.conv.in_w), up}, 1);
 }
 
 at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& up_arg,
@@ -97,15 +101,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
     const auto format = conv_memory_format(skip_arg, up_arg);
     const at::Tensor grad = grad_out_arg.to(skip_arg.scalar_type());
     auto [gi, gw, gb] = at::convolution_backward(
-        at::threshold_backward(grad, output_arg, 0).contiguous(format), cropped_concat(c, skip_arg, up_arg).contiguous(format),
+        relu_backward(grad, output_arg, format), cropped_concat(c, skip_arg, up_arg).contiguous(format),
         weight, std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
         {output_mask[0] || output_mask[1], output_mask[2], output_mask[3]});
     at::Tensor grad_skip = at::empty({0}, skip_arg.options()), grad_up = at::empty({0}, up_arg.options());
     if (output_mask[0]) {  // zero outside the crop window
-      grad_skip = at::zeros_like(skip_arg, conv_memory_format(skip_arg));  // each grad in its input's layout
+      // Each grad in its input's layout; cached blocks (empty_huge) where activation-sized.
+      grad_skip = empty_huge(skip_arg.sizes(), skip_arg.options(), conv_memory_format(skip_arg)).zero_();
       grad_skip.narrow(2, c.top, g.in_h).narrow(3, c.left, g.in_w).copy_(gi.narrow(1, 0, c.skip_channels));
     }
-    if (output_mask[1]) grad_up = gi.narrow(1, c.skip_channels, g.in_channels - c.skip_channels).contiguous(conv_memory_format(up_arg));
+    if (output_mask[1]) {
+      grad_up = empty_huge(up_arg.sizes(), up_arg.options(), conv_memory_format(up_arg))
+                    .copy_(gi.narrow(1, c.skip_channels, g.in_channels - c.skip_channels));
+    }
     return {grad_skip, grad_up,
             output_mask[2] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
             output_mask[3] ? gb : at::empty({0}, weight.options())};

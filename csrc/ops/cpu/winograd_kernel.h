@@ -26,17 +26,26 @@ inline void store(S* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// out[k * out_k + x] = sum_j M[k][j] in[j * in_j + x] for x < n: vectors of kLanes x, the tail scalar.
+// out[k * out_k + x] = sum_j M[k][j] in[j * in_j + x] for x < n: vectors of kLanes x; a tail
+// shorter than a vector as one more vector ending at n (lanes are independent and in and out do
+// not overlap, so the x it computes twice get the same values; one scalar tile at a time, the
+// 15 tiles left of a 79-tile row were a fifth of a 32-channel input transform), scalar only
+// where n is shorter than a vector.
 template <const auto& M, int R, int C, typename S>
 inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, int64_t out_k, int64_t n) {
   constexpr int lanes = kLanes * sizeof(float) / sizeof(S);
   typedef S Vec __attribute__((vector_size(lanes * sizeof(S))));
-  int64_t x = 0;
-  for (; x + lanes <= n; x += lanes) {
+  const auto vector_at = [&](int64_t x) {
     Vec v[C], r[R];
     for (int j = 0; j < C; ++j) v[j] = load<Vec>(in + j * in_j + x);
     transform<M, R, C, S>(v, r);
     for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  };
+  int64_t x = 0;
+  for (; x + lanes <= n; x += lanes) vector_at(x);
+  if (x < n && n >= lanes) {
+    vector_at(n - lanes);
+    return;
   }
   apply<M, R, C, 1, 1>(in + x, in_j, out + x, out_k, n - x);
 }
@@ -46,12 +55,17 @@ inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, 
 template <const auto& M, int R, int C>
 inline void apply_rows_at(const float* const* in, float* __restrict out, int64_t out_k, int64_t n) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-  int64_t x = 0;
-  for (; x + kLanes <= n; x += kLanes) {
+  const auto vector_at = [&](int64_t x) {
     Vec v[C], r[R];
     for (int j = 0; j < C; ++j) v[j] = load<Vec>(in[j] + x);
     transform<M, R, C, float>(v, r);
     for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  };
+  int64_t x = 0;
+  for (; x + kLanes <= n; x += kLanes) vector_at(x);
+  if (x < n && n >= kLanes) {  // as in apply_rows: in (the row's phases) does not overlap out
+    vector_at(n - kLanes);
+    return;
   }
   for (; x < n; ++x) {
     float v[C], r[R];
@@ -215,6 +229,23 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
           }
         }
         for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
+        if (x0 < cols) {
+          // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
+          // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
+          // y's phases lie inside transform_scratch, which extends past the last one by more than
+          // a vector; lanes past the row's tiles are read but dropped.
+          float tail[4 * 16];
+          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
+                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
+          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+          store(tail, __builtin_shuffle(u0, u1, kOut0) + bias_v);
+          store(tail + 16, __builtin_shuffle(u0, u1, kOut1) + bias_v);
+          store(tail + 32, __builtin_shuffle(w0, w1, kOut0) + bias_v);
+          store(tail + 48, __builtin_shuffle(w0, w1, kOut1) + bias_v);
+          for (int64_t i = kOut * x0; i < count; ++i) d[i] = finish(tail[i - kOut * x0]);
+          continue;
+        }
 #endif
         for (int64_t x = x0; x < whole; ++x)
           for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);

@@ -25,6 +25,7 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "huge_pages.h"
+#include "partials.h"
 #include "winograd_cpu.h"
 
 namespace unet_ext {
@@ -117,18 +118,19 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? kMinTilesPerCall : 1);
 }
 
-// The weight gradient's rule has its own channel scale and tile minimum: its transforms are
-// cheaper (A's entries are powers of two; G^T runs once per channel pair, not per tile), its
-// filter-size output needs no filter transform, but its direct path is near the FMA peak on small
-// channel counts. Measured wgrad alone against the direct path (quiet machine, load 1.1-1.5):
-// 2 x 32 -> 32 at 314 0.89x, 2 x 32 -> 64 at 156 0.84x, 2 x 64 -> 32 at 154 1.05x, 2 x 64 -> 64
-// at 154 1.33x, 2 x 64 -> 128 at 76 1.20x, 2 x 128 -> 128 at 74 1.72x, 2 x 128 -> 64 at 78 1.66x;
-// so from 1 / C_in + 1 / C_out <= 1 / 32 (64 -> 64 and up). On small images it still pays:
-// 2 x 512 -> 512 at 14 (18 tiles) 1.14x, 2 x 256 -> 512 at 16 (32 tiles) 1.86x, 2 x 512 -> 256 at
-// 24 2.29x: from 16 tiles. UNET_EXT_WINOGRAD_WGRAD_SCALE replaces the 32, read per call (a
-// benchmark knob: benchmarks/bench_winograd.py sets a scale no layer meets to time the direct
-// wgrad in the same process).
-constexpr int64_t kWgradChannelScale = 32, kWgradMinTiles = 16;
+// The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries
+// are powers of two; G^T runs once per channel pair, not per tile) and its filter-size output needs
+// no filter transform. Its channel scale was 32 while the transformed gradient went through memory
+// (weight_gradient's grouped path): 2 x 32 -> 32 at 314 0.89x the direct path, 2 x 32 -> 64 at 156
+// 0.84x. With small weights fused (weight_gradient_fused: Y stays in the L2), wgrad alone against
+// the direct path, interleaved medians (load 1.3-1.5): 2 x 32 -> 32 at 314 1.16x, 2 x 32 -> 64
+// at 156 1.21x, 2 x 64 -> 32 at 136 1.10x, 2 x 32 -> 32 at 134 1.05x, 2 x 64 -> 64 at 154 1.42x
+// (the grouped path 1.0x); so from 1 / C_in + 1 / C_out <= 1 / 16, as forward and dgrad. On small
+// images it still pays: 2 x 512 -> 512 at 14 (18 tiles) 1.14x, 2 x 256 -> 512 at 16 (32 tiles)
+// 1.86x, 2 x 512 -> 256 at 24 2.29x: from 16 tiles. UNET_EXT_WINOGRAD_WGRAD_SCALE replaces the 16,
+// read per call (a benchmark knob: benchmarks/bench_winograd.py sets a scale no layer meets to
+// time the direct wgrad in the same process).
+constexpr int64_t kWgradChannelScale = 16, kWgradMinTiles = 16;
 
 bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_WGRAD_SCALE");
@@ -390,8 +392,79 @@ bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
 // (block, channel group); phase 2 runs tasks over input-channel blocks (and output-channel blocks
 // where the threads are many), each owning its part of M (no partial sums to add, a fixed order:
 // deterministic) and walking the group's blocks in turn; then the next group.
+namespace {
+
+// Small weights (kPoints x C_in x C_out floats within kFusedWeightBytes: up to 64 <-> 128): one task
+// per part of the tile blocks (partials.h), each block's gradient transform (Y) and input transform
+// (V) made in its thread's scratch and used by the GEMMs at once, into the part's own M; the parts'
+// M added in part order at the end. The grouped path below writes Y to memory and reads it back
+// once per input-channel block: on 2 x 32 -> 32 at 314x314 (57 MB of Y) that traffic made its
+// wgrad no faster than the direct path's. Blocks of about kFusedBytes of V and Y (near the L2).
+// Against the grouped path (interleaved medians, load 1.3-1.5): 2 x 32 -> 32 at 314 30.0 -> 21.1
+// ms, 2 x 64 -> 64 at 154 20.0 -> 14.1, 2 x 64 -> 128 at 76 8.6 -> 6.9, 2 x 128 -> 64 at 78 6.8 ->
+// 6.3; but 2 x 128 -> 128 at 74 10.3 -> 11.2 and 256 channels 30-50% slower (M per part past the
+// L2): those stay grouped.
+constexpr int64_t kFusedWeightBytes = int64_t{5} << 18, kFusedBytes = int64_t{1} << 20, kFusedMinTiles = 32;
+
+bool weight_gradient_fused(const ConvGeometry& g, const ChannelParts<const float>& src,
+                           const ChannelParts<const float>& grad, const ChannelParts<const float>* mask,
+                           float* grad_weight, float* grad_bias) {
+  const int64_t c_in = g.in_channels, c_out = g.out_channels;
+  const BlockPlan plan(g, std::clamp<int64_t>(kFusedBytes / (kPoints * 4 * (c_in + c_out)), kFusedMinTiles, kWgradTiles));
+  const int64_t parts = cpu::partial_count(plan.blocks), m_size = kPoints * c_in * c_out;
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor m_parts = at::empty({parts, m_size}, options);
+  at::Tensor sums = at::zeros({plan.blocks, c_out}, options.dtype(at::kDouble));
+  float* m_data = m_parts.mutable_data_ptr<float>();
+  double* sums_data = sums.mutable_data_ptr<double>();
+  const Kernels& k = kernels();
+  const int64_t max_tiles = plan.rows * plan.cols;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    float* y = cpu::scratch<float>(0, kPoints * max_tiles * c_out);
+    float* v = cpu::scratch<float>(1, kPoints * c_in * max_tiles);
+    float* work = cpu::scratch<float>(2, std::max(transform_scratch(plan.cols), grad_scratch(plan.cols)));
+    for (int64_t part = p0; part < p1; ++part) {
+      float* m = m_data + part * m_size;
+      const int64_t b0 = cpu::part_begin(plan.blocks, parts, part), b1 = cpu::part_begin(plan.blocks, parts, part + 1);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const TileBlock b = plan.block(bi);
+        const int64_t t_count = b.tiles();
+        k.grad(g, grad, mask, b, 0, c_out, y, t_count * c_out, sums_data + bi * c_out, work);
+        k.input(g, src, nullptr, b, 0, c_in, v, c_in * t_count, work);
+        for (int64_t p = 0; p < kPoints; ++p) {
+          // M_p[ci, co] += V_p[ci, t] Y_p[t, co]
+          cpu::gemm(c_in, c_out, t_count, v + p * c_in * t_count, t_count, y + p * t_count * c_out, c_out,
+                    m + p * c_in * c_out, c_out, bi > b0);
+        }
+      }
+      if (b0 == b1) std::fill(m, m + m_size, 0.0f);
+    }
+    cpu::gemm_release();
+  });
+  const at::Tensor m_sum = parts > 1 ? m_parts.sum(0) : m_parts[0];  // a fixed order for a given part count
+  const float* m = m_sum.const_data_ptr<float>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, c_in, std::max<int64_t>(1, 4096 / c_out), [&](int64_t ci0, int64_t ci1) {
+    float* work = cpu::scratch<float>(2, weight_scratch(c_out));
+    if (!k.weight(m + ci0 * c_out, c_in * c_out, ci0, ci1, c_in, 0, c_out, grad_weight, work)) {
+      finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  if (grad_bias) {
+    const at::Tensor bias = sums.sum(0);  // in block order
+    const double* bias_data = bias.const_data_ptr<double>();
+    for (int64_t co = 0; co < c_out; ++co) grad_bias[co] = static_cast<float>(bias_data[co]);
+  }
+  return finite.load();
+}
+
+}  // namespace
+
 bool weight_gradient(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>& grad,
                      const ChannelParts<const float>* mask, float* grad_weight, float* grad_bias) {
+  if (kPoints * g.in_channels * g.out_channels * 4 <= kFusedWeightBytes) {
+    return weight_gradient_fused(g, src, grad, mask, grad_weight, grad_bias);
+  }
   const int64_t threads = at::get_num_threads();
   const BlockPlan plan(g, kWgradTiles);
   const int64_t c_in = g.in_channels, c_out = g.out_channels;

@@ -26,17 +26,26 @@ inline void store(S* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// out[k * out_k + x] = sum_j M[k][j] in[j * in_j + x] for x < n: vectors of kLanes x, the tail scalar.
+// out[k * out_k + x] = sum_j M[k][j] in[j * in_j + x] for x < n: vectors of kLanes x; a tail
+// shorter than a vector as one more vector ending at n (lanes are independent and in and out do
+// not overlap, so the x it computes twice get the same values; one scalar tile at a time, the
+// 15 tiles left of a 79-tile row were a fifth of a 32-channel input transform), scalar only
+// where n is shorter than a vector.
 template <const auto& M, int R, int C, typename S>
 inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, int64_t out_k, int64_t n) {
   constexpr int lanes = kLanes * sizeof(float) / sizeof(S);
   typedef S Vec __attribute__((vector_size(lanes * sizeof(S))));
-  int64_t x = 0;
-  for (; x + lanes <= n; x += lanes) {
+  const auto vector_at = [&](int64_t x) {
     Vec v[C], r[R];
     for (int j = 0; j < C; ++j) v[j] = load<Vec>(in + j * in_j + x);
     transform<M, R, C, S>(v, r);
     for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  };
+  int64_t x = 0;
+  for (; x + lanes <= n; x += lanes) vector_at(x);
+  if (x < n && n >= lanes) {
+    vector_at(n - lanes);
+    return;
   }
   apply<M, R, C, 1, 1>(in + x, in_j, out + x, out_k, n - x);
 }
@@ -46,12 +55,17 @@ inline void apply_rows(const S* __restrict in, int64_t in_j, S* __restrict out, 
 template <const auto& M, int R, int C>
 inline void apply_rows_at(const float* const* in, float* __restrict out, int64_t out_k, int64_t n) {
   typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-  int64_t x = 0;
-  for (; x + kLanes <= n; x += kLanes) {
+  const auto vector_at = [&](int64_t x) {
     Vec v[C], r[R];
     for (int j = 0; j < C; ++j) v[j] = load<Vec>(in[j] + x);
     transform<M, R, C, float>(v, r);
     for (int k = 0; k < R; ++k) store(out + k * out_k + x, r[k]);
+  };
+  int64_t x = 0;
+  for (; x + kLanes <= n; x += kLanes) vector_at(x);
+  if (x < n && n >= kLanes) {  // as in apply_rows: in (the row's phases) does not overlap out
+    vector_at(n - kLanes);
+    return;
   }
   for (; x < n; ++x) {
     float v[C], r[R];
@@ -77,6 +91,28 @@ inline constexpr ShuffleIdx kHigh = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 2
 // Output lane e = 4 x + p of [p0 x0-7 | p1 x0-7] and [p2 x0-7 | p3 x0-7]: tiles 0-3 (kOut0) or 4-7 (kOut1).
 inline constexpr ShuffleIdx kOut0 = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27};
 inline constexpr ShuffleIdx kOut1 = {4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
+// A 16x16 transpose in 4 rounds of 16 two-source shuffles (instead of 256 scalar moves): round k
+// swaps bit k of the row index with bit k of the column index, making rows i (bit k clear) and
+// i + 2^k from the same two rows: kSwapLow[k] takes column j of row i where j's bit k is clear,
+// else column j - 2^k of row i + 2^k; kSwapHigh[k] column j + 2^k of row i, else column j of row i + 2^k.
+inline constexpr ShuffleIdx kSwapLow[4] = {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                                           {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                           {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                           {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+inline constexpr ShuffleIdx kSwapHigh[4] = {{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+                                            {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                                            {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                                            {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+inline void transpose16(ShuffleVec (&r)[16]) {
+  for (int k = 0; k < 4; ++k) {
+    for (int i = 0; i < 16; ++i) {
+      if (i & (1 << k)) continue;
+      const ShuffleVec a = r[i], b = r[i | (1 << k)];
+      r[i] = __builtin_shuffle(a, b, kSwapLow[k]);
+      r[i | (1 << k)] = __builtin_shuffle(a, b, kSwapHigh[k]);
+    }
+  }
+}
 #endif
 
 inline void deinterleave4(const float* __restrict row, float* __restrict s0, float* __restrict s1,
@@ -193,6 +229,23 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
           }
         }
         for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
+        if (x0 < cols) {
+          // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
+          // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
+          // y's phases lie inside transform_scratch, which extends past the last one by more than
+          // a vector; lanes past the row's tiles are read but dropped.
+          float tail[4 * 16];
+          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
+                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
+          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+          store(tail, __builtin_shuffle(u0, u1, kOut0) + bias_v);
+          store(tail + 16, __builtin_shuffle(u0, u1, kOut1) + bias_v);
+          store(tail + 32, __builtin_shuffle(w0, w1, kOut0) + bias_v);
+          store(tail + 48, __builtin_shuffle(w0, w1, kOut1) + bias_v);
+          for (int64_t i = kOut * x0; i < count; ++i) d[i] = finish(tail[i - kOut * x0]);
+          continue;
+        }
 #endif
         for (int64_t x = x0; x < whole; ++x)
           for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
@@ -261,10 +314,13 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
             std::copy(s, s + count, row);
           }
           std::fill(row + count, row + width, 0.0f);
-          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad).
+          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad);
+          // whole groups of 8 first (a branch-free loop the compiler vectorises), then the tail.
           double part[8] = {};
-          for (int64_t x0 = 0; x0 < width; x0 += 8)
-            for (int l = 0; l < 8; ++l) part[l] += x0 + l < width ? row[x0 + l] : 0.0f;
+          int64_t x0 = 0;
+          for (; x0 + 8 <= width; x0 += 8)
+            for (int l = 0; l < 8; ++l) part[l] += row[x0 + l];
+          for (int l = 0; x0 + l < width; ++l) part[l] += row[x0 + l];
           sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
           deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
           apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
@@ -278,7 +334,19 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
       }
       // Y[p][r cols + x][g0 + c] = outs[c][p][x]
       for (int p = 0; p < kPoints; ++p) {
-        for (int64_t x = 0; x < cols; ++x) {
+        int64_t x = 0;
+#ifdef UNET_WINOGRAD_SHUFFLE
+        static_assert(kGradChannels == 16, "one 16x16 transpose per 16 tiles");
+        if (n == kGradChannels) {  // 16 tiles at a time: the scalar moves below were half of grad_transform
+          for (; x + 16 <= cols; x += 16) {
+            ShuffleVec t[16];
+            for (int c = 0; c < 16; ++c) t[c] = load<ShuffleVec>(outs + (c * kPoints + p) * cols + x);
+            transpose16(t);
+            for (int i = 0; i < 16; ++i) store(y + p * point_stride + (r * cols + x + i) * ld + g0, t[i]);
+          }
+        }
+#endif
+        for (; x < cols; ++x) {
           float* to = y + p * point_stride + (r * cols + x) * ld + g0;
           const float* from = outs + p * cols + x;
           if (n == kGradChannels) {  // a constant trip count: unrolled

@@ -33,6 +33,7 @@ CONV_CASES = [  # (input shape, weight shape, padding)
     ((2, 32, 20, 24), (48, 32, 3, 3), 0),     # more channels
     ((2, 64, 40, 40), (32, 64, 3, 3), 1),     # several row blocks per image
     ((1, 64, 6, 130), (8, 64, 3, 3), 1),      # one output row per block (row wider than a block)
+    ((2, 1, 11, 45), (8, 1, 3, 3), 0),        # C_in = 1, rows of 43: the bias sum's 16 lanes and a tail
 ]
 
 UP_CASES = [  # (input shape, weight shape)

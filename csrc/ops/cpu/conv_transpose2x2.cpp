@@ -127,20 +127,30 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
         acc_t* GT = gathered_t.get();
         for (int64_t co = 0; co < g.out_channels; ++co) {
           const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
-          acc_t s = 0;
+          // The bias sum in kLanes independent chains over the gathered phases (lane l takes the
+          // pixels i = l mod kLanes; the lanes added in order at the end): one chain in the
+          // gather loop serialised the adds on their latency.
+          constexpr int64_t kLanes = 16;
+          acc_t lanes[kLanes] = {};
           for (int64_t dy = 0; dy < 2; ++dy) {
             acc_t* even = G + up_phase(co, dy, 0) * pixels;
             acc_t* odd = G + up_phase(co, dy, 1) * pixels;
             for (int64_t r = 0; r < block_rows; ++r) {
               const scalar_t* row = plane + (2 * (h0 + r) + dy) * g.out_w;
               for (int64_t w = 0; w < g.in_w; ++w) {
-                const acc_t e = static_cast<acc_t>(row[2 * w]), o = static_cast<acc_t>(row[2 * w + 1]);
-                even[r * g.in_w + w] = e;
-                odd[r * g.in_w + w] = o;
-                s += e + o;
+                even[r * g.in_w + w] = static_cast<acc_t>(row[2 * w]);
+                odd[r * g.in_w + w] = static_cast<acc_t>(row[2 * w + 1]);
               }
             }
+            if (!bias_sum) continue;
+            int64_t i = 0;
+            for (; i + kLanes <= pixels; i += kLanes) {
+              for (int64_t l = 0; l < kLanes; ++l) lanes[l] += even[i + l] + odd[i + l];
+            }
+            for (int64_t l = 0; i < pixels; ++i, ++l) lanes[l] += even[i] + odd[i];
           }
+          acc_t s = 0;
+          for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
           if (bias_sum) bias_sum[co] += s;
         }
         if (GT) cpu::transpose(G, phases, pixels, GT);

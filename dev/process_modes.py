@@ -1,6 +1,7 @@
-"""Per-process figures of the CPU bf16 training step (issue 11): the step of base 32 at 316x316
-batch 2 (benchmarks/bench_unet.py's "train step" case), ours under bf16 autocast and stock under
-bf16 autocast interleaved, in N fresh processes, one line each: median [p20, p80] ms, minor page
+"""Per-process figures of the CPU training step (issue 11 in bf16, issue 14 in float32): the step
+of base 32 at 316x316 batch 2 (benchmarks/bench_unet.py's "train step" case), ours and stock
+interleaved, both under bf16 autocast (--precision bf16, the default) or both in float32
+(--precision float32), in N fresh processes, one line each: median [p20, p80] ms, minor page
 faults a step (getrusage), AnonHugePages of the process, and stock / ours. A harness run is one
 process, so its figure is one draw of whatever is fixed per process (where the huge pages and
 the heap's pages landed, the host's state); this shows the spread of those draws. --env
@@ -18,7 +19,7 @@ import sys
 import time
 
 
-def child(rounds, warmup):
+def child(rounds, warmup, precision):
     import torch
 
     import unet_ext
@@ -37,7 +38,7 @@ def child(rounds, warmup):
 
     def step(name):
         model, loss_fn = sides[name]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(model(x), target, weight)
         optimizers[name].zero_grad(set_to_none=True)
         loss.backward()
@@ -75,19 +76,26 @@ def main():
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=("bf16", "float32"), default="bf16")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE: alternate processes with it")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.rounds, args.warmup)
+        return child(args.rounds, args.warmup, args.precision)
     configs = [{}] + ([dict(kv.split("=", 1) for kv in args.env)] if args.env else [])
-    print(f"load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"{args.precision}, load {os.getloadavg()[0]:.2f}", flush=True)
+    ratios = []
     for i in range(args.procs):
         for extra in configs:
             label = " ".join(f"{k}={v}" for k, v in extra.items()) or "default"
             print(f"{label:24s} ", end="", flush=True)
-            subprocess.run([sys.executable, "-m", "dev.process_modes", "--child", "--rounds", str(args.rounds),
-                            "--warmup", str(args.warmup)], env={**os.environ, **extra}, check=True)
+            command = [sys.executable, "-m", "dev.process_modes", "--child", "--rounds", str(args.rounds),
+                       "--warmup", str(args.warmup), "--precision", args.precision]
+            result = subprocess.run(command, env={**os.environ, **extra}, check=True, stdout=subprocess.PIPE, text=True)
+            print(result.stdout, end="", flush=True)
+            ratios.append(float(result.stdout.split(" | ")[2].rstrip("x")))
+    print(f"stock / ours over {len(ratios)} processes: median {statistics.median(ratios):.3f}x, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f}x", flush=True)
     print(f"load {os.getloadavg()[0]:.2f}", flush=True)
 
 

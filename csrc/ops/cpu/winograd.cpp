@@ -115,7 +115,14 @@ bool winograd_geometry(const ConvGeometry& g, at::ScalarType dtype, int64_t chan
 }  // namespace
 
 bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_call) {
-  return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? kMinTilesPerCall : 1);
+  // UNET_EXT_WINOGRAD_MIN_TILES replaces kMinTilesPerCall, read per call (a benchmark knob: the
+  // deep layers' routing timed in one process). With filters transformed per call (training),
+  // Winograd against the current routing, interleaved medians (load 1.1-1.5): forward / dgrad 2 x
+  // 256 -> 512 at 16x16 8.4 / 12.2 ms against 6.6 / 6.6, 512 -> 512 at 14 17.3 / 19.1 against
+  // 10.2 / 8.9, 512 -> 256 at 24 13.7 / 17.4 against 12.3 / 11.8, 256 -> 256 at 22 5.1 / 7.6 against
+  // 5.1 / 5.1: the rule stands.
+  const char* value = std::getenv("UNET_EXT_WINOGRAD_MIN_TILES");
+  return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? (value ? std::atoll(value) : kMinTilesPerCall) : 1);
 }
 
 // The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries
@@ -140,27 +147,22 @@ bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
 namespace {
 
 // U[36][rows][cols] from weight [C_out][C_in][3][3] (float32, contiguous): rows = C_out for the
-// forward; for dgrad rows = C_in of the flipped filters, read from the weight transposed once to
-// [C_in][3x3][C_out] (so each filter row's C_out values are contiguous: strided reads across C_out
-// would miss the cache once per element on the 1024-channel layers).
+// forward; for dgrad rows = C_in of the flipped filters, each filter row's C_out taps read across
+// the weight in place (consecutive rows share its cache lines). Through a copy transposed to
+// [C_in][3x3][C_out] first, 2 x 256 -> 256 at 34x34 dgrad with its transform took 13.0 ms against
+// 12.5 in place, 128 -> 256 7.0 against 6.8 (128 -> 128 at 74 10.1 / 10.2: within the noise).
 at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
   const int64_t rows = dgrad ? c_in : c_out, cols = dgrad ? c_out : c_in;
-  at::Tensor source = w;
-  if (dgrad) {
-    source = cpu::empty_huge({c_in, taps, c_out}, w.options());
-    cpu::transpose(w.const_data_ptr<float>(), c_out, c_in * taps, source.mutable_data_ptr<float>());
-  }
   at::Tensor u = cpu::empty_huge({kPoints, rows, cols}, w.options());  // up to 151 MB: no page faults per call
-  const float* w_data = source.const_data_ptr<float>();
+  const float* w_data = w.const_data_ptr<float>();
   float* u_data = u.mutable_data_ptr<float>();
   const auto filter = kernels().filter;
-  const int64_t row_stride = dgrad ? taps * c_out : c_in * taps, col_stride = dgrad ? 1 : taps;
-  const int64_t tap_stride = dgrad ? c_out : 1;
+  const int64_t row_stride = dgrad ? taps : c_in * taps, col_stride = dgrad ? c_in * taps : taps;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
     std::vector<double> scratch(filter_scratch(cols));
-    filter(w_data, rows, cols, row_stride, col_stride, tap_stride, dgrad, r0, r1, u_data, scratch.data());
+    filter(w_data, rows, cols, row_stride, col_stride, 1, dgrad, r0, r1, u_data, scratch.data());
   });
   return u;
 }

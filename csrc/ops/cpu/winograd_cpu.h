@@ -32,7 +32,7 @@ struct TileBlock {
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
 inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
-inline int64_t filter_scratch(int64_t cols) { return (kKernel * kKernel + kIn * kKernel + kPoints) * cols; }
+inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:
 // Y[p * point_stride + t * C_out + co] = A dy A^T of the block's output gradient (zero where mask
 // <= 0 and past the output) for channels [co0, co1), and sums[co - co0] += the gradient's sum (the

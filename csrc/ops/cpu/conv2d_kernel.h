@@ -262,6 +262,26 @@ void convolve(const ConvGeometry& g, const Source<scalar_t>& src, const Source<s
   }
 }
 
+// The bias gradient's sums in kBiasLanes independent chains: lane l takes the terms i = l mod
+// kBiasLanes of each run added (a run's tail from lane 0), the lanes are added in order at the end
+// (bias_lanes_sum). One chain serialised the adds on their latency: 40% of the first layer's (1 ->
+// 32 at 316) weight gradient. Shared by masked_gradient and conv_transpose2x2's backward.
+constexpr int64_t kBiasLanes = 16;
+template <typename acc_t, typename Term>
+inline void add_bias_lanes(acc_t (&lanes)[kBiasLanes], int64_t n, const Term& term) {
+  int64_t i = 0;
+  for (; i + kBiasLanes <= n; i += kBiasLanes) {
+    for (int64_t l = 0; l < kBiasLanes; ++l) lanes[l] += term(i + l);
+  }
+  for (int64_t l = 0; i < n; ++i, ++l) lanes[l] += term(i);
+}
+template <typename acc_t>
+inline acc_t bias_lanes_sum(const acc_t (&lanes)[kBiasLanes]) {
+  acc_t s = 0;
+  for (int64_t l = 0; l < kBiasLanes; ++l) s += lanes[l];
+  return s;
+}
+
 // masked_t[wide, C_out]: a block's gradient, zero where the forward output is <= 0 and in the
 // extra (wide) columns, transposed for the wgrad GEMMs; bias_sum[co] += its column sums.
 template <typename scalar_t, typename acc_t>
@@ -270,12 +290,8 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
                      acc_t* bias_sum) {
   const int64_t out_plane = g.out_h * g.out_w, out_image = g.out_channels * out_plane;
   const int64_t wide_block = blk.rows * plan.width;
-  // The bias sum in kLanes independent chains (lane l takes the columns i = l mod kLanes of every
-  // row; the lanes are added in order at the end): one chain serialised the adds on their latency,
-  // 40% of the first layer's (1 -> 32 at 316) weight gradient.
-  constexpr int64_t kLanes = 16;
   for (int64_t co = 0; co < g.out_channels; ++co) {
-    acc_t lanes[kLanes] = {};
+    acc_t lanes[kBiasLanes] = {};  // the bias sum, lane l over the columns i = l mod kBiasLanes of every row
     for (int64_t r = 0; r < blk.rows; ++r) {
       const int64_t offset = blk.n * out_image + co * out_plane + (blk.oh0 + r) * g.out_w;
       const scalar_t* gsrc = grad_out + offset;
@@ -289,16 +305,10 @@ void masked_gradient(const ConvGeometry& g, const BlockPlan& plan, const scalar_
       } else {
         for (int64_t i = 0; i < g.out_w; ++i) mrow[i] = static_cast<acc_t>(gsrc[i]);
       }
-      int64_t i = 0;
-      for (; i + kLanes <= g.out_w; i += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += mrow[i + l];
-      }
-      for (int64_t l = 0; i < g.out_w; ++i, ++l) lanes[l] += mrow[i];
+      add_bias_lanes(lanes, g.out_w, [mrow](int64_t i) { return mrow[i]; });
       std::fill(mrow + g.out_w, mrow + plan.width, acc_t(0));
     }
-    acc_t s = 0;
-    for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
-    if (bias_sum) bias_sum[co] += s;
+    if (bias_sum) bias_sum[co] += bias_lanes_sum(lanes);
   }
   cpu::transpose(static_cast<const acc_t*>(masked), g.out_channels, wide_block, masked_t);
 }

@@ -127,11 +127,7 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
         acc_t* GT = gathered_t.get();
         for (int64_t co = 0; co < g.out_channels; ++co) {
           const scalar_t* plane = grad_out + (n * g.out_channels + co) * out_plane;
-          // The bias sum in kLanes independent chains over the gathered phases (lane l takes the
-          // pixels i = l mod kLanes; the lanes added in order at the end): one chain in the
-          // gather loop serialised the adds on their latency.
-          constexpr int64_t kLanes = 16;
-          acc_t lanes[kLanes] = {};
+          acc_t lanes[cpu_kernel::kBiasLanes] = {};  // the bias sum over the gathered phases (conv2d_kernel.h)
           for (int64_t dy = 0; dy < 2; ++dy) {
             acc_t* even = G + up_phase(co, dy, 0) * pixels;
             acc_t* odd = G + up_phase(co, dy, 1) * pixels;
@@ -143,15 +139,9 @@ void backward_kernel(const ConvGeometry& g, const scalar_t* grad_out, const scal
               }
             }
             if (!bias_sum) continue;
-            int64_t i = 0;
-            for (; i + kLanes <= pixels; i += kLanes) {
-              for (int64_t l = 0; l < kLanes; ++l) lanes[l] += even[i + l] + odd[i + l];
-            }
-            for (int64_t l = 0; i < pixels; ++i, ++l) lanes[l] += even[i] + odd[i];
+            cpu_kernel::add_bias_lanes(lanes, pixels, [even, odd](int64_t i) { return even[i] + odd[i]; });
           }
-          acc_t s = 0;
-          for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
-          if (bias_sum) bias_sum[co] += s;
+          if (bias_sum) bias_sum[co] += cpu_kernel::bias_lanes_sum(lanes);
         }
         if (GT) cpu::transpose(G, phases, pixels, GT);
         if (grad_input) {

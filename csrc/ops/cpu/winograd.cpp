@@ -147,22 +147,32 @@ bool use_winograd_wgrad(const ConvGeometry& g, at::ScalarType dtype) {
 namespace {
 
 // U[36][rows][cols] from weight [C_out][C_in][3][3] (float32, contiguous): rows = C_out for the
-// forward; for dgrad rows = C_in of the flipped filters, each filter row's C_out taps read across
-// the weight in place (consecutive rows share its cache lines). Through a copy transposed to
-// [C_in][3x3][C_out] first, 2 x 256 -> 256 at 34x34 dgrad with its transform took 13.0 ms against
-// 12.5 in place, 128 -> 256 7.0 against 6.8 (128 -> 128 at 74 10.1 / 10.2: within the noise).
+// forward; for dgrad rows = C_in of the flipped filters. Dgrad reads a filter row's C_out taps
+// across the weight in place while those C_out cache lines fit half the L1 (consecutive rows
+// share them), else from a copy transposed to [C_in][3x3][C_out]. In place against the copy,
+// dgrad with its transform (one process each, load 1.2-1.8): 2 x 256 -> 256 at 34x34 12.5 against
+// 13.0 ms interleaved, 128 -> 256 6.8 against 7.0, 2 x 1024 -> 512 at 34 transform 37.8 against
+// 40.2; but 512 -> 1024 (1024 lines a row) 32.5 against 23.2.
+constexpr int64_t kInPlaceLines = 512;
 at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
   const int64_t rows = dgrad ? c_in : c_out, cols = dgrad ? c_out : c_in;
+  const bool transposed = dgrad && c_out > kInPlaceLines;
+  at::Tensor source = w;
+  if (transposed) {
+    source = cpu::empty_huge({c_in, taps, c_out}, w.options());
+    cpu::transpose(w.const_data_ptr<float>(), c_out, c_in * taps, source.mutable_data_ptr<float>());
+  }
   at::Tensor u = cpu::empty_huge({kPoints, rows, cols}, w.options());  // up to 151 MB: no page faults per call
-  const float* w_data = w.const_data_ptr<float>();
+  const float* w_data = source.const_data_ptr<float>();
   float* u_data = u.mutable_data_ptr<float>();
   const auto filter = kernels().filter;
-  const int64_t row_stride = dgrad ? taps : c_in * taps, col_stride = dgrad ? c_in * taps : taps;
+  const int64_t row_stride = transposed ? taps * c_out : dgrad ? taps : c_in * taps;
+  const int64_t col_stride = transposed ? 1 : dgrad ? c_in * taps : taps, tap_stride = transposed ? c_out : 1;
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
     std::vector<double> scratch(filter_scratch(cols));
-    filter(w_data, rows, cols, row_stride, col_stride, 1, dgrad, r0, r1, u_data, scratch.data());
+    filter(w_data, rows, cols, row_stride, col_stride, tap_stride, dgrad, r0, r1, u_data, scratch.data());
   });
   return u;
 }

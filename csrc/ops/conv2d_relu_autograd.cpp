@@ -1,0 +1,79 @@
+// Autograd of conv2d_relu and conv2d_bias in C++ (every device): save input, weight and, for
+// conv2d_relu, the output (the ReLU mask); the backward is _conv2d_backward for the grads that
+// are needed. torch.library.register_autograd's Python wrapper cost ~0.1 ms a call forward and
+// backward, 19 convolutions a U-Net training step.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+
+namespace unet_ext {
+namespace conv {
+namespace {
+
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t);
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+    std::array<bool, 3>);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
+    static const auto relu_op = find<ConvSignature>("unet_ext::conv2d_relu");
+    static const auto bias_op = find<ConvSignature>("unet_ext::conv2d_bias");
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      output = (relu ? relu_op : bias_op).call(input, weight, bias, padding);
+    }
+    // conv2d_bias does not keep its output alive.
+    ctx->save_for_backward({input, weight, relu ? output : at::Tensor()});
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto backward_op = find<BackwardSignature>("unet_ext::_conv2d_backward");
+    const auto saved = ctx->get_saved_variables();
+    // A missing bias has no input edge: ask for its grad only when there is one.
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    torch::autograd::variable_list result(5);
+    if (!(mask[0] || mask[1] || mask[2])) return result;
+    const std::optional<at::Tensor> output = saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    auto [grad_input, grad_weight, grad_bias] =
+        backward_op.call(grads[0], saved[0], saved[1], output, ctx->saved_data["padding"].toInt(), mask);
+    if (mask[0]) result[0] = grad_input;
+    if (mask[1]) result[1] = grad_weight;
+    if (mask[2]) result[2] = grad_bias;
+    return result;
+  }
+};
+
+at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, int64_t padding) {
+  return Conv2dFunction::apply(input, weight, bias, padding, true);
+}
+
+at::Tensor conv2d_bias_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, int64_t padding) {
+  return Conv2dFunction::apply(input, weight, bias, padding, false);
+}
+
+}  // namespace
+}  // namespace conv
+}  // namespace unet_ext
+
+TORCH_LIBRARY_IMPL(unet_ext, Autograd, m) {
+  m.impl("conv2d_relu", &unet_ext::conv::conv2d_relu_autograd);
+  m.impl("conv2d_bias", &unet_ext::conv::conv2d_bias_autograd);
+}

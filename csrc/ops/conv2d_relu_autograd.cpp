@@ -1,7 +1,7 @@
-// Autograd of conv2d_relu and conv2d_bias in C++ (every device): save input, weight and, for
-// conv2d_relu, the output (the ReLU mask); the backward is _conv2d_backward for the grads that
-// are needed. torch.library.register_autograd's Python wrapper cost ~0.1 ms a call forward and
-// backward, 19 convolutions a U-Net training step.
+// Autograd of the convolutions (conv2d_relu, conv2d_bias, conv2d_relu_concat, conv_transpose2x2)
+// and max_pool2x2 in C++ (every device): each saves what its backward op reads and calls it for
+// the grads that are needed. torch.library.register_autograd's Python wrapper cost ~0.1 ms a call
+// forward and backward, 31 calls a U-Net training step.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -59,6 +59,97 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 };
 
+class Conv2dReluConcatFunction : public torch::autograd::Function<Conv2dReluConcatFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& skip, const at::Tensor& up,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t padding) {
+    static const auto op = find<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, int64_t)>("unet_ext::conv2d_relu_concat");
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      output = op.call(skip, up, weight, bias, padding);
+    }
+    ctx->save_for_backward({skip, up, weight, output});
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = find<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+        std::array<bool, 4>)>("unet_ext::_conv2d_relu_concat_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                   ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)};
+    torch::autograd::variable_list result(5);
+    if (!(mask[0] || mask[1] || mask[2] || mask[3])) return result;
+    auto [grad_skip, grad_up, grad_weight, grad_bias] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->saved_data["padding"].toInt(), mask);
+    if (mask[0]) result[0] = grad_skip;
+    if (mask[1]) result[1] = grad_up;
+    if (mask[2]) result[2] = grad_weight;
+    if (mask[3]) result[3] = grad_bias;
+    return result;
+  }
+};
+
+class ConvTranspose2x2Function : public torch::autograd::Function<ConvTranspose2x2Function> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+    static const auto op = find<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+        "unet_ext::conv_transpose2x2");
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      output = op.call(input, weight, bias);
+    }
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = find<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>)>(
+        "unet_ext::_conv_transpose2x2_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    torch::autograd::variable_list result(3);
+    if (!(mask[0] || mask[1] || mask[2])) return result;
+    auto [grad_input, grad_weight, grad_bias] = op.call(grads[0], saved[0], saved[1], mask);
+    if (mask[0]) result[0] = grad_input;
+    if (mask[1]) result[1] = grad_weight;
+    if (mask[2]) result[2] = grad_bias;
+    return result;
+  }
+};
+
+class MaxPool2x2Function : public torch::autograd::Function<MaxPool2x2Function> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& input) {
+    static const auto op = find<at::Tensor(const at::Tensor&)>("unet_ext::max_pool2x2");
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      output = op.call(input);
+    }
+    ctx->save_for_backward({input});
+    return output;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = find<at::Tensor(const at::Tensor&, const at::Tensor&)>("unet_ext::_max_pool2x2_backward");
+    return {op.call(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
 at::Tensor conv2d_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, int64_t padding) {
   return Conv2dFunction::apply(input, weight, bias, padding, true);
@@ -69,6 +160,18 @@ at::Tensor conv2d_bias_autograd(const at::Tensor& input, const at::Tensor& weigh
   return Conv2dFunction::apply(input, weight, bias, padding, false);
 }
 
+at::Tensor conv2d_relu_concat_autograd(const at::Tensor& skip, const at::Tensor& up, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, int64_t padding) {
+  return Conv2dReluConcatFunction::apply(skip, up, weight, bias, padding);
+}
+
+at::Tensor conv_transpose2x2_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias) {
+  return ConvTranspose2x2Function::apply(input, weight, bias);
+}
+
+at::Tensor max_pool2x2_autograd(const at::Tensor& input) { return MaxPool2x2Function::apply(input); }
+
 }  // namespace
 }  // namespace conv
 }  // namespace unet_ext
@@ -76,4 +179,7 @@ at::Tensor conv2d_bias_autograd(const at::Tensor& input, const at::Tensor& weigh
 TORCH_LIBRARY_IMPL(unet_ext, Autograd, m) {
   m.impl("conv2d_relu", &unet_ext::conv::conv2d_relu_autograd);
   m.impl("conv2d_bias", &unet_ext::conv::conv2d_bias_autograd);
+  m.impl("conv2d_relu_concat", &unet_ext::conv::conv2d_relu_concat_autograd);
+  m.impl("conv_transpose2x2", &unet_ext::conv::conv_transpose2x2_autograd);
+  m.impl("max_pool2x2", &unet_ext::conv::max_pool2x2_autograd);
 }

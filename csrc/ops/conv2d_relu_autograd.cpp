@@ -179,7 +179,9 @@ at::Tensor conv_transpose2x2_autograd(const at::Tensor& input, const at::Tensor&
   return ConvTranspose2x2Function::apply(input, weight, bias, c10::GradMode::is_enabled());
 }
 
-at::Tensor max_pool2x2_autograd(const at::Tensor& input) { return MaxPool2x2Function::apply(input, c10::GradMode::is_enabled()); }
+at::Tensor max_pool2x2_autograd(const at::Tensor& input) {
+  return MaxPool2x2Function::apply(input, c10::GradMode::is_enabled());
+}
 
 }  // namespace
 }  // namespace conv

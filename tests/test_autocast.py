@@ -503,10 +503,12 @@ def test_cpu_bf16_weight_changed_in_place_between_steps_is_read_afresh():
 
 
 @pytest.mark.parametrize("shape", [(512, 64, 3, 3), (5, 17, 3, 3), (3, 33, 2, 2), (2, 32, 1, 1), (7, 1, 3, 3),
-                                   (1, 16, 3, 3), (0, 4, 3, 3)])
+                                   (1, 16, 3, 3), (0, 4, 3, 3), (4, 80, 3, 3), (3, 200, 2, 2), (6, 96, 4, 4),
+                                   (3, 65, 5, 5)])
 def test_cast_weight_matches_to_and_casts_the_gradient_back(shape):
     """unet_ext._cast_weight(w, dtype, memory_format) is w.to(dtype, memory_format=...) bit for bit
-    (NaN and infinities included; 16-wide vector blocks and their scalar tails), and its gradient
+    (NaN and infinities included; 32-wide permute tiles up to 16 taps, 16-wide vector blocks and their
+    scalar tails; more taps on the 16-wide blocks), and its gradient
     comes back in the weight's dtype and layout, equal to the bf16 gradient cast."""
     w = torch.randn(shape)
     if w.numel() > 20:

@@ -99,29 +99,8 @@ def _(grad_out, input, weight, output, padding, output_mask):
     return grad_input, grad_weight, grad_bias
 
 
-def _conv_setup(relu):
-    def setup_context(ctx, inputs, output):
-        input, weight, bias, padding = inputs
-        # conv2d_relu needs its output for the ReLU mask; conv2d_bias does not keep it alive.
-        ctx.save_for_backward(input, weight, output if relu else None)
-        ctx.padding = padding
-        ctx.has_bias = bias is not None
-    return setup_context
-
-
-def _conv_backward(ctx, grad_out):
-    input, weight, output = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
-    if not any(mask):
-        return None, None, None, None
-    grad_input, grad_weight, grad_bias = torch.ops.unet_ext._conv2d_backward.default(
-        grad_out, input, weight, output, ctx.padding, mask)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, None)
-
-
-torch.library.register_autograd("unet_ext::conv2d_relu", _conv_backward, setup_context=_conv_setup(True))
-torch.library.register_autograd("unet_ext::conv2d_bias", _conv_backward, setup_context=_conv_setup(False))
+# conv2d_relu's and conv2d_bias's autograd is in C++ (csrc/ops/conv2d_relu_autograd.cpp): the Python
+# wrapper's overhead per call was measurable in a training step.
 
 
 def _check_conv_concat(skip, up, weight, bias, padding):
@@ -159,25 +138,7 @@ def _(grad_out, skip, up, weight, output, padding, output_mask):
     return like(skip, output_mask[0]), like(up, output_mask[1]), like(weight, output_mask[2]), grad_bias
 
 
-def _concat_setup(ctx, inputs, output):
-    skip, up, weight, bias, padding = inputs
-    ctx.save_for_backward(skip, up, weight, output)
-    ctx.padding = padding
-    ctx.has_bias = bias is not None
-
-
-def _concat_backward(ctx, grad_out):
-    skip, up, weight, output = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [needs[0], needs[1], needs[2], needs[3] and ctx.has_bias]
-    if not any(mask):
-        return None, None, None, None, None
-    grads = torch.ops.unet_ext._conv2d_relu_concat_backward.default(
-        grad_out, skip, up, weight, output, ctx.padding, mask)
-    return (*(g if wanted else None for g, wanted in zip(grads, mask)), None)
-
-
-torch.library.register_autograd("unet_ext::conv2d_relu_concat", _concat_backward, setup_context=_concat_setup)
+# Its autograd is in C++ (csrc/ops/conv2d_relu_autograd.cpp).
 
 
 def _check_up(input, weight, bias):
@@ -203,24 +164,7 @@ def _(grad_out, input, weight, output_mask):
     return grad_input, grad_weight, grad_bias
 
 
-def _up_setup(ctx, inputs, output):
-    input, weight, bias = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.has_bias = bias is not None
-
-
-def _up_backward(ctx, grad_out):
-    input, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias]
-    if not any(mask):
-        return None, None, None
-    grad_input, grad_weight, grad_bias = torch.ops.unet_ext._conv_transpose2x2_backward.default(
-        grad_out, input, weight, mask)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None)
-
-
-torch.library.register_autograd("unet_ext::conv_transpose2x2", _up_backward, setup_context=_up_setup)
+# Its autograd is in C++ (csrc/ops/conv2d_relu_autograd.cpp).
 
 
 @torch.library.register_fake("unet_ext::_cast_weight")

@@ -451,6 +451,36 @@ def _channels_last_leaf(t):
     return torch.empty_like(t, memory_format=torch.channels_last).copy_(t).detach().requires_grad_()
 
 
+@pytest.mark.parametrize("band_rows", ["80", "0"], ids=["bands", "whole"])
+def test_cpu_bf16_large_image_weight_gradient_in_bands(band_rows, monkeypatch):
+    """A CPU bf16 channels_last convolution with >= 2^16 output pixels and >= 32 input channels
+    takes its weight and bias gradients from oneDNN per image and band of output rows
+    (UNET_EXT_BF16_WGRAD_BAND_ROWS; 0: in one call), summed in float32: every gradient within
+    twice stock's error either way."""
+    import unet_ext.model as model_module
+    if not model_module._BF16_ONEDNN:
+        pytest.skip("CPU bf16 convolutions run on oneDNN only with bf16 dot products")
+    monkeypatch.setenv("UNET_EXT_BF16_WGRAD_BAND_ROWS", band_rows)
+    g = torch.Generator().manual_seed(5)
+    x = _channels_last_leaf(torch.randn(2, 32, 258, 258, generator=g))  # 256 x 256 out: 4 bands of 64 rows
+    w = (torch.randn(8, 32, 3, 3, generator=g) * 0.05).requires_grad_()
+    b = (torch.randn(8, generator=g) * 0.1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ops.conv2d_relu(x, w, b, 0)
+        stock = reference.conv2d_relu(x, w, b, 0)
+    exact = reference.conv2d_relu(x.double(), w.double(), b.double(), 0)
+    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.autograd.grad(ours, (x, w, b), grad)
+    calls = sum(e.name == "aten::convolution_backward" for e in prof.events())  # dgrad, then 2 x 4 bands
+    assert calls == (1 + 2 * 4 if band_rows == "80" else 1)
+    want = torch.autograd.grad(stock, (x, w, b), grad)
+    want_exact = torch.autograd.grad(exact, (x, w, b), grad.double())
+    for a, s, e in zip(got, want, want_exact):
+        assert a.dtype == s.dtype
+        assert_low_precision(a, s, e)
+
+
 @pytest.mark.parametrize("op", CONV_OPS)
 def test_cpu_bf16_channels_last_convolutions_cast_the_weight_channels_last(op):
     """With channels_last activations under CPU bf16 autocast (the UNet's layout where oneDNN has

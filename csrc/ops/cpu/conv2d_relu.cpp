@@ -29,7 +29,7 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
     const at::Tensor input = input_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
-    const bool few = winograd::use_few_tiles(g);
+    const bool few = per_call && winograd::use_few_tiles(g);  // cached filters: the brgemm path
     if (winograd::convolve(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w), nullptr,
                            winograd::forward_filter(weight, few, per_call), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
                            relu, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {

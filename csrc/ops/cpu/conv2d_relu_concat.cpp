@@ -41,7 +41,7 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
-    const bool few = winograd::use_few_tiles(g);
+    const bool few = per_call && winograd::use_few_tiles(g);  // cached filters: the brgemm path
     if (winograd::convolve(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), nullptr,
                            winograd::forward_filter(weight, few, per_call), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
                            true, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {

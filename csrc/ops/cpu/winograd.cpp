@@ -127,15 +127,22 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   return winograd_geometry(g, dtype, kChannelScale, min_tiles);
 }
 
-// The few-tiles path (convolve_few): up to kFewTilesMax tiles per call, output channels a multiple
-// of 16 (its GEMM's vectors). UNET_EXT_WINOGRAD_FEW_TILES replaces kFewTilesMax, read per call (0:
-// off; a benchmark knob: old and new routing timed in one process).
-constexpr int64_t kFewTilesMax = 127;
+// The few-tiles path (convolve_few) with filters transformed per call: up to kFewTilesMax tiles per
+// call, output channels a multiple of 16 (its GEMM's vectors), and for weights past kFewWeights
+// (512 x 512) tiles at least 4/5 inside the output. Against the routing before it (oneDNN), training
+// conditions (a new weight version per call), interleaved medians, load 1.4-1.7, forward / dgrad:
+// 2 x 256 -> 512 at 16x16 5.2 / 5.2 ms against 5.4 / 5.4-6.2, 512 -> 512 at 14 7.4-7.8 / (9.2-9.8)
+// against 8.4 / 8.3-8.8 (its dgrad, 32 tiles for 2 x 14x14 outputs, stays on oneDNN), 512 -> 256 at
+// 24 9.7-10.1 / 9.8-10.2 against 11.9-12.5 / 12.4, 256 -> 256 at 22 3.5-4.4 / 5.0-5.6 against 5.4 /
+// 5.7. UNET_EXT_WINOGRAD_FEW_TILES replaces kFewTilesMax, read per call (0: off; a benchmark knob:
+// old and new routing timed in one process).
+constexpr int64_t kFewTilesMax = 127, kFewWeights = 256 * 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
-  return g.out_channels % 16 == 0 && tiles <= (value ? std::atoll(value) : kFewTilesMax);
+  return g.out_channels % 16 == 0 && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
+         (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * g.batch * g.out_h * g.out_w);
 }
 
 // The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries
@@ -394,6 +401,8 @@ namespace {
 // parts); the GEMMs, tasks over the points (each point's filters, up to 1 MiB, streamed once and
 // used for all blocks from the L2); the output transform per block and channel part, after a
 // transpose of M^T's part into the layout output_transform reads.
+// Filter panels of 32 output channels (36 x C_in x 32 floats, 2.4 MB at 512): 16 (a one-vector GEMM)
+// and 48 or 64 (past the L2) were 10-40% slower at the deep layers.
 constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewPanel = 96, kFewFilterPanel = 32;
 
 bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,

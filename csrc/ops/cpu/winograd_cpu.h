@@ -83,9 +83,9 @@ bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter
 bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight,
                           bool* per_call = nullptr);
 bool filter_cache_enabled();
-// Whether a convolution use_winograd takes runs the few-tiles path (winograd.cpp: convolve_few),
-// whose filters have the transposed layout: pass the answer to forward_filter / dgrad_filter and
-// convolve.
+// Whether a convolution use_winograd takes with filters transformed on the call runs the few-tiles
+// path (winograd.cpp: convolve_few, transposed filters): pass the answer to forward_filter /
+// dgrad_filter (the forward's only where per_call).
 bool use_few_tiles(const conv::ConvGeometry& g);
 // Whether the weight gradient of this convolution takes weight_gradient below.
 bool use_winograd_wgrad(const conv::ConvGeometry& g, at::ScalarType dtype);

@@ -134,14 +134,17 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
 // 2 x 256 -> 512 at 16x16 5.2 / 5.2 ms against 5.4 / 5.4-6.2, 512 -> 512 at 14 7.4-7.8 / (9.2-9.8)
 // against 8.4 / 8.3-8.8 (its dgrad, 32 tiles for 2 x 14x14 outputs, stays on oneDNN), 512 -> 256 at
 // 24 9.7-10.1 / 9.8-10.2 against 11.9-12.5 / 12.4, 256 -> 256 at 22 3.5-4.4 / 5.0-5.6 against 5.4 /
-// 5.7. UNET_EXT_WINOGRAD_FEW_TILES replaces kFewTilesMax, read per call (0: off; a benchmark knob:
-// old and new routing timed in one process).
-constexpr int64_t kFewTilesMax = 127, kFewWeights = 256 * 512;
+// 5.7. Output channels up to kFewMaxOut: past it the forward's filters are read from a transposed
+// copy made per call (filter_source), and 1 x 512 -> 1024 at 32x32 (a paper inference layer's first
+// call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES replaces
+// kFewTilesMax, read per call (0: off; a benchmark knob: old and new routing timed in one process).
+constexpr int64_t kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
-  return g.out_channels % 16 == 0 && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
+  return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut &&
+         tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
          (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * g.batch * g.out_h * g.out_w);
 }
 
@@ -198,8 +201,8 @@ FilterSource filter_source(const at::Tensor& weight, bool dgrad, bool few_layout
   return FilterSource{source, rows, cols, row_stride, col_stride, tap_stride, dgrad};
 }
 
-at::Tensor transform_filter(const at::Tensor& weight, bool dgrad, bool few_layout) {
-  const FilterSource f = filter_source(weight, dgrad, few_layout);
+at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
+  const FilterSource f = filter_source(weight, dgrad, false);
   at::Tensor u = cpu::empty_huge({kPoints, f.rows, f.cols}, f.source.options());  // up to 151 MB: no page faults per call
   const float* w_data = f.source.const_data_ptr<float>();
   float* u_data = u.mutable_data_ptr<float>();
@@ -228,7 +231,7 @@ struct CacheEntry {
   const void* data;
   std::vector<int64_t> sizes;
   int64_t version;
-  int kind;  // filter_kind: forward or dgrad, brgemm or few-tiles layout
+  bool dgrad;
   at::Tensor u;
 };
 
@@ -249,10 +252,8 @@ bool cacheable(const at::Tensor& weight) {
   return filter_cache_enabled() && !weight.is_inference() && weight.scalar_type() == at::kFloat;
 }
 
-int filter_kind(bool dgrad, bool few_layout) { return (dgrad ? 1 : 0) + (few_layout ? 2 : 0); }
-
-bool entry_matches(const CacheEntry& e, const at::Tensor& weight, int kind) {
-  return e.kind == kind && e.data == weight.const_data_ptr() && e.version == weight._version() &&
+bool entry_matches(const CacheEntry& e, const at::Tensor& weight, bool dgrad) {
+  return e.dgrad == dgrad && e.data == weight.const_data_ptr() && e.version == weight._version() &&
          weight.sizes().equals(e.sizes) && e.key == weight.unsafeGetTensorImpl();
 }
 
@@ -260,17 +261,17 @@ bool entry_matches(const CacheEntry& e, const at::Tensor& weight, int kind) {
 // and any entry whose weight is gone into `dropped` (freed by the caller after the lock: freeing
 // filters takes the output cache's lock, which must not nest in this one), then trims to the budget.
 // An undefined u records that the version was seen (use_winograd_forward), costing no memory.
-void insert_entry(const at::Tensor& weight, int kind, const at::Tensor& u, std::list<CacheEntry>& dropped) {
+void insert_entry(const at::Tensor& weight, bool dgrad, const at::Tensor& u, std::list<CacheEntry>& dropped) {
   auto& entries = cache_entries;
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);
-    if (it->impl.expired() || (it->kind == kind && it->key == weight.unsafeGetTensorImpl())) {
+    if (it->impl.expired() || (it->dgrad == dgrad && it->key == weight.unsafeGetTensorImpl())) {
       dropped.splice(dropped.end(), entries, it);
     }
     it = next;
   }
   entries.push_front(CacheEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-                                weight.unsafeGetTensorImpl(), weight.const_data_ptr(), weight.sizes().vec(), weight._version(), kind, u});
+                                weight.unsafeGetTensorImpl(), weight.const_data_ptr(), weight.sizes().vec(), weight._version(), dgrad, u});
   int64_t bytes = 0;
   for (auto it = entries.begin(); it != entries.end();) {
     const auto next = std::next(it);
@@ -287,31 +288,30 @@ bool seen_before(const at::Tensor& weight) {
   std::list<CacheEntry> dropped;  // destroyed after the lock is released (declared first)
   std::lock_guard<std::mutex> lock(cache_mutex);
   for (auto it = cache_entries.begin(); it != cache_entries.end(); ++it) {
-    if (entry_matches(*it, weight, filter_kind(false, false))) {
+    if (entry_matches(*it, weight, false)) {
       cache_entries.splice(cache_entries.begin(), cache_entries, it);
       return true;
     }
   }
-  insert_entry(weight, filter_kind(false, false), at::Tensor(), dropped);
+  insert_entry(weight, false, at::Tensor(), dropped);
   return false;
 }
 
-at::Tensor cached_filter(const at::Tensor& weight, bool dgrad, bool few_layout) {
-  if (!cacheable(weight)) return transform_filter(weight, dgrad, few_layout);
-  const int kind = filter_kind(dgrad, few_layout);
+at::Tensor cached_filter(const at::Tensor& weight, bool dgrad) {
+  if (!cacheable(weight)) return transform_filter(weight, dgrad);
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
     for (auto it = cache_entries.begin(); it != cache_entries.end(); ++it) {
-      if (entry_matches(*it, weight, kind) && it->u.defined()) {
+      if (entry_matches(*it, weight, dgrad) && it->u.defined()) {
         cache_entries.splice(cache_entries.begin(), cache_entries, it);
         return it->u;
       }
     }
   }
-  at::Tensor u = transform_filter(weight, dgrad, few_layout);
+  at::Tensor u = transform_filter(weight, dgrad);
   std::list<CacheEntry> dropped;  // destroyed after the lock is released (declared first)
   std::lock_guard<std::mutex> lock(cache_mutex);
-  insert_entry(weight, kind, u, dropped);
+  insert_entry(weight, dgrad, u, dropped);
   return u;
 }
 
@@ -380,16 +380,15 @@ bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at:
   return use_winograd(g, dtype, first);
 }
 
-// The few-tiles path transforms per-call filters itself (convolve_few, per panel of output
-// channels; not cached: in training every step has a new version), and caches the forward's from
-// a version's second call (inference).
+// The few-tiles path transforms its filters itself (convolve_few, per panel of output channels),
+// on per-call filters only (forward: a weight version's first call; cached filters take the brgemm path).
 Filters forward_filter(const at::Tensor& weight, bool few, bool per_call) {
   if (few && per_call) return Filters{at::Tensor(), weight, true, false};
-  return Filters{cached_filter(weight, false, few), weight, few, false};
+  return Filters{cached_filter(weight, false), weight, false, false};
 }
 Filters dgrad_filter(const at::Tensor& weight, bool few) {
   if (few) return Filters{at::Tensor(), weight, true, true};
-  return Filters{cached_filter(weight, true, false), weight, false, true};
+  return Filters{cached_filter(weight, true), weight, false, true};
 }
 
 namespace {
@@ -398,12 +397,12 @@ namespace {
 // vector dimension, 9-45 per block, and 16 channels of depth per call; here the output channels
 // are (few_gemm: M^T_p[T, C_out] = V^T_p[T, C_in] U^T_p[C_in, C_out], V read in its [C_in][T] layout
 // by broadcasts). Three passes: the input transform of every block (tasks over blocks and channel
-// parts); the GEMMs, tasks over the points (each point's filters, up to 1 MiB, streamed once and
-// used for all blocks from the L2); the output transform per block and channel part, after a
-// transpose of M^T's part into the layout output_transform reads.
+// parts); tasks over panels of output channels, each transforming its panel's filters into U^T
+// (all 36 points) and running the GEMMs of every point and block on it; the output transform per
+// block and channel part, after a transpose of M^T's part into the layout output_transform reads.
 // Filter panels of 32 output channels (36 x C_in x 32 floats, 2.4 MB at 512): 16 (a one-vector GEMM)
 // and 48 or 64 (past the L2) were 10-40% slower at the deep layers.
-constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewPanel = 96, kFewFilterPanel = 32;
+constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewFilterPanel = 32;
 
 bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
                   const Filters& filters, const float* bias, bool relu, const ChannelParts<float>& dst) {
@@ -437,33 +436,22 @@ bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, c
             m_data + kPoints * c_out * first[bi] + p * t_count * c_out + co0, c_out, t_count, cols, c_in);
     }
   };
-  if (filters.u.defined()) {  // cached: tasks over (point, panel)
-    const float* u_data = filters.u.const_data_ptr<float>();
-    const int64_t panels = (c_out + kFewPanel - 1) / kFewPanel;
-    at::parallel_for(0, kPoints * panels, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t p = task / panels, co0 = (task % panels) * kFewPanel;
-        gemms(p, u_data + p * c_in * c_out + co0, c_out, co0, std::min(kFewPanel, c_out - co0));
-      }
-    });
-  } else {
-    // Transformed here, a panel of output channels per task, used while in the cache: U^T of 512 x
-    // 512 filters (38 MB) written by the filter transform and read back by the GEMMs had made them
-    // 2 x 6.5 ms of 2 x 512 -> 512 at 14x14's 11.6 ms forward.
-    const FilterSource f = filter_source(filters.weight, filters.dgrad, true);
-    const float* w_data = f.source.const_data_ptr<float>();
-    const int64_t panels = (c_out + kFewFilterPanel - 1) / kFewFilterPanel;
-    at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) {
-      float* u = cpu::scratch<float>(0, kPoints * c_in * kFewFilterPanel);
-      std::vector<double> scratch(filter_scratch(kFewFilterPanel));
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t co0 = task * kFewFilterPanel, cols = std::min(kFewFilterPanel, c_out - co0);
-        k.filter(w_data + co0 * f.col_stride, c_in, cols, f.row_stride, f.col_stride, f.tap_stride, f.flip, 0, c_in, u,
-                 scratch.data());
-        for (int64_t p = 0; p < kPoints; ++p) gemms(p, u + p * c_in * cols, cols, co0, cols);
-      }
-    });
-  }
+  // The filters transformed here, a panel of output channels per task, used while in the cache: U^T
+  // of 512 x 512 filters (38 MB) written by the filter transform and read back by the GEMMs had
+  // made them 2 x 6.5 ms of 2 x 512 -> 512 at 14x14's 11.6 ms forward.
+  const FilterSource f = filter_source(filters.weight, filters.dgrad, true);
+  const float* w_data = f.source.const_data_ptr<float>();
+  const int64_t panels = (c_out + kFewFilterPanel - 1) / kFewFilterPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) {
+    float* u = cpu::scratch<float>(0, kPoints * c_in * kFewFilterPanel);
+    std::vector<double> scratch(filter_scratch(kFewFilterPanel));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t co0 = task * kFewFilterPanel, cols = std::min(kFewFilterPanel, c_out - co0);
+      k.filter(w_data + co0 * f.col_stride, c_in, cols, f.row_stride, f.col_stride, f.tap_stride, f.flip, 0, c_in, u,
+               scratch.data());
+      for (int64_t p = 0; p < kPoints; ++p) gemms(p, u + p * c_in * cols, cols, co0, cols);
+    }
+  });
   std::atomic<bool> finite{true};
   const int64_t co_parts = (c_out + kFewChannels - 1) / kFewChannels;
   at::parallel_for(0, plan.blocks * co_parts, 1, [&](int64_t t0, int64_t t1) {

@@ -91,10 +91,10 @@ bool use_few_tiles(const conv::ConvGeometry& g);
 bool use_winograd_wgrad(const conv::ConvGeometry& g, at::ScalarType dtype);
 
 // Transformed filters, float32: forward U[36][C_out][C_in] of weight [C_out][C_in][3][3];
-// dgrad U[36][C_in][C_out] of the flipped, transposed weight; with few (use_few_tiles) the
-// transposes, U^T[36][C_in][C_out] forward, U^T[36][C_out][C_in] dgrad. Cached per weight version
-// where that is safe (winograd.cpp), per layout. The few-tiles path transforms uncached filters
-// itself (in the GEMMs' pass, per panel of output channels): u undefined, weight given.
+// dgrad U[36][C_in][C_out] of the flipped, transposed weight; cached per weight version where
+// that is safe (winograd.cpp). With few (use_few_tiles; the forward's only on a per-call version)
+// u is undefined: convolve transforms the weight itself, per panel of output channels, into the
+// transposes (U^T[36][C_in][C_out] forward, U^T[36][C_out][C_in] dgrad).
 struct Filters {
   at::Tensor u, weight;
   bool few, dgrad;

@@ -127,24 +127,26 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   return winograd_geometry(g, dtype, kChannelScale, min_tiles);
 }
 
-// The few-tiles path (convolve_few) with filters transformed per call: up to kFewTilesMax tiles per
-// call, output channels a multiple of 16 (its GEMM's vectors), and for weights past kFewWeights
-// (512 x 512) tiles at least 4/5 inside the output. Against the routing before it (oneDNN), training
-// conditions (a new weight version per call), interleaved medians, load 1.4-1.7, forward / dgrad:
-// 2 x 256 -> 512 at 16x16 5.2 / 5.2 ms against 5.4 / 5.4-6.2, 512 -> 512 at 14 7.4-7.8 / (9.2-9.8)
-// against 8.4 / 8.3-8.8 (its dgrad, 32 tiles for 2 x 14x14 outputs, stays on oneDNN), 512 -> 256 at
-// 24 9.7-10.1 / 9.8-10.2 against 11.9-12.5 / 12.4, 256 -> 256 at 22 3.5-4.4 / 5.0-5.6 against 5.4 /
-// 5.7. Output channels up to kFewMaxOut: past it the forward's filters are read from a transposed
-// copy made per call (filter_source), and 1 x 512 -> 1024 at 32x32 (a paper inference layer's first
-// call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES replaces
-// kFewTilesMax, read per call (0: off; a benchmark knob: old and new routing timed in one process).
-constexpr int64_t kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
+// The few-tiles path (convolve_few) with filters transformed per call: kFewTilesMin to kFewTilesMax
+// tiles per call, output channels a multiple of 16 (its GEMM's vectors) up to kFewMaxOut, and for
+// weights past kFewWeights (512 x 512) tiles at least 4/5 inside the output. Against the routing
+// before it (oneDNN), training conditions (a new weight version per call), interleaved medians of
+// 21, load 1.5-1.6, forward / dgrad: 2 x 512 -> 256 at 24x24 (72 tiles each way) 10.0 / 10.0 ms
+// against 11.6 / 11.7, 256 -> 256 at 22 forward (50 tiles) 3.7 against 4.8; but 256 -> 512 at 16
+// (32 tiles) 5.6 / 5.8 against 5.3 / 5.4, 512 -> 512 at 14 forward (18) 8.0 against 8.1 (its dgrad,
+// 32 tiles for 2 x 14x14 outputs, 8.2-9.8 against 8.3-8.8), 256 -> 256 at 22 dgrad (72 tiles at
+// padding 2) 5.5 against 5.2: from 48 tiles. Past kFewMaxOut the forward's filters are read from a
+// transposed copy made per call (filter_source): 1 x 512 -> 1024 at 32x32 (a paper inference
+// layer's first call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES
+// replaces kFewTilesMax, read per call (0: off; a benchmark knob: old and new routing timed in one
+// process).
+constexpr int64_t kFewTilesMin = 48, kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
   return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut &&
-         tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
+         tiles >= kFewTilesMin && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
          (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * g.batch * g.out_h * g.out_w);
 }
 

@@ -309,9 +309,10 @@ def test_small_images_take_winograd_from_a_weight_versions_second_call(monkeypat
 # partial tiles and a last filter panel of 16 channels.
 FEW_CASES = [
     (2, 512, 256, 24, 24, 0),   # 72 tiles forward and dgrad
-    (2, 256, 256, 22, 22, 0),   # 50 tiles forward, 72 dgrad
-    (2, 96, 80, 25, 27, 1),     # partial tiles, 80 output channels (panels of 32, 32, 16)
-    (3, 64, 48, 15, 17, 2),     # padding 2 (dgrad padding 0)
+    (2, 256, 256, 24, 24, 1),   # 72 tiles each way, every tile whole
+    (2, 96, 80, 24, 24, 1),     # 80 output channels (filter panels of 32, 32, 16)
+    (2, 80, 96, 24, 24, 1),
+    (3, 64, 48, 16, 16, 1),     # 48 tiles each way
 ]
 
 
@@ -342,21 +343,21 @@ def test_few_tiles_against_float64(case, layout):
 
 
 def test_few_tiles_concat_against_float64():
-    """conv2d_relu_concat on the few-tiles path (2 x 6 x 6 tiles): the input transform reads the
-    skip's crop window, dgrad writes it; grad_skip is zero outside the window."""
+    """conv2d_relu_concat on the few-tiles path (2 x 6 x 6 tiles, padding 1): the input
+    transform reads the skip's crop window, dgrad writes it; grad_skip is zero outside the window."""
     gen = torch.Generator().manual_seed(22)
     skip = torch.randn(2, 128, 28, 29, generator=gen)
     up = torch.randn(2, 128, 24, 24, generator=gen)
     weight = torch.randn(128, 256, 3, 3, generator=gen) * (2 / (9 * 256)) ** 0.5
     bias = torch.randn(128, generator=gen) * 0.1
     leaves = _leaves(skip, up, weight, bias)
-    out = conv2d_relu_concat(*leaves[0], 0)
-    exact = reference.conv2d_relu_concat(*leaves[1], 0)
-    stock = reference.conv2d_relu_concat(*leaves[2], 0)
+    out = conv2d_relu_concat(*leaves[0], 1)
+    exact = reference.conv2d_relu_concat(*leaves[1], 1)
+    stock = reference.conv2d_relu_concat(*leaves[2], 1)
     _assert_accurate(out, stock, exact, "conv2d_relu_concat forward")
     grad = torch.randn(out.shape, generator=gen) * (out > 0)
     got = torch.autograd.grad(out, leaves[0][:2], grad)
-    want, base = (torch.autograd.grad(F.conv2d(reference.crop_concat(*leaves[i][:2]), *leaves[i][2:]), leaves[i][:2],
+    want, base = (torch.autograd.grad(F.conv2d(reference.crop_concat(*leaves[i][:2]), *leaves[i][2:], padding=1), leaves[i][:2],
                                       grad.to(leaves[i][0].dtype)) for i in (1, 2))
     for name, a, b, c in zip(("grad_skip", "grad_up"), got, base, want):
         _assert_accurate(a, b, c, f"conv2d_relu_concat {name}")
@@ -365,30 +366,38 @@ def test_few_tiles_concat_against_float64():
     assert (got[0][~window] == 0).all()
     with unet_ext.backends.cpu.flags(allow_winograd=False):
         leaves_d = _leaves(skip, up, weight, bias)[0]
-        direct_out = conv2d_relu_concat(*leaves_d, 0)
+        direct_out = conv2d_relu_concat(*leaves_d, 1)
         direct = torch.autograd.grad(direct_out, leaves_d[:2], grad)
     assert not torch.equal(direct_out, out) and not torch.equal(direct[1], got[1])
 
 
-def test_few_tiles_forced_matches_the_brgemm_path(monkeypatch):
-    """UNET_EXT_WINOGRAD_FEW_TILES (read per call) forces the few-tiles path on a shape past its
-    default (2 x 10 x 10 tiles): close to the brgemm path's Winograd (the same chunked sums) and to
-    float64, forward and dgrad; 0 turns it off."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [(2, 64, 64, 42, 42, 0), (1, 96, 80, 13, 17, 1), (3, 64, 48, 9, 11, 2)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_few_tiles_forced_matches_the_brgemm_path(case, layout, monkeypatch):
+    """UNET_EXT_WINOGRAD_FEW_TILES=all (read per call) forces the few-tiles path where its rule
+    would not take it (200 tiles; partial tiles, padding 2): close to the brgemm path's Winograd
+    (the same chunked sums), and against float64 at 8x stock float32's error, forward and dgrad."""
+    n, c_in, c_out, h, w, padding = case
     gen = torch.Generator().manual_seed(23)
-    x, weight, bias = _conv_inputs(2, 64, 64, 42, 42, gen)
+    x, weight, bias = _conv_inputs(n, c_in, c_out, h, w, gen, layout)
     results = {}
-    for knob in ("100000", "0"):
+    monkeypatch.setenv("UNET_EXT_WINOGRAD_MIN_TILES", "1")
+    for knob in ("all", "0"):
         monkeypatch.setenv("UNET_EXT_WINOGRAD_FEW_TILES", knob)
-        monkeypatch.setenv("UNET_EXT_WINOGRAD_MIN_TILES", "1")
         leaves = _leaves(x, weight, bias)[0]
-        out = conv2d_relu(*leaves, 0)
-        grad = torch.ones_like(out) * (out > 0)
-        results[knob] = (out, torch.autograd.grad(out, leaves[0], grad)[0])
-    torch.testing.assert_close(results["100000"][0], results["0"][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(results["100000"][1], results["0"][1], rtol=1e-4, atol=1e-5)
-    exact = F.conv2d(x.double(), weight.double(), bias.double()).relu()
-    stock = F.conv2d(x, weight, bias).relu()
-    _assert_accurate(results["100000"][0], stock, exact, "forced forward")
+        out = conv2d_relu(*leaves, padding)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(24)) * (out > 0)
+        results[knob] = (out, torch.autograd.grad(out, leaves[0], grad)[0], grad)
+    for i in (0, 1):
+        torch.testing.assert_close(results["all"][i], results["0"][i], rtol=1e-4, atol=1e-5)
+    leaves = _leaves(x, weight, bias)
+    exact, stock = (F.conv2d(*leaves[i], padding=padding).relu() for i in (1, 2))
+    _assert_accurate(results["all"][0], stock, exact, "forced forward")
+    grad = results["all"][2]
+    want, base = (torch.autograd.grad(F.conv2d(*leaves[i], padding=padding), leaves[i][0], grad.to(leaves[i][0].dtype))[0]
+                  for i in (1, 2))
+    _assert_accurate(results["all"][1], base, want, "forced dgrad")
 
 
 # (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each

@@ -281,10 +281,11 @@ def test_filter_cache_sees_in_place_updates_and_new_weights():
         torch.testing.assert_close(conv2d_bias(x, weight, bias, 1), second)
 
 
-def test_small_images_take_winograd_from_a_weight_versions_second_call():
-    """Below 128 tiles the filter transform costs more than Winograd saves when it is paid per
-    call (training, dgrad); in inference a weight version's first call takes the direct path and
-    the later ones Winograd on its cached filters."""
+def test_small_images_take_winograd_from_a_weight_versions_second_call(monkeypatch):
+    """Below 128 tiles the brgemm path's filter transform costs more than Winograd saves when it is
+    paid per call (training, dgrad); with the few-tiles path off, in inference a weight version's
+    first call takes the direct path and the later ones Winograd on its cached filters."""
+    monkeypatch.setenv("UNET_EXT_WINOGRAD_FEW_TILES", "0")
     gen = torch.Generator().manual_seed(11)
     x, weight, bias = _conv_inputs(2, 192, 192, 14, 14, gen)  # 2 x 9 tiles
     with torch.no_grad():
@@ -301,6 +302,102 @@ def test_small_images_take_winograd_from_a_weight_versions_second_call():
         assert not torch.equal(conv2d_relu(x, weight, bias, 0), direct)
     # Grad mode (the filters are never cached): always direct.
     assert torch.equal(conv2d_relu(x, weight, bias, 0), direct) and torch.equal(conv2d_relu(x, weight, bias, 0), direct)
+
+
+# The few-tiles path (winograd.cpp: convolve_few; filters transformed per call, 48-127 tiles):
+# (N, C_in, C_out, H, W, padding). Deep layers of a batch-2 base-32 model, and odd sizes with
+# partial tiles and a last filter panel of 16 channels.
+FEW_CASES = [
+    (2, 512, 256, 24, 24, 0),   # 72 tiles forward and dgrad
+    (2, 256, 256, 24, 24, 1),   # 72 tiles each way, every tile whole
+    (2, 96, 80, 24, 24, 1),     # 80 output channels (filter panels of 32, 32, 16)
+    (2, 80, 96, 24, 24, 1),
+    (3, 64, 48, 16, 16, 1),     # 48 tiles each way
+]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", FEW_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_few_tiles_against_float64(case, layout):
+    """Forward and dgrad of the few-tiles path (grad mode: filters per call) against float64 at 8x
+    stock float32's error, and not the direct path's result."""
+    n, c_in, c_out, h, w, padding = case
+    gen = torch.Generator().manual_seed(21)
+    x, weight, bias = _conv_inputs(n, c_in, c_out, h, w, gen, layout)
+    leaves = _leaves(x, weight, bias)
+    out = conv2d_relu(*leaves[0], padding)
+    assert out.is_contiguous(memory_format=layout)
+    exact, stock = (F.conv2d(*leaves[i], padding=padding).relu() for i in (1, 2))
+    _assert_accurate(out, stock, exact, "forward")
+    grad = torch.randn(out.shape, generator=gen) * (out > 0)
+    ours = torch.autograd.grad(out, leaves[0][0], grad)[0]
+    want, base = (torch.autograd.grad(F.conv2d(*leaves[i], padding=padding), leaves[i][0], grad.to(leaves[i][0].dtype))[0]
+                  for i in (1, 2))
+    assert ours.is_contiguous(memory_format=layout)
+    _assert_accurate(ours, base, want, "dgrad")
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        leaves_d = _leaves(x, weight, bias)[0]
+        direct_out = conv2d_relu(*leaves_d, padding)
+        direct = torch.autograd.grad(direct_out, leaves_d[0], grad)[0]
+    assert not torch.equal(direct_out, out) and not torch.equal(direct, ours)
+
+
+def test_few_tiles_concat_against_float64():
+    """conv2d_relu_concat on the few-tiles path (2 x 6 x 6 tiles, padding 1): the input
+    transform reads the skip's crop window, dgrad writes it; grad_skip is zero outside the window."""
+    gen = torch.Generator().manual_seed(22)
+    skip = torch.randn(2, 128, 28, 29, generator=gen)
+    up = torch.randn(2, 128, 24, 24, generator=gen)
+    weight = torch.randn(128, 256, 3, 3, generator=gen) * (2 / (9 * 256)) ** 0.5
+    bias = torch.randn(128, generator=gen) * 0.1
+    leaves = _leaves(skip, up, weight, bias)
+    out = conv2d_relu_concat(*leaves[0], 1)
+    exact = reference.conv2d_relu_concat(*leaves[1], 1)
+    stock = reference.conv2d_relu_concat(*leaves[2], 1)
+    _assert_accurate(out, stock, exact, "conv2d_relu_concat forward")
+    grad = torch.randn(out.shape, generator=gen) * (out > 0)
+    got = torch.autograd.grad(out, leaves[0][:2], grad)
+    want, base = (torch.autograd.grad(F.conv2d(reference.crop_concat(*leaves[i][:2]), *leaves[i][2:], padding=1), leaves[i][:2],
+                                      grad.to(leaves[i][0].dtype)) for i in (1, 2))
+    for name, a, b, c in zip(("grad_skip", "grad_up"), got, base, want):
+        _assert_accurate(a, b, c, f"conv2d_relu_concat {name}")
+    window = torch.zeros_like(skip, dtype=torch.bool)
+    window[:, :, 2:26, 2:26] = True
+    assert (got[0][~window] == 0).all()
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        leaves_d = _leaves(skip, up, weight, bias)[0]
+        direct_out = conv2d_relu_concat(*leaves_d, 1)
+        direct = torch.autograd.grad(direct_out, leaves_d[:2], grad)
+    assert not torch.equal(direct_out, out) and not torch.equal(direct[1], got[1])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", [(2, 64, 64, 42, 42, 0), (1, 96, 80, 13, 17, 1), (3, 64, 48, 9, 11, 2)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_few_tiles_forced_matches_the_brgemm_path(case, layout, monkeypatch):
+    """UNET_EXT_WINOGRAD_FEW_TILES=all (read per call) forces the few-tiles path where its rule
+    would not take it (200 tiles; partial tiles, padding 2): close to the brgemm path's Winograd
+    (the same chunked sums), and against float64 at 8x stock float32's error, forward and dgrad."""
+    n, c_in, c_out, h, w, padding = case
+    gen = torch.Generator().manual_seed(23)
+    x, weight, bias = _conv_inputs(n, c_in, c_out, h, w, gen, layout)
+    results = {}
+    monkeypatch.setenv("UNET_EXT_WINOGRAD_MIN_TILES", "1")
+    for knob in ("all", "0"):
+        monkeypatch.setenv("UNET_EXT_WINOGRAD_FEW_TILES", knob)
+        leaves = _leaves(x, weight, bias)[0]
+        out = conv2d_relu(*leaves, padding)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(24)) * (out > 0)
+        results[knob] = (out, torch.autograd.grad(out, leaves[0], grad)[0], grad)
+    for i in (0, 1):
+        torch.testing.assert_close(results["all"][i], results["0"][i], rtol=1e-4, atol=1e-5)
+    leaves = _leaves(x, weight, bias)
+    exact, stock = (F.conv2d(*leaves[i], padding=padding).relu() for i in (1, 2))
+    _assert_accurate(results["all"][0], stock, exact, "forced forward")
+    grad = results["all"][2]
+    want, base = (torch.autograd.grad(F.conv2d(*leaves[i], padding=padding), leaves[i][0], grad.to(leaves[i][0].dtype))[0]
+                  for i in (1, 2))
+    _assert_accurate(results["all"][1], base, want, "forced dgrad")
 
 
 # (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each

@@ -71,12 +71,14 @@ at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = conv2d_geometry(op, input_arg, weight, bias, padding);
   const auto format = conv_output_format(input_arg, weight);
-  if (winograd::use_winograd_forward(g, input_arg.scalar_type(), weight)) {
+  bool per_call = true;
+  if (winograd::use_winograd_forward(g, input_arg.scalar_type(), weight, &per_call)) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, input_arg.options());
     const at::Tensor input = input_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    const bool few = per_call && winograd::use_few_tiles(g);  // cached filters: the brgemm path
     if (winograd::convolve(g, dense_parts(input.const_data_ptr<float>(), g.in_channels, g.in_h, g.in_w), nullptr,
-                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           winograd::forward_filter(weight, few, per_call), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
                            relu, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
       return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
     }
@@ -218,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   at::Tensor grad_weight = at::empty({0}, weight.options()), grad_bias = at::empty({0}, weight.options());
   if (wino_dgrad) {
     grad_input = empty_huge(input_arg.sizes(), input_arg.options());
-    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight),
+    const bool few = winograd::use_few_tiles(dgrad_geometry(g));
+    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), masked ? &mask : nullptr, winograd::dgrad_filter(weight, few),
                            nullptr, false, dense_parts(grad_input.mutable_data_ptr<float>(), g.in_channels, g.in_h, g.in_w))) {
       const auto format = conv_memory_format(input_arg);
       if (format == at::MemoryFormat::ChannelsLast) grad_input = grad_input.contiguous(format);

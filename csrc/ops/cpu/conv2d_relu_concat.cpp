@@ -36,12 +36,14 @@ at::Tensor conv2d_relu_concat_cpu(const at::Tensor& skip_arg, const at::Tensor& 
                                                   weight, bias, padding);
   const ConvGeometry& g = c.conv;
   const auto format = conv_output_format(skip_arg, up_arg, weight);
-  if (winograd::use_winograd_forward(g, skip_arg.scalar_type(), weight)) {
+  bool per_call = true;
+  if (winograd::use_winograd_forward(g, skip_arg.scalar_type(), weight, &per_call)) {
     at::Tensor output = empty_huge({g.batch, g.out_channels, g.out_h, g.out_w}, skip_arg.options());
     const at::Tensor skip = skip_arg.contiguous(), up = up_arg.contiguous();
     const at::Tensor bias_acc = bias.has_value() && bias->defined() ? opmath_contiguous(*bias) : at::Tensor();
+    const bool few = per_call && winograd::use_few_tiles(g);  // cached filters: the brgemm path
     if (winograd::convolve(g, c.parts(skip.const_data_ptr<float>(), up.const_data_ptr<float>()), nullptr,
-                           winograd::forward_filter(weight), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
+                           winograd::forward_filter(weight, few, per_call), bias_acc.defined() ? bias_acc.const_data_ptr<float>() : nullptr,
                            true, dense_parts(output.mutable_data_ptr<float>(), g.out_channels, g.out_h, g.out_w))) {
       return format == at::MemoryFormat::ChannelsLast ? output.contiguous(format) : output;
     }
@@ -197,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
   if (wino_dgrad) {
     at::Tensor gs = empty_huge(skip.sizes(), skip.options()), gu = empty_huge(up.sizes(), up.options());
     if (gs.numel() > 0) zero_outside_window(c, gs.mutable_data_ptr<float>());
-    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight), nullptr, false,
+    const bool few = winograd::use_few_tiles(dgrad_geometry(g));
+    if (winograd::convolve(dgrad_geometry(g), grad_parts(grad), &mask, winograd::dgrad_filter(weight, few), nullptr, false,
                            c.parts(gs.mutable_data_ptr<float>(), gu.mutable_data_ptr<float>()))) {
       const auto skip_format = conv_memory_format(skip_arg), up_format = conv_memory_format(up_arg);
       if (output_mask[0]) grad_skip = skip_format == at::MemoryFormat::ChannelsLast ? gs.contiguous(skip_format) : gs;

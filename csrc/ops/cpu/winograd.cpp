@@ -43,6 +43,7 @@ struct Kernels {
   decltype(&baseline::add) add;
   decltype(&baseline::grad_transform) grad;
   decltype(&baseline::weight_transform) weight;
+  decltype(&baseline::few_gemm) few;
 };
 
 const Kernels& kernels() {
@@ -50,13 +51,13 @@ const Kernels& kernels() {
     switch (cpu::best_isa()) {
       case cpu::Isa::kAvx512:
         return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform, &avx512::add,
-                       &avx512::grad_transform, &avx512::weight_transform};
+                       &avx512::grad_transform, &avx512::weight_transform, &avx512::few_gemm};
       case cpu::Isa::kAvx2:
         return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform, &avx2::add,
-                       &avx2::grad_transform, &avx2::weight_transform};
+                       &avx2::grad_transform, &avx2::weight_transform, &avx2::few_gemm};
       default:
         return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform, &baseline::add,
-                       &baseline::grad_transform, &baseline::weight_transform};
+                       &baseline::grad_transform, &baseline::weight_transform, &baseline::few_gemm};
     }
   }();
   return k;
@@ -122,7 +123,36 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
   // 10.2 / 8.9, 512 -> 256 at 24 13.7 / 17.4 against 12.3 / 11.8, 256 -> 256 at 22 5.1 / 7.6 against
   // 5.1 / 5.1: the rule stands.
   const char* value = std::getenv("UNET_EXT_WINOGRAD_MIN_TILES");
-  return winograd_geometry(g, dtype, kChannelScale, filter_per_call ? (value ? std::atoll(value) : kMinTilesPerCall) : 1);
+  const int64_t min_tiles = !filter_per_call || use_few_tiles(g) ? 1 : value ? std::atoll(value) : kMinTilesPerCall;
+  return winograd_geometry(g, dtype, kChannelScale, min_tiles);
+}
+
+// The few-tiles path (convolve_few) with filters transformed per call: kFewTilesMin to kFewTilesMax
+// tiles per call, output channels a multiple of 16 (its GEMM's vectors) up to kFewMaxOut, and for
+// weights past kFewWeights (512 x 512) tiles at least 4/5 inside the output. Against the routing
+// before it (oneDNN), training conditions (a new weight version per call), interleaved medians of
+// 21, load 1.5-1.6, forward / dgrad: 2 x 512 -> 256 at 24x24 (72 tiles each way) 10.0 / 10.0 ms
+// against 11.6 / 11.7, 256 -> 256 at 22 forward (50 tiles) 3.7 against 4.8; but 256 -> 512 at 16
+// (32 tiles) 5.6 / 5.8 against 5.3 / 5.4, 512 -> 512 at 14 forward (18) 8.0 against 8.1 (its dgrad,
+// 32 tiles for 2 x 14x14 outputs, 8.2-9.8 against 8.3-8.8): from 48 tiles. And 256 -> 256 at 22
+// dgrad (72 tiles for 2 x 22x22 outputs, 5.2-6.4 against 5.0-5.5 in four runs) unless C_in >= 512:
+// tiles partly outside the output cost their transforms and products in full, and with 256
+// channels of depth the GEMMs (where the path gains) are a smaller part of the call. Past kFewMaxOut the forward's filters are read from a
+// transposed copy made per call (filter_source): 1 x 512 -> 1024 at 32x32 (a paper inference
+// layer's first call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES,
+// read per call: 0 off, a number replaces kFewTilesMax, "all" takes every geometry the channels
+// allow (benchmarks: old and new routing timed in one process; tests: partial tiles).
+constexpr int64_t kFewTilesMin = 48, kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
+
+bool use_few_tiles(const ConvGeometry& g) {
+  const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
+  const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
+  const int64_t outputs = g.batch * g.out_h * g.out_w;
+  if (value && std::strcmp(value, "all") == 0) return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut;
+  return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut &&
+         tiles >= kFewTilesMin && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
+         (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * outputs) &&
+         (g.in_channels >= 512 || 10 * kOut * kOut * tiles <= 11 * outputs);
 }
 
 // The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries
@@ -154,25 +184,39 @@ namespace {
 // 13.0 ms interleaved, 128 -> 256 6.8 against 7.0, 2 x 1024 -> 512 at 34 transform 37.8 against
 // 40.2; but 512 -> 1024 (1024 lines a row) 32.5 against 23.2.
 constexpr int64_t kInPlaceLines = 512;
-at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
+// The few-tiles path's filters (few_layout) are the transposes: U^T[36][C_in][C_out] forward (read
+// as dgrad reads), U^T[36][C_out][C_in] of the flipped filters for dgrad (read as the forward).
+struct FilterSource {
+  at::Tensor source;  // the weight, or its copy transposed to [C_in][3x3][C_out]
+  int64_t rows, cols, row_stride, col_stride, tap_stride;
+  bool flip;
+};
+
+FilterSource filter_source(const at::Tensor& weight, bool dgrad, bool few_layout) {
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t c_out = w.size(0), c_in = w.size(1), taps = kKernel * kKernel;
-  const int64_t rows = dgrad ? c_in : c_out, cols = dgrad ? c_out : c_in;
-  const bool transposed = dgrad && c_out > kInPlaceLines;
+  const bool across = dgrad != few_layout;  // a row of U holds C_out filters (read across the weight)
+  const int64_t rows = across ? c_in : c_out, cols = across ? c_out : c_in;
+  const bool transposed = across && c_out > kInPlaceLines;
   at::Tensor source = w;
   if (transposed) {
     source = cpu::empty_huge({c_in, taps, c_out}, w.options());
     cpu::transpose(w.const_data_ptr<float>(), c_out, c_in * taps, source.mutable_data_ptr<float>());
   }
-  at::Tensor u = cpu::empty_huge({kPoints, rows, cols}, w.options());  // up to 151 MB: no page faults per call
-  const float* w_data = source.const_data_ptr<float>();
+  const int64_t row_stride = transposed ? taps * c_out : across ? taps : c_in * taps;
+  const int64_t col_stride = transposed ? 1 : across ? c_in * taps : taps, tap_stride = transposed ? c_out : 1;
+  return FilterSource{source, rows, cols, row_stride, col_stride, tap_stride, dgrad};
+}
+
+at::Tensor transform_filter(const at::Tensor& weight, bool dgrad) {
+  const FilterSource f = filter_source(weight, dgrad, false);
+  at::Tensor u = cpu::empty_huge({kPoints, f.rows, f.cols}, f.source.options());  // up to 151 MB: no page faults per call
+  const float* w_data = f.source.const_data_ptr<float>();
   float* u_data = u.mutable_data_ptr<float>();
   const auto filter = kernels().filter;
-  const int64_t row_stride = transposed ? taps * c_out : dgrad ? taps : c_in * taps;
-  const int64_t col_stride = transposed ? 1 : dgrad ? c_in * taps : taps, tap_stride = transposed ? c_out : 1;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
-    std::vector<double> scratch(filter_scratch(cols));
-    filter(w_data, rows, cols, row_stride, col_stride, tap_stride, dgrad, r0, r1, u_data, scratch.data());
+  at::parallel_for(0, f.rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, f.cols)), [&](int64_t r0, int64_t r1) {
+    std::vector<double> scratch(filter_scratch(f.cols));
+    filter(w_data, f.rows, f.cols, f.row_stride, f.col_stride, f.tap_stride, f.flip, r0, r1, u_data, scratch.data());
   });
   return u;
 }
@@ -298,8 +342,8 @@ constexpr int64_t kWgradGroupBytes = int64_t{64} << 20;  // the transformed grad
 // 32 6x; chunks of 16 took 32 -> 40 channels' dgrad from 7.5-11x to 5.5-8.4x at no measurable cost.
 // The chunk sums are added per group of kGroup channels first, then the groups: the deepest
 // layers' 64 chunk sums in one run were up to 8.2x stock's error; grouped, the paper's layers
-// are at 2.4-5.9x (forward and dgrad, batch 2 at 20x20, README "Winograd").
-constexpr int64_t kChunk = 16, kGroup = 64;
+// are at 2.4-5.9x (forward and dgrad, batch 2 at 20x20, README "Winograd"). kChunk and kGroup
+// are in winograd_cpu.h: the few-tiles GEMM (few_gemm) sums in the same order.
 
 // The tile blocks of a convolution's output: about `target` tiles each, whole tile rows while a
 // row is shorter than the target, else row segments of at least `target` tiles (rounding the
@@ -336,15 +380,111 @@ struct BlockPlan {
 // the op runs under the autograd Function's no_grad too (so its filters are cached), but every
 // step brings a new version. In inference a small image (the deep layers' 49-64 tiles at batch 1)
 // takes the direct path on a version's first call and Winograd from the second.
-bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight) {
-  return use_winograd(g, dtype, false) && use_winograd(g, dtype, !seen_before(weight));
+bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight, bool* per_call) {
+  if (!use_winograd(g, dtype, false)) return false;
+  const bool first = !seen_before(weight);
+  if (per_call) *per_call = first;
+  return use_winograd(g, dtype, first);
 }
 
-at::Tensor forward_filter(const at::Tensor& weight) { return cached_filter(weight, false); }
-at::Tensor dgrad_filter(const at::Tensor& weight) { return cached_filter(weight, true); }
+// The few-tiles path transforms its filters itself (convolve_few, per panel of output channels),
+// on per-call filters only (forward: a weight version's first call; cached filters take the brgemm path).
+Filters forward_filter(const at::Tensor& weight, bool few, bool per_call) {
+  if (few && per_call) return Filters{at::Tensor(), weight, true, false};
+  return Filters{cached_filter(weight, false), weight, false, false};
+}
+Filters dgrad_filter(const at::Tensor& weight, bool few) {
+  if (few) return Filters{at::Tensor(), weight, true, true};
+  return Filters{cached_filter(weight, true), weight, false, true};
+}
+
+namespace {
+
+// Few tiles (the deep layers at small batches): the brgemm path's GEMMs have the tiles as their
+// vector dimension, 9-45 per block, and 16 channels of depth per call; here the output channels
+// are (few_gemm: M^T_p[T, C_out] = V^T_p[T, C_in] U^T_p[C_in, C_out], V read in its [C_in][T] layout
+// by broadcasts). Three passes: the input transform of every block (tasks over blocks and channel
+// parts); tasks over panels of output channels, each transforming its panel's filters into U^T
+// (all 36 points) and running the GEMMs of every point and block on it; the output transform per
+// block and channel part, after a transpose of M^T's part into the layout output_transform reads.
+// Filter panels of 32 output channels (36 x C_in x 32 floats, 2.4 MB at 512): 16 (a one-vector GEMM)
+// and 48 or 64 (past the L2) were 10-40% slower at the deep layers.
+constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewFilterPanel = 32;
+
+bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
+                  const Filters& filters, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  const int64_t c_in = g.in_channels, c_out = g.out_channels;
+  const BlockPlan plan(g, kFewBlockTiles);
+  std::vector<int64_t> first(plan.blocks + 1, 0);  // block bi's tiles start at first[bi]
+  for (int64_t bi = 0; bi < plan.blocks; ++bi) first[bi + 1] = first[bi] + plan.block(bi).tiles();
+  const int64_t tiles = first.back();
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  // Per block: V[36][C_in][T_b] at kPoints * C_in * first[bi], M^T[36][T_b][C_out] at kPoints * C_out * first[bi].
+  at::Tensor v_all = cpu::empty_huge({kPoints * c_in * tiles}, options);
+  at::Tensor m_all = cpu::empty_huge({kPoints * c_out * tiles}, options);
+  float* v_data = v_all.mutable_data_ptr<float>();
+  float* m_data = m_all.mutable_data_ptr<float>();
+  const Kernels& k = kernels();
+  const int64_t c_parts = (c_in + kFewChannels - 1) / kFewChannels;
+  at::parallel_for(0, plan.blocks * c_parts, 1, [&](int64_t t0, int64_t t1) {
+    float* work = cpu::scratch<float>(2, transform_scratch(plan.cols));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bi = task / c_parts, c0 = (task % c_parts) * kFewChannels;
+      const TileBlock b = plan.block(bi);
+      k.input(g, src, mask, b, c0, std::min(c_in, c0 + kFewChannels), v_data + kPoints * c_in * first[bi] + c0 * b.tiles(),
+              c_in * b.tiles(), work);
+    }
+  });
+  // M^T_p[:, co0 .. co0 + cols) for all blocks from u's point p (u + p * point_stride, rows ldu apart)
+  const auto gemms = [&](int64_t p, const float* u, int64_t ldu, int64_t co0, int64_t cols) {
+    for (int64_t bi = 0; bi < plan.blocks; ++bi) {
+      const int64_t t_count = first[bi + 1] - first[bi];
+      k.few(v_data + kPoints * c_in * first[bi] + p * c_in * t_count, t_count, u, ldu,
+            m_data + kPoints * c_out * first[bi] + p * t_count * c_out + co0, c_out, t_count, cols, c_in);
+    }
+  };
+  // The filters transformed here, a panel of output channels per task, used while in the cache: U^T
+  // of 512 x 512 filters (38 MB) written by the filter transform and read back by the GEMMs had
+  // made them 2 x 6.5 ms of 2 x 512 -> 512 at 14x14's 11.6 ms forward.
+  const FilterSource f = filter_source(filters.weight, filters.dgrad, true);
+  const float* w_data = f.source.const_data_ptr<float>();
+  const int64_t panels = (c_out + kFewFilterPanel - 1) / kFewFilterPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t t0, int64_t t1) {
+    float* u = cpu::scratch<float>(0, kPoints * c_in * kFewFilterPanel);
+    std::vector<double> scratch(filter_scratch(kFewFilterPanel));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t co0 = task * kFewFilterPanel, cols = std::min(kFewFilterPanel, c_out - co0);
+      k.filter(w_data + co0 * f.col_stride, c_in, cols, f.row_stride, f.col_stride, f.tap_stride, f.flip, 0, c_in, u,
+               scratch.data());
+      for (int64_t p = 0; p < kPoints; ++p) gemms(p, u + p * c_in * cols, cols, co0, cols);
+    }
+  });
+  std::atomic<bool> finite{true};
+  const int64_t co_parts = (c_out + kFewChannels - 1) / kFewChannels;
+  at::parallel_for(0, plan.blocks * co_parts, 1, [&](int64_t t0, int64_t t1) {
+    float* m = cpu::scratch<float>(1, kPoints * kFewChannels * plan.rows * plan.cols);
+    float* work = cpu::scratch<float>(2, transform_scratch(plan.cols));
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bi = task / co_parts, co0 = (task % co_parts) * kFewChannels;
+      const int64_t count = std::min(kFewChannels, c_out - co0);
+      const TileBlock b = plan.block(bi);
+      const int64_t t_count = b.tiles();
+      const float* mt = m_data + kPoints * c_out * first[bi] + co0;
+      for (int64_t p = 0; p < kPoints; ++p)  // m[p][co][t] = M^T[p][t][co0 + co]
+        for (int64_t t = 0; t < t_count; ++t)
+          for (int64_t co = 0; co < count; ++co) m[(p * count + co) * t_count + t] = mt[(p * t_count + t) * c_out + co];
+      if (!k.output(g, m, co0, count, bias, relu, dst, b, work)) finite.store(false, std::memory_order_relaxed);
+    }
+  });
+  return finite.load();
+}
+
+}  // namespace
 
 bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
-              const at::Tensor& u, const float* bias, bool relu, const ChannelParts<float>& dst) {
+              const Filters& filters, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  if (filters.few) return convolve_few(g, src, mask, filters, bias, relu, dst);
+  const at::Tensor& u = filters.u;
   std::atomic<bool> finite{true};
   const int64_t threads = at::get_num_threads();
   int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);

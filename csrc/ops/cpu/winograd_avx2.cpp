@@ -38,6 +38,9 @@ void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
   TORCH_CHECK(false, "avx2 kernels need x86");
 }
 void add(float*, const float*, int64_t) { TORCH_CHECK(false, "avx2 kernels need x86"); }
+void few_gemm(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "avx2 kernels need x86");
+}
 void grad_transform(const conv::ConvGeometry&, const conv::ChannelParts<const float>&,
                     const conv::ChannelParts<const float>*, const TileBlock&, int64_t, int64_t, float*, int64_t,
                     double*, float*) { TORCH_CHECK(false, "avx2 kernels need x86"); }

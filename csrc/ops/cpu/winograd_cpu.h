@@ -41,6 +41,10 @@ inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // weight_scratch(co1 - co0) floats.
 constexpr int64_t kGradChannels = 16;  // grad_transform's channel group: a 64-byte line of Y
 inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kGradChannels * kPoints) * cols; }
+// The few-tiles path's GEMM (convolve with transposed filters): m[t * ldm + c] = sum_k v[k * ldv
+// + t] u[k * ldu + c] for t < rows, c < cols (a multiple of 16), the output channels as the
+// vector dimension, summed in kChunk / kGroup as the brgemm path (winograd.cpp).
+constexpr int64_t kChunk = 16, kGroup = 64;
 inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel * kKernel) * c_out; }
 #define UNET_DECLARE_WINOGRAD_CPU_KERNELS(ISA)                                                          \
   namespace ISA {                                                                                      \
@@ -59,6 +63,8 @@ inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel *
   bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t ci1, int64_t c_in,      \
                         int64_t co0, int64_t co1, float* dw, float* scratch);                                \
   void add(float* dst, const float* src, int64_t n);                                                   \
+  void few_gemm(const float* v, int64_t ldv, const float* u, int64_t ldu, float* m, int64_t ldm,          \
+                int64_t rows, int64_t cols, int64_t depth);                                             \
   }
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(baseline)
 UNET_DECLARE_WINOGRAD_CPU_KERNELS(avx2)
@@ -73,24 +79,36 @@ void set_allow_winograd(bool allow);
 // filter_per_call: its filters are transformed on this call (dgrad; and the forward on a weight
 // version's first call, use_winograd_forward), so small images stay direct.
 bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
-bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight);
+// per_call (when given): whether its filters are transformed on this call (for forward_filter).
+bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight,
+                          bool* per_call = nullptr);
 bool filter_cache_enabled();
+// Whether a convolution use_winograd takes with filters transformed on the call runs the few-tiles
+// path (winograd.cpp: convolve_few, transposed filters): pass the answer to forward_filter /
+// dgrad_filter (the forward's only where per_call).
+bool use_few_tiles(const conv::ConvGeometry& g);
 // Whether the weight gradient of this convolution takes weight_gradient below.
 bool use_winograd_wgrad(const conv::ConvGeometry& g, at::ScalarType dtype);
 
 // Transformed filters, float32: forward U[36][C_out][C_in] of weight [C_out][C_in][3][3];
-// dgrad U[36][C_in][C_out] of the flipped, transposed weight. Cached per weight version where
-// that is safe (winograd.cpp).
-at::Tensor forward_filter(const at::Tensor& weight);
-at::Tensor dgrad_filter(const at::Tensor& weight);
+// dgrad U[36][C_in][C_out] of the flipped, transposed weight; cached per weight version where
+// that is safe (winograd.cpp). With few (use_few_tiles; the forward's only on a per-call version)
+// u is undefined: convolve transforms the weight itself, per panel of output channels, into the
+// transposes (U^T[36][C_in][C_out] forward, U^T[36][C_out][C_in] dgrad).
+struct Filters {
+  at::Tensor u, weight;
+  bool few, dgrad;
+};
+Filters forward_filter(const at::Tensor& weight, bool few, bool per_call);
+Filters dgrad_filter(const at::Tensor& weight, bool few);
 
-// dst = [relu](conv(src [masked]) + bias) for a 3x3 stride-1 geometry g (float32), filters u as
-// forward_filter's (g's C_out x C_in). Returns false when an output before the ReLU is not
-// finite: a NaN or infinity spreads over whole 6x6 tiles here (and large finite values can
+// dst = [relu](conv(src [masked]) + bias) for a 3x3 stride-1 geometry g (float32), filters as
+// forward_filter's (g's C_out x C_in; few: the few-tiles path). Returns false
+// when an output before the ReLU is not finite: a NaN or infinity spreads over whole 6x6 tiles here (and large finite values can
 // overflow in the transforms), so the caller recomputes by the direct path, whose non-finite
 // outputs are stock's.
 bool convolve(const conv::ConvGeometry& g, const conv::ChannelParts<const float>& src,
-              const conv::ChannelParts<const float>* mask, const at::Tensor& u, const float* bias,
+              const conv::ChannelParts<const float>* mask, const Filters& filters, const float* bias,
               bool relu, const conv::ChannelParts<float>& dst);
 
 // The weight gradient by Winograd F(3x3, 4x4): grad_weight [C_out][C_in][3][3] (float32, every

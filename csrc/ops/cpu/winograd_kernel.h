@@ -417,6 +417,69 @@ bool weight_transform(const float* m, int64_t point_stride, int64_t ci0, int64_t
   return !nonfinite;
 }
 
+// The few-tiles GEMM's register block: kFewRows tiles x up to kFewVectors vectors of output
+// channels, a chunk sum and a group sum each in registers (2 x 12 of AVX-512's 32; AVX2 and SSE
+// have 16: one vector).
+constexpr int kFewRows = 4, kFewVectors = kLanes == 16 ? 3 : 1;
+
+// m[t * ldm + c] = sum_k v[k * ldv + t] u[k * ldu + c] for t < R, c < NV vectors: each chunk of
+// kChunk products summed from zero, the chunks added into a group sum per kGroup, the groups into
+// m (the order of the brgemm path, so the same rounding).
+template <int R, int NV>
+inline void few_block(const float* __restrict v, int64_t ldv, const float* __restrict u, int64_t ldu,
+                      float* __restrict m, int64_t ldm, int64_t depth) {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+  for (int64_t g0 = 0; g0 < depth; g0 += kGroup) {
+    const int64_t g1 = std::min<int64_t>(g0 + kGroup, depth);
+    Vec group[R][NV] = {};  // + the first chunk's sum: exact
+    for (int64_t k0 = g0; k0 < g1; k0 += kChunk) {
+      const int64_t k1 = std::min<int64_t>(k0 + kChunk, g1);
+      Vec acc[R][NV] = {};
+      for (int64_t k = k0; k < k1; ++k) {
+        Vec b[NV];
+        for (int j = 0; j < NV; ++j) b[j] = load<Vec>(u + k * ldu + j * kLanes);
+        for (int i = 0; i < R; ++i) {
+          const Vec a = Vec{} + v[k * ldv + i];
+          for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < NV; ++j) group[i][j] += acc[i][j];
+    }
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < NV; ++j) {
+        float* to = m + i * ldm + j * kLanes;
+        store(to, g0 == 0 ? group[i][j] : load<Vec>(to) + group[i][j]);
+      }
+  }
+}
+
+template <int R>
+inline void few_rows(const float* v, int64_t ldv, const float* u, int64_t ldu, float* m, int64_t ldm, int64_t cols,
+                     int64_t depth) {
+  int64_t c = 0;
+  for (; c + kFewVectors * kLanes <= cols; c += kFewVectors * kLanes) few_block<R, kFewVectors>(v, ldv, u + c, ldu, m + c, ldm, depth);
+  if constexpr (kFewVectors == 3) {
+    if (c + 2 * kLanes <= cols) {
+      few_block<R, 2>(v, ldv, u + c, ldu, m + c, ldm, depth);
+      c += 2 * kLanes;
+    }
+  }
+  for (; c < cols; c += kLanes) few_block<R, 1>(v, ldv, u + c, ldu, m + c, ldm, depth);
+}
+
+void few_gemm(const float* v, int64_t ldv, const float* u, int64_t ldu, float* m, int64_t ldm, int64_t rows,
+              int64_t cols, int64_t depth) {
+  int64_t t = 0;
+  for (; t + kFewRows <= rows; t += kFewRows) few_rows<kFewRows>(v + t, ldv, u, ldu, m + t * ldm, ldm, cols, depth);
+  switch (rows - t) {
+    case 3: few_rows<3>(v + t, ldv, u, ldu, m + t * ldm, ldm, cols, depth); break;
+    case 2: few_rows<2>(v + t, ldv, u, ldu, m + t * ldm, ldm, cols, depth); break;
+    case 1: few_rows<1>(v + t, ldv, u, ldu, m + t * ldm, ldm, cols, depth); break;
+    default: break;
+  }
+}
+
 void add(float* __restrict dst, const float* __restrict src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
 }

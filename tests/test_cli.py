@@ -179,9 +179,11 @@ def test_train_under_torchrun_with_two_gloo_processes(folder, tmp_path):
 @needs_nuclei
 def test_default_training_reaches_the_issue_bar_on_the_nuclei_image(tmp_path):
     """The issue's bar: `unet-ext train` with its defaults (a few minutes on this 2-core CPU)
-    reaches a validation foreground IoU >= 0.80; here with fewer epochs to keep CI short."""
+    reaches a validation foreground IoU >= 0.80; here with 6 of its 12 epochs to keep CI short.
+    (4 epochs sat on the bar: builds that differ by float32 rounding alone gave a best of 0.789,
+    0.805, 0.823 and 0.842, the chaotic run-to-run swing of +-0.05 the README notes.)"""
     out = tmp_path / "nuclei"
-    assert cli(["train", "-o", str(out), "--epochs", "4", "--no-progress"]) == 0
+    assert cli(["train", "-o", str(out), "--epochs", "6", "--no-progress"]) == 0
     history = json.loads((out / "history.json").read_text())
     best = max(h["iou"] for h in history)
     assert best >= 0.80, history

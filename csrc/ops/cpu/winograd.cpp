@@ -383,7 +383,7 @@ struct BlockPlan {
 bool use_winograd_forward(const ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight, bool* per_call) {
   if (!use_winograd(g, dtype, false)) return false;
   const bool first = !seen_before(weight);
-  if (per_call) *per_call = first;
+  *per_call = first;
   return use_winograd(g, dtype, first);
 }
 

@@ -79,9 +79,9 @@ void set_allow_winograd(bool allow);
 // filter_per_call: its filters are transformed on this call (dgrad; and the forward on a weight
 // version's first call, use_winograd_forward), so small images stay direct.
 bool use_winograd(const conv::ConvGeometry& g, at::ScalarType dtype, bool filter_per_call);
-// per_call (when given): whether its filters are transformed on this call (for forward_filter).
+// per_call: set to whether its filters are transformed on this call (for forward_filter).
 bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, const at::Tensor& weight,
-                          bool* per_call = nullptr);
+                          bool* per_call);
 bool filter_cache_enabled();
 // Whether a convolution use_winograd takes with filters transformed on the call runs the few-tiles
 // path (winograd.cpp: convolve_few, transposed filters): pass the answer to forward_filter /

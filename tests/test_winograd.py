@@ -400,6 +400,32 @@ def test_few_tiles_forced_matches_the_brgemm_path(case, layout, monkeypatch):
     _assert_accurate(results["all"][1], base, want, "forced dgrad")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_few_tiles_output_transform_without_relu(layout, monkeypatch):
+    """The few-tiles path's output transform (output_transform_few: M^T read in place, vectors of
+    output channels) on conv2d_bias (no ReLU: negative outputs kept): 208 output channels (parts of
+    64, 64, 64 and 16), partial tiles in both directions, against float64; and a NaN input falls
+    back to the direct path's result exactly."""
+    monkeypatch.setenv("UNET_EXT_WINOGRAD_FEW_TILES", "all")
+    monkeypatch.setenv("UNET_EXT_WINOGRAD_MIN_TILES", "1")
+    gen = torch.Generator().manual_seed(25)
+    x, weight, bias = _conv_inputs(2, 96, 208, 15, 19, gen, layout)  # 13 x 17 outputs: 4 x 5 tiles, partial
+    leaves = _leaves(x, weight, bias)
+    out = conv2d_bias(*leaves[0], 0)
+    assert out.is_contiguous(memory_format=layout) and (out < 0).any()
+    exact, stock = (F.conv2d(*leaves[i]) for i in (1, 2))
+    _assert_accurate(out, stock, exact, "few-tiles forward without ReLU")
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        direct = conv2d_bias(*_leaves(x, weight, bias)[0], 0)
+    assert not torch.equal(direct, out)
+    x[1, 5, 7, 7] = float("nan")
+    with torch.no_grad():
+        nan_out = conv2d_bias(x, weight, bias, 0)
+        with unet_ext.backends.cpu.flags(allow_winograd=False):
+            nan_direct = conv2d_bias(x, weight, bias, 0)
+    torch.testing.assert_close(nan_out, nan_direct, rtol=0, atol=0, equal_nan=True)
+
+
 # (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each
 # level as conv2d_relu_concat), and the 32-channel levels of base-32 models, at a 48x48 input (144
 # tiles: Winograd takes forward, dgrad and wgrad where the channels are enough): the forward's and

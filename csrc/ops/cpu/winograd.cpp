@@ -39,6 +39,7 @@ namespace {
 struct Kernels {
   decltype(&baseline::input_transform) input;
   decltype(&baseline::output_transform) output;
+  decltype(&baseline::output_transform_few) output_few;
   decltype(&baseline::filter_transform) filter;
   decltype(&baseline::add) add;
   decltype(&baseline::grad_transform) grad;
@@ -50,13 +51,13 @@ const Kernels& kernels() {
   static const Kernels k = [] {
     switch (cpu::best_isa()) {
       case cpu::Isa::kAvx512:
-        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::filter_transform, &avx512::add,
+        return Kernels{&avx512::input_transform, &avx512::output_transform, &avx512::output_transform_few, &avx512::filter_transform, &avx512::add,
                        &avx512::grad_transform, &avx512::weight_transform, &avx512::few_gemm};
       case cpu::Isa::kAvx2:
-        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::filter_transform, &avx2::add,
+        return Kernels{&avx2::input_transform, &avx2::output_transform, &avx2::output_transform_few, &avx2::filter_transform, &avx2::add,
                        &avx2::grad_transform, &avx2::weight_transform, &avx2::few_gemm};
       default:
-        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::filter_transform, &baseline::add,
+        return Kernels{&baseline::input_transform, &baseline::output_transform, &baseline::output_transform_few, &baseline::filter_transform, &baseline::add,
                        &baseline::grad_transform, &baseline::weight_transform, &baseline::few_gemm};
     }
   }();
@@ -406,7 +407,12 @@ namespace {
 // by broadcasts). Three passes: the input transform of every block (tasks over blocks and channel
 // parts); tasks over panels of output channels, each transforming its panel's filters into U^T
 // (all 36 points) and running the GEMMs of every point and block on it; the output transform per
-// block and channel part, after a transpose of M^T's part into the layout output_transform reads.
+// block and channel part, reading M^T in place (output_transform_few, vectors of output channels).
+// It replaced a transpose of M^T's part into output_transform's layout: with it (and the filter
+// transform's gather by shuffles, cpu/winograd_kernel.h), training conditions (a new weight
+// version per call), medians of 21, builds alternating, three runs each: forward / dgrad 2 x 512
+// -> 256 at 24x24 9.0-9.4 / 9.6-9.8 -> 8.0-8.2 / 7.1-7.3 ms (stock 11.0-11.2 / 11.0-11.3), 256 ->
+// 256 at 22 3.6 / 5.1 -> 2.9 / 4.1 (stock 4.8 / 4.8).
 // Filter panels of 32 output channels (36 x C_in x 32 floats, 2.4 MB at 512): 16 (a one-vector GEMM)
 // and 48 or 64 (past the L2) were 10-40% slower at the deep layers.
 constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewFilterPanel = 32;
@@ -462,18 +468,14 @@ bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, c
   std::atomic<bool> finite{true};
   const int64_t co_parts = (c_out + kFewChannels - 1) / kFewChannels;
   at::parallel_for(0, plan.blocks * co_parts, 1, [&](int64_t t0, int64_t t1) {
-    float* m = cpu::scratch<float>(1, kPoints * kFewChannels * plan.rows * plan.cols);
-    float* work = cpu::scratch<float>(2, transform_scratch(plan.cols));
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bi = task / co_parts, co0 = (task % co_parts) * kFewChannels;
       const int64_t count = std::min(kFewChannels, c_out - co0);
       const TileBlock b = plan.block(bi);
-      const int64_t t_count = b.tiles();
       const float* mt = m_data + kPoints * c_out * first[bi] + co0;
-      for (int64_t p = 0; p < kPoints; ++p)  // m[p][co][t] = M^T[p][t][co0 + co]
-        for (int64_t t = 0; t < t_count; ++t)
-          for (int64_t co = 0; co < count; ++co) m[(p * count + co) * t_count + t] = mt[(p * t_count + t) * c_out + co];
-      if (!k.output(g, m, co0, count, bias, relu, dst, b, work)) finite.store(false, std::memory_order_relaxed);
+      if (!k.output_few(g, mt, c_out, b.tiles() * c_out, co0, count, bias, relu, dst, b)) {
+        finite.store(false, std::memory_order_relaxed);
+      }
     }
   });
   return finite.load();

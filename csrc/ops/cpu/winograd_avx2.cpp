@@ -33,6 +33,10 @@ bool output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t,
                       const conv::ChannelParts<float>&, const TileBlock&, float*) {
   TORCH_CHECK(false, "avx2 kernels need x86");
 }
+bool output_transform_few(const conv::ConvGeometry&, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                          bool, const conv::ChannelParts<float>&, const TileBlock&) {
+  TORCH_CHECK(false, "avx2 kernels need x86");
+}
 void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*,
                       double*) {
   TORCH_CHECK(false, "avx2 kernels need x86");

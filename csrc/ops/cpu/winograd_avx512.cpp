@@ -16,6 +16,7 @@
 #include "winograd_cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the filter transform's masked loads
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c")
 #define UNET_CPU_ISA avx512
@@ -31,6 +32,10 @@ void input_transform(const conv::ConvGeometry&, const conv::ChannelParts<const f
                      float*) { TORCH_CHECK(false, "avx512 kernels need x86"); }
 bool output_transform(const conv::ConvGeometry&, const float*, int64_t, int64_t, const float*, bool,
                       const conv::ChannelParts<float>&, const TileBlock&, float*) {
+  TORCH_CHECK(false, "avx512 kernels need x86");
+}
+bool output_transform_few(const conv::ConvGeometry&, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                          bool, const conv::ChannelParts<float>&, const TileBlock&) {
   TORCH_CHECK(false, "avx512 kernels need x86");
 }
 void filter_transform(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, float*,

@@ -41,6 +41,8 @@ inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // weight_scratch(co1 - co0) floats.
 constexpr int64_t kGradChannels = 16;  // grad_transform's channel group: a 64-byte line of Y
 inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kGradChannels * kPoints) * cols; }
+// output_transform_few: as output, from the few-tiles path's M^T[p * point_stride + t * ldm + co - co0]
+// (co_count a multiple of the ISA's vector; no scratch).
 // The few-tiles path's GEMM (convolve with transposed filters): m[t * ldm + c] = sum_k v[k * ldv
 // + t] u[k * ldu + c] for t < rows, c < cols (a multiple of 16), the output channels as the
 // vector dimension, summed in kChunk / kGroup as the brgemm path (winograd.cpp).
@@ -54,6 +56,9 @@ inline int64_t weight_scratch(int64_t c_out) { return (kKernel * kIn + kKernel *
   bool output_transform(const conv::ConvGeometry& g, const float* m, int64_t co0, int64_t co_count,    \
                         const float* bias, bool relu, const conv::ChannelParts<float>& dst,            \
                         const TileBlock& b, float* scratch);                                           \
+  bool output_transform_few(const conv::ConvGeometry& g, const float* mt, int64_t ldm, int64_t point_stride,  \
+                            int64_t co0, int64_t co_count, const float* bias, bool relu,                  \
+                            const conv::ChannelParts<float>& dst, const TileBlock& b);                     \
   void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride,               \
                         int64_t col_stride, int64_t tap_stride, bool flip, int64_t r0, int64_t r1,      \
                         float* u, double* scratch);                                                     \

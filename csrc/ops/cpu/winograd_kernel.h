@@ -256,6 +256,68 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   return !nonfinite;
 }
 
+// The few-tiles path's output transform (output_transform_few in winograd_cpu.h): reads the GEMMs'
+// M^T[p][t][co] where it lies, vectorised over kLanes output channels (the GEMM's vector dimension),
+// one tile at a time: A^T down the columns, then along the rows, as output_transform (the same
+// operations in the same order: the same results). The 16 results of a tile (4x4 outputs x kLanes
+// channels) go to each channel's 4 rows by a 16x16 transpose (AVX-512 with GCC) or a buffer.
+// Before it, M^T's part was transposed into output_transform's layout first: about 20% of
+// 2 x 512 -> 256 at 24x24's forward and dgrad (winograd.cpp, convolve_few: the figures).
+bool output_transform_few(const ConvGeometry& g, const float* mt, int64_t ldm, int64_t point_stride, int64_t co0,
+                          int64_t co_count, const float* bias, bool relu, const ChannelParts<float>& dst,
+                          const TileBlock& b) {
+  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+  const Vec zero = {};
+  Vec check = zero;  // sums v - v: NaN if any v is not finite
+  for (int64_t r = 0; r < b.rows; ++r) {
+    const int64_t oh0 = kOut * (b.ty0 + r), out_rows = std::min<int64_t>(kOut, g.out_h - oh0);
+    for (int64_t x = 0; x < b.cols; ++x) {
+      const int64_t ow0 = kOut * (b.tx0 + x), out_cols = std::min<int64_t>(kOut, g.out_w - ow0);
+      const float* in = mt + (r * b.cols + x) * ldm;
+      for (int64_t c = 0; c < co_count; c += kLanes) {
+        Vec s[kOut][kIn];  // s[a][k] = sum_j A^T[a][j] M[j][k]
+        for (int k = 0; k < kIn; ++k) {
+          Vec v[kIn], o[kOut];
+          for (int j = 0; j < kIn; ++j) v[j] = load<Vec>(in + (j * kIn + k) * point_stride + c);
+          transform<kAT, kOut, kIn, float>(v, o);
+          for (int a = 0; a < kOut; ++a) s[a][k] = o[a];
+        }
+        const Vec shift = bias ? load<Vec>(bias + co0 + c) : zero;
+        Vec y[kOut * kOut];  // y[4 a + q]: output (a, q) of the tile, + bias, ReLU
+        for (int a = 0; a < kOut; ++a) {
+          transform<kAT, kOut, kIn, float>(s[a], y + kOut * a);
+          for (int q = 0; q < kOut; ++q) {
+            const Vec value = y[kOut * a + q] + shift;
+            check += value - value;
+            y[kOut * a + q] = relu ? (value < zero ? zero : value) : value;  // keeps NaN, as torch.relu does
+          }
+        }
+#ifdef UNET_WINOGRAD_SHUFFLE
+        transpose16(y);  // y[l]: channel co0 + c + l's 4x4 outputs, row-major
+        const auto row_of = [&](int l, int a) { return reinterpret_cast<const float*>(&y[l]) + kOut * a; };
+#else
+        float rows_buffer[kLanes][kOut * kOut];
+        for (int i = 0; i < kOut * kOut; ++i)
+          for (int l = 0; l < kLanes; ++l) rows_buffer[l][i] = y[i][l];
+        const auto row_of = [&](int l, int a) { return rows_buffer[l] + kOut * a; };
+#endif
+        for (int l = 0; l < kLanes; ++l) {
+          const int64_t co = co0 + c + l, stride = dst.row_stride(co);
+          float* d = dst.at(b.n, co, oh0) + ow0;
+          if (out_cols == kOut) {
+            for (int a = 0; a < out_rows; ++a) std::memcpy(d + a * stride, row_of(l, a), kOut * sizeof(float));
+          } else {
+            for (int a = 0; a < out_rows; ++a) std::memcpy(d + a * stride, row_of(l, a), out_cols * sizeof(float));
+          }
+        }
+      }
+    }
+  }
+  bool nonfinite = false;
+  for (int l = 0; l < kLanes; ++l) nonfinite |= !(check[l] == 0.0f);
+  return !nonfinite;
+}
+
 void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                       int64_t tap_stride, bool flip, int64_t r0, int64_t r1, float* u, double* scratch) {
   // In float64, rounded once: G's thirds and fifteenths are not exact in float32. Both passes of
@@ -268,9 +330,38 @@ void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_st
   typedef float Out __attribute__((vector_size(lanes * sizeof(float))));
   double* taps = scratch;  // [ky][kx][cols]
   for (int64_t r = r0; r < r1; ++r) {
+    int64_t c0 = 0;
+#ifdef UNET_WINOGRAD_SHUFFLE
+    if (tap_stride == 1) {
+      // A column's 9 taps are contiguous (every layout but dgrad's transposed copy): 16 columns at
+      // a time by 16 masked loads and a 16x16 transpose instead of 144 scalar loads, each column's
+      // taps to a row, the next rows' lines prefetched (the few-tiles forward reads columns C_in x 9
+      // floats apart). perf on 2 x 512 -> 512 at 14x14 forced onto the few-tiles path: the filter
+      // transform from 2.09 to 1.71 times its GEMMs' time (the scalar gather's loads had been 40%
+      // of it); the spilled store addresses below, a few % more.
+      typedef float Half __attribute__((vector_size(lanes * sizeof(float))));
+      for (; c0 + 16 <= cols; c0 += 16) {
+        ShuffleVec v[16];
+        for (int l = 0; l < 16; ++l) {
+          if (r + 8 < r1) __builtin_prefetch(w + (r + 8) * row_stride + (c0 + l) * col_stride);
+          // a masked load: the 7 floats past the taps are not read (past the weight's end at its last column)
+          v[l] = _mm512_maskz_loadu_ps((1 << kTaps) - 1, w + r * row_stride + (c0 + l) * col_stride);
+        }
+        transpose16(v);  // v[t]: tap t of columns c0 .. c0 + 15
+        for (int t = 0; t < kTaps; ++t) {
+          const ShuffleVec& from = v[flip ? kTaps - 1 - t : t];
+          Half lo, hi;
+          std::memcpy(&lo, &from, sizeof(Half));
+          std::memcpy(&hi, reinterpret_cast<const float*>(&from) + lanes, sizeof(Half));
+          store(taps + t * cols + c0, __builtin_convertvector(lo, Vec));
+          store(taps + t * cols + c0 + lanes, __builtin_convertvector(hi, Vec));
+        }
+      }
+    }
+#endif
     for (int t = 0; t < kTaps; ++t) {
       const float* from = w + r * row_stride + (flip ? kTaps - 1 - t : t) * tap_stride;
-      for (int64_t c = 0; c < cols; ++c) taps[t * cols + c] = from[c * col_stride];
+      for (int64_t c = c0; c < cols; ++c) taps[t * cols + c] = from[c * col_stride];
     }
     float* to = u + r * cols;
     const int64_t point_stride = rows * cols;
@@ -282,10 +373,13 @@ void filter_transform(const float* w, int64_t rows, int64_t cols, int64_t row_st
         transform<kG, kIn, kKernel, double>(v, h);
         for (int a = 0; a < kIn; ++a) half[a][kx] = h[a];
       }
+      // Point by point through one pointer: 36 addresses kept from the row's start were spilled
+      // and reloaded per vector.
+      float* out = to + x;
       for (int a = 0; a < kIn; ++a) {
         Vec f[kIn];
         transform<kG, kIn, kKernel, double>(half[a], f);
-        for (int b = 0; b < kIn; ++b) store(to + (a * kIn + b) * point_stride + x, __builtin_convertvector(f[b], Out));
+        for (int b = 0; b < kIn; ++b, out += point_stride) store(out, __builtin_convertvector(f[b], Out));
       }
     };
     int64_t x = 0;

@@ -130,20 +130,22 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
 
 // The few-tiles path (convolve_few) with filters transformed per call: kFewTilesMin to kFewTilesMax
 // tiles per call, output channels a multiple of 16 (its GEMM's vectors) up to kFewMaxOut, and for
-// weights past kFewWeights (512 x 512) tiles at least 4/5 inside the output. Against the routing
+// weights past kFewWeights (512 x 512) tiles at least 4/5 inside the output: 2 x 512 -> 512 at
+// 14x14's dgrad (32 tiles for 2 x 14x14 outputs) took 7.8-7.9 ms against oneDNN's 7.4-7.5 (tiles
+// partly outside the output cost their transforms and products in full). Against the routing
 // before it (oneDNN), training conditions (a new weight version per call), interleaved medians of
-// 21, load 1.5-1.6, forward / dgrad: 2 x 512 -> 256 at 24x24 (72 tiles each way) 10.0 / 10.0 ms
-// against 11.6 / 11.7, 256 -> 256 at 22 forward (50 tiles) 3.7 against 4.8; but 256 -> 512 at 16
-// (32 tiles) 5.6 / 5.8 against 5.3 / 5.4, 512 -> 512 at 14 forward (18) 8.0 against 8.1 (its dgrad,
-// 32 tiles for 2 x 14x14 outputs, 8.2-9.8 against 8.3-8.8): from 48 tiles. And 256 -> 256 at 22
-// dgrad (72 tiles for 2 x 22x22 outputs, 5.2-6.4 against 5.0-5.5 in four runs) unless C_in >= 512:
-// tiles partly outside the output cost their transforms and products in full, and with 256
-// channels of depth the GEMMs (where the path gains) are a smaller part of the call. Past kFewMaxOut the forward's filters are read from a
+// 25, two runs, load 1.7, forward / dgrad, since the output transform reads M^T in place
+// (convolve_few): 2 x 512 -> 512 at 14x14 forward (18 tiles) 6.3-6.5 against 7.6-8.6 (stock
+// 7.0-7.6), 256 -> 512 at 16 (32 tiles) 3.9-4.1 / 4.5-4.9 against 5.0-5.7 / 4.8-5.1, 256 -> 256 at
+// 22 dgrad (72 tiles for 2 x 22x22 outputs) 4.0-4.6 against 4.8-5.3: from 16 tiles, whatever the
+// depth (before it, 256 -> 512 at 16 and 512 -> 512 at 14 were slower than oneDNN on this path,
+// and 256 -> 256 at 22's dgrad; it had taken 48 tiles and, below 512 input channels, tiles 10/11
+// inside the output). Past kFewMaxOut the forward's filters are read from a
 // transposed copy made per call (filter_source): 1 x 512 -> 1024 at 32x32 (a paper inference
 // layer's first call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES,
 // read per call: 0 off, a number replaces kFewTilesMax, "all" takes every geometry the channels
 // allow (benchmarks: old and new routing timed in one process; tests: partial tiles).
-constexpr int64_t kFewTilesMin = 48, kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
+constexpr int64_t kFewTilesMin = 16, kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
@@ -152,8 +154,7 @@ bool use_few_tiles(const ConvGeometry& g) {
   if (value && std::strcmp(value, "all") == 0) return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut;
   return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut &&
          tiles >= kFewTilesMin && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
-         (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * outputs) &&
-         (g.in_channels >= 512 || 10 * kOut * kOut * tiles <= 11 * outputs);
+         (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * outputs);
 }
 
 // The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries

@@ -140,12 +140,21 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
 // 22 dgrad (72 tiles for 2 x 22x22 outputs) 4.0-4.6 against 4.8-5.3: from 16 tiles, whatever the
 // depth (before it, 256 -> 512 at 16 and 512 -> 512 at 14 were slower than oneDNN on this path,
 // and 256 -> 256 at 22's dgrad; it had taken 48 tiles and, below 512 input channels, tiles 10/11
-// inside the output). Past kFewMaxOut the forward's filters are read from a
+// inside the output). Up to kFewTilesMax against the brgemm path (its filters also per call),
+// medians of 11-21, load 1.6-1.8, forward / dgrad: 2 x 128 -> 256 at 36x36 (162 tiles) 4.2 / 4.3
+// against 6.7 / 7.0, 128 -> 128 at 38 (162) 2.6 / 3.0 against 3.9 / 4.6, 256 -> 128 at 40 (200)
+// 5.6 / 5.5 against 7.6 / 8.9, 256 -> 256 at 34 (128; dgrad 162) 6.3 / 7.5 against 9.1 / 12.0,
+// 128 -> 128 at 58 (392) 6.6 / 7.5 against 8.2 / 9.1, 64 -> 64 at 62 (450) 3.3 / 2.9 against
+// 3.9 / 3.7; but 128 -> 128 at 66 (512) 7.6 / 11.9 against 7.3 / 9.2, 64 -> 64 at 70 (578) 2.8-3.4
+// / 3.0-5.4 against 2.6-2.7 / 2.8-2.9, 128 -> 128 at 74 (648) 9.7 / 12.9 against 9.3 / 9.4. In the
+// training step (base 32, 2 x 316x316, torch.profiler) the five layers at 128-200 tiles took
+// about 15 ms less, forward and backward (it had been 127: the brgemm path from 128 tiles).
+// Past kFewMaxOut the forward's filters are read from a
 // transposed copy made per call (filter_source): 1 x 512 -> 1024 at 32x32 (a paper inference
 // layer's first call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES,
 // read per call: 0 off, a number replaces kFewTilesMax, "all" takes every geometry the channels
 // allow (benchmarks: old and new routing timed in one process; tests: partial tiles).
-constexpr int64_t kFewTilesMin = 16, kFewTilesMax = 127, kFewWeights = 256 * 512, kFewMaxOut = 512;
+constexpr int64_t kFewTilesMin = 16, kFewTilesMax = 400, kFewWeights = 256 * 512, kFewMaxOut = 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");

@@ -304,7 +304,7 @@ def test_small_images_take_winograd_from_a_weight_versions_second_call(monkeypat
     assert torch.equal(conv2d_relu(x, weight, bias, 0), direct) and torch.equal(conv2d_relu(x, weight, bias, 0), direct)
 
 
-# The few-tiles path (winograd.cpp: convolve_few; filters transformed per call, 16-400 tiles):
+# The few-tiles path (winograd_few.cpp: convolve_few; filters transformed per call, 16-400 tiles):
 # (N, C_in, C_out, H, W, padding). Deep layers of a batch-2 base-32 model, and odd sizes with
 # partial tiles and a last filter panel of 16 channels.
 FEW_CASES = [

@@ -138,22 +138,29 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
 // 3.9 / 3.7; but 128 -> 128 at 66 (512) 7.6 / 11.9 against 7.3 / 9.2, 64 -> 64 at 70 (578) 2.8-3.4
 // / 3.0-5.4 against 2.6-2.7 / 2.8-2.9, 128 -> 128 at 74 (648) 9.7 / 12.9 against 9.3 / 9.4. In the
 // training step (base 32, 2 x 316x316, torch.profiler) the five layers at 128-200 tiles took
-// about 15 ms less, forward and backward (it had been 127: the brgemm path from 128 tiles).
+// about 15 ms less, forward and backward (it had been 127: the brgemm path from 128 tiles). Past
+// kFewWeights, up to kFewTilesMaxDeep only: a filter panel (36 x C_in x 32 floats) outgrows the
+// L2, and the paper's layers at batch 1 (per-call filters, medians of 7) took 1 x 1024 -> 512 at
+// 56x56 (196 tiles) forward 108.6 ms against 84.6, 512 -> 512 at 66 dgrad (289) 78.8 against 65.0
+// (its forward 45.5 against 51.5; 256 -> 512 at 68, 289 tiles at 256 x 512, 26.7 / 37.2 against
+// 41.9 / 38.6).
 // Past kFewMaxOut the forward's filters are read from a
 // transposed copy made per call (filter_source): 1 x 512 -> 1024 at 32x32 (a paper inference
 // layer's first call) took 51.6 ms against the direct path's 44.5. UNET_EXT_WINOGRAD_FEW_TILES,
-// read per call: 0 off, a number replaces kFewTilesMax, "all" takes every geometry the channels
+// read per call: 0 off, a number replaces both maxima, "all" takes every geometry the channels
 // allow (benchmarks: old and new routing timed in one process; tests: partial tiles).
-constexpr int64_t kFewTilesMin = 16, kFewTilesMax = 400, kFewWeights = 256 * 512, kFewMaxOut = 512;
+constexpr int64_t kFewTilesMin = 16, kFewTilesMax = 400, kFewTilesMaxDeep = 127, kFewWeights = 256 * 512,
+                  kFewMaxOut = 512;
 
 bool use_few_tiles(const ConvGeometry& g) {
   const char* value = std::getenv("UNET_EXT_WINOGRAD_FEW_TILES");
   const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
   const int64_t outputs = g.batch * g.out_h * g.out_w;
   if (value && std::strcmp(value, "all") == 0) return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut;
-  return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut &&
-         tiles >= kFewTilesMin && tiles <= (value ? std::atoll(value) : kFewTilesMax) &&
-         (g.in_channels * g.out_channels <= kFewWeights || 4 * kOut * kOut * tiles <= 5 * outputs);
+  const bool deep = g.in_channels * g.out_channels > kFewWeights;
+  return g.out_channels % 16 == 0 && g.out_channels <= kFewMaxOut && tiles >= kFewTilesMin &&
+         tiles <= (value ? std::atoll(value) : deep ? kFewTilesMaxDeep : kFewTilesMax) &&
+         (!deep || 4 * kOut * kOut * tiles <= 5 * outputs);
 }
 
 // The weight gradient's rule has its own tile minimum: its transforms are cheaper (A's entries

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../conv_host.h"
@@ -31,7 +32,12 @@ struct TileBlock {
 // 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
-inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
+// The output transform takes rows shorter than a vector kOutputGroupTiles tiles at a time (its
+// scratch: 40 floats a tile and a vector past them).
+constexpr int64_t kOutputGroupTiles = 64;
+inline int64_t transform_scratch(int64_t cols) {
+  return std::max<int64_t>(kIn * (kOut * cols + kKernel - 1) + kPoints * cols, 40 * kOutputGroupTiles + 16);
+}
 inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:
 // Y[p * point_stride + t * C_out + co] = A dy A^T of the block's output gradient (zero where mask

@@ -91,6 +91,7 @@ inline constexpr ShuffleIdx kHigh = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 2
 // Output lane e = 4 x + p of [p0 x0-7 | p1 x0-7] and [p2 x0-7 | p3 x0-7]: tiles 0-3 (kOut0) or 4-7 (kOut1).
 inline constexpr ShuffleIdx kOut0 = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27};
 inline constexpr ShuffleIdx kOut1 = {4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
+inline constexpr ShuffleIdx kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 // A 16x16 transpose in 4 rounds of 16 two-source shuffles (instead of 256 scalar moves): round k
 // swaps bit k of the row index with bit k of the column index, making rows i (bit k clear) and
 // i + 2^k from the same two rows: kSwapLow[k] takes column j of row i where j's bit k is clear,
@@ -190,66 +191,86 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
   const int64_t cols = b.cols, t_count = b.tiles(), point_stride = co_count * t_count;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(kOut * cols, g.out_w - ow0);
-  float* s = scratch;                      // [4 a][6 k][cols]: A^T down the columns
-  float* y = scratch + kOut * kIn * cols;  // [4 b][cols]: one output row of the block, by column phase
+  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) go through both passes of
+  // A^T a group of rows at a time (a channel's tiles are contiguous in M, row after row): one row
+  // at a time they ran apply_rows' scalar path. With the tail's vector finish below, against
+  // both one row at a time (interleaved medians of 10, separate processes, load 1.6): the concat
+  // dgrad 2 x 256 -> 128 at 40x40 (10 tiles a row; the output transform had been 29% of it, as
+  // much as the GEMMs) 8.6-8.8 -> 6.0-7.4 ms, 2 x 128 -> 64 at 72 5.2-5.3 -> 4.8.
+  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kOutputGroupTiles / cols);
   for (int64_t k = 0; k < co_count; ++k) {
     const int64_t co = co0 + k;
     const float shift = bias ? bias[co] : 0.0f;
-    for (int64_t r = 0; r < b.rows; ++r) {
-      const float* in = m + k * t_count + r * cols;
+    for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+      const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
+      float* s = scratch;                // [4 a][6 k][n]: A^T down the columns
+      float* y = scratch + kOut * kIn * n;  // [4 a][4 b][n]: the group's output rows, by column phase
+      const float* in = m + k * t_count + r0 * cols;
       for (int kk = 0; kk < kIn; ++kk) {
-        apply_rows<kAT, kOut, kIn>(in + kk * point_stride, kIn * point_stride, s + kk * cols, kIn * cols, cols);
+        apply_rows<kAT, kOut, kIn>(in + kk * point_stride, kIn * point_stride, s + kk * n, kIn * n, n);
       }
-      for (int a = 0; a < kOut; ++a) {
-        const int64_t oh = kOut * (b.ty0 + r) + a;
-        if (oh >= g.out_h) break;
-        apply_rows<kAT, kOut, kIn>(s + a * kIn * cols, cols, y, cols, cols);
-        // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
-        float* d = dst.at(b.n, co, oh) + ow0;
-        const auto finish = [&](float value) {
-          nonfinite |= !(value - value == 0.0f);
-          return relu && value < 0.0f ? 0.0f : value;
-        };
-        const int64_t whole = count / kOut;
-        int64_t x0 = 0;
+      for (int a = 0; a < kOut; ++a) apply_rows<kAT, kOut, kIn>(s + a * kIn * n, n, y + a * kOut * n, n, n);
+      for (int64_t r = r0; r < r0 + n / cols; ++r) {
+        for (int a = 0; a < kOut; ++a) {
+          const int64_t oh = kOut * (b.ty0 + r) + a;
+          if (oh >= g.out_h) break;
+          const float* yr = y + a * kOut * n + (r - r0) * cols;  // phase p of tile x at yr[p * n + x]
+          // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
+          float* d = dst.at(b.n, co, oh) + ow0;
+          const auto finish = [&](float value) {
+            nonfinite |= !(value - value == 0.0f);
+            return relu && value < 0.0f ? 0.0f : value;
+          };
+          const int64_t whole = count / kOut;
+          int64_t x0 = 0;
 #ifdef UNET_WINOGRAD_SHUFFLE
-        const ShuffleVec zero = {}, bias_v = zero + shift;
-        ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
-        for (; x0 + 16 <= whole; x0 += 16) {
-          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
-                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
-          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
-          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-          const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
-                                   __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
-          for (int q = 0; q < 4; ++q) {
-            const ShuffleVec value = o[q] + bias_v;
-            check += value - value;
-            store(d + kOut * x0 + 16 * q, relu ? (value < zero ? zero : value) : value);
+          const ShuffleVec zero = {}, bias_v = zero + shift;
+          ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
+          for (; x0 + 16 <= whole; x0 += 16) {
+            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
+                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
+            const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+            const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
+                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            for (int q = 0; q < 4; ++q) {
+              const ShuffleVec value = o[q] + bias_v;
+              check += value - value;
+              store(d + kOut * x0 + 16 * q, relu ? (value < zero ? zero : value) : value);
+            }
           }
-        }
-        for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
-        if (x0 < cols) {
-          // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
-          // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
-          // y's phases lie inside transform_scratch, which extends past the last one by more than
-          // a vector; lanes past the row's tiles are read but dropped.
-          float tail[4 * 16];
-          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
-                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
-          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
-          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-          store(tail, __builtin_shuffle(u0, u1, kOut0) + bias_v);
-          store(tail + 16, __builtin_shuffle(u0, u1, kOut1) + bias_v);
-          store(tail + 32, __builtin_shuffle(w0, w1, kOut0) + bias_v);
-          store(tail + 48, __builtin_shuffle(w0, w1, kOut1) + bias_v);
-          for (int64_t i = kOut * x0; i < count; ++i) d[i] = finish(tail[i - kOut * x0]);
-          continue;
-        }
+          for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
+          if (x0 < cols) {
+            // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
+            // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
+            // y lies inside transform_scratch, which extends past its last phase by more than a
+            // vector; lanes past the row's tiles are read but dropped.
+            // Finished (bias, ReLU, the finiteness check on the row's lanes only) as vectors, then
+            // copied: element by element (a compare and branch each) the finish was 3/4 of the
+            // output transform where every row is a tail (rows of 6-10 tiles).
+            float tail[4 * 16];
+            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
+                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
+            const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+            const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
+                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            const int64_t left = count - kOut * x0;  // 1 to 63 floats
+            ShuffleVec tail_check = zero;
+            for (int q = 0; q < 4; ++q) {
+              const ShuffleVec value = o[q] + bias_v;
+              tail_check += kLane < static_cast<int32_t>(left - 16 * q) ? value - value : zero;
+              store(tail + 16 * q, relu ? (value < zero ? zero : value) : value);
+            }
+            for (int l = 0; l < 16; ++l) nonfinite |= !(tail_check[l] == 0.0f);
+            std::memcpy(d + kOut * x0, tail, left * sizeof(float));
+            continue;
+          }
 #endif
-        for (int64_t x = x0; x < whole; ++x)
-          for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
-        for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(y[(i % kOut) * cols + i / kOut] + shift);
+          for (int64_t x = x0; x < whole; ++x)
+            for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(yr[p * n + x] + shift);
+          for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(yr[(i % kOut) * n + i / kOut] + shift);
+        }
       }
     }
   }

@@ -32,11 +32,11 @@ struct TileBlock {
 // 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
-// The output transform takes rows shorter than a vector kOutputGroupTiles tiles at a time (its
-// scratch: 40 floats a tile and a vector past them).
-constexpr int64_t kOutputGroupTiles = 64;
+// The input and output transforms take tile rows shorter than a vector up to kRowGroupTiles tiles
+// at a time (their scratch then: 72 floats a tile and two rows' phases; 40 a tile and a vector).
+constexpr int64_t kRowGroupTiles = 64;
 inline int64_t transform_scratch(int64_t cols) {
-  return std::max<int64_t>(kIn * (kOut * cols + kKernel - 1) + kPoints * cols, 40 * kOutputGroupTiles + 16);
+  return std::max<int64_t>(kIn * (kOut * cols + kKernel - 1) + kPoints * cols, 80 * kRowGroupTiles);
 }
 inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:

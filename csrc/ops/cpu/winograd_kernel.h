@@ -156,6 +156,56 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
   float* h = phases + padded;
   const float* split[kIn] = {phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1),
                              phases + 1, phases + (cols + 1) + 1};
+  const auto load_row = [&](int64_t c, int64_t ih) {  // row and phases from input row ih (inside the input)
+    const float* s = src.at(b.n, c, ih) + col0;
+    std::fill(row, row + lo, 0.0f);
+    if (mask) {
+      const float* m = mask->at(b.n, c, ih) + col0;
+      for (int64_t x = lo; x < hi; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+    } else {
+      std::copy(s + lo, s + hi, row + lo);
+    }
+    std::fill(row + hi, row + padded, 0.0f);
+    deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
+  };
+  if (cols < kLanes) {
+    // Rows shorter than a vector (the deep layers: 6-10 tiles a row): a group of block rows at a
+    // time, both passes of B^T on vectors across the group's tiles (one row at a time they ran
+    // apply_rows' scalar path). The six phases of each of the six input rows of every tile
+    // (q[j][y][t]; phases 4 and 5 are 0 and 1 one tile on), then B^T along the rows into
+    // h[k][y][t], then down the columns. With the output transform's groups, against both one
+    // row at a time (dgrad with its filter transform, medians of 8, separate processes, load 1.6):
+    // 2 x 256 -> 256 at 34x34 (9 tiles a row) 11.7 -> 9.1-9.3 ms, 2 x 128 -> 256 at 36 6.6 -> 5.0-5.9,
+    // 2 x 128 -> 128 at 38 4.2-4.5 -> 2.9-3.2 (stock 3.8-4.1).
+    const int64_t group = std::max<int64_t>(1, kRowGroupTiles / cols);
+    float* q = phases + padded;
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+        const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
+        float* hk = q + kPoints * n;
+        for (int64_t r = r0; r < r0 + n / cols; ++r) {
+          for (int y = 0; y < kIn; ++y) {
+            float* qy = q + y * n + (r - r0) * cols;  // phase j at qy[j * kIn * n]
+            const int64_t ih = kOut * (b.ty0 + r) + y - g.pad_h;
+            if (ih < 0 || ih >= g.in_h) {  // a padding row: its transform is zero
+              for (int j = 0; j < kIn; ++j) std::fill(qy + j * kIn * n, qy + j * kIn * n + cols, 0.0f);
+              continue;
+            }
+            load_row(c, ih);
+            for (int j = 0; j < kIn; ++j) std::copy(split[j], split[j] + cols, qy + j * kIn * n);
+          }
+        }
+        const float* split_q[kIn] = {q, q + kIn * n, q + 2 * kIn * n, q + 3 * kIn * n, q + 4 * kIn * n, q + 5 * kIn * n};
+        apply_rows_at<kBT, kIn, kIn>(split_q, hk, kIn * n, kIn * n);
+        // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[k][y][x]
+        float* out = v + (c - c0) * t_count + r0 * cols;
+        for (int k = 0; k < kIn; ++k) {
+          apply_rows<kBT, kIn, kIn>(hk + k * kIn * n, n, out + k * point_stride, kIn * point_stride, n);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t r = 0; r < b.rows; ++r) {
       for (int y = 0; y < kIn; ++y) {
@@ -165,16 +215,7 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
           std::fill(hy, hy + kIn * cols, 0.0f);
           continue;
         }
-        const float* s = src.at(b.n, c, ih) + col0;
-        std::fill(row, row + lo, 0.0f);
-        if (mask) {
-          const float* m = mask->at(b.n, c, ih) + col0;
-          for (int64_t x = lo; x < hi; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-        } else {
-          std::copy(s + lo, s + hi, row + lo);
-        }
-        std::fill(row + hi, row + padded, 0.0f);
-        deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
+        load_row(c, ih);
         apply_rows_at<kBT, kIn, kIn>(split, hy, cols, cols);
       }
       // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[y][k][x]
@@ -197,7 +238,7 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   // both one row at a time (interleaved medians of 10, separate processes, load 1.6): the concat
   // dgrad 2 x 256 -> 128 at 40x40 (10 tiles a row; the output transform had been 29% of it, as
   // much as the GEMMs) 8.6-8.8 -> 6.0-7.4 ms, 2 x 128 -> 64 at 72 5.2-5.3 -> 4.8.
-  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kOutputGroupTiles / cols);
+  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
   for (int64_t k = 0; k < co_count; ++k) {
     const int64_t co = co0 + k;
     const float shift = bias ? bias[co] : 0.0f;

@@ -46,7 +46,9 @@ inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // M[p][ci - ci0][co - co0] (false if a result is not finite). Scratch: grad_scratch(b.cols),
 // weight_scratch(co1 - co0) floats.
 constexpr int64_t kGradChannels = 16;  // grad_transform's channel group: a 64-byte line of Y
-inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kGradChannels * kPoints) * cols; }
+inline int64_t grad_scratch(int64_t cols) {
+  return (kOut + kOut * kOut + kOut * kIn + kGradChannels * kPoints) * std::max(cols, kRowGroupTiles);
+}
 // The few-tiles path's GEMM (convolve with transposed filters): m[t * ldm + c] = sum_k v[k * ldv
 // + t] u[k * ldu + c] for t < rows, c < cols (a multiple of 16), the output channels as the
 // vector dimension, summed in kChunk / kGroup as the brgemm path (winograd.cpp).

@@ -378,73 +378,85 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
                     float* scratch) {
   const int64_t cols = b.cols, width = kOut * cols, ld = g.out_channels;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(width, g.out_w - ow0);
-  float* row = scratch;                // [4 cols]: one gradient row of the block row, zero past the output
-  float* split = row + width;          // [4 j][cols]: split[j][x] = row[4 x + j]
-  float* h = split + kOut * cols;      // [4 a][6 k][cols]: A along each gradient row
-  float* outs = h + kOut * kIn * cols;  // [kGradChannels c][36][cols]: a channel group's tile row, transformed
+  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) a group of block rows at a
+  // time, as the input and output transforms: both passes of A on vectors across the group's
+  // tiles, and Y's 16 x 16 transposes too (one row at a time all three ran scalar). With the
+  // input transform's groups, against both one row at a time (wgrad, medians of 8, separate
+  // processes, load 1.6): 2 x 256 -> 256 at 34x34 6.0-6.1 -> 5.1 ms, 2 x 128 -> 256 at 36 4.5-4.6 ->
+  // 3.7-3.8, 2 x 128 -> 128 at 38 2.4-2.5 -> 2.0-2.1, 2 x 256 -> 512 at 16 4.2-4.3 -> 3.8-4.0.
+  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t most = group * cols;        // tiles in a group
+  float* row = scratch;                     // [4 cols]: one gradient row of the block row, zero past the output
+  float* split = row + width;               // [4 j][4 a][n]: split[j][a][t] = row a of tile t, column 4 x + j
+  float* h = split + kOut * kOut * most;    // [6 k][4 a][n]: A along each gradient row
+  float* outs = h + kIn * kOut * most;      // [kGradChannels c][36][n]: a channel group's tiles, transformed
   // Tile rows outside, groups of kGradChannels channels inside: Y is written a whole cache line
   // (16 channels) at a time, not one float per line per channel (those scattered stores were
   // half of a 32-channel wgrad).
-  for (int64_t r = 0; r < b.rows; ++r) {
+  for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+    const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
     for (int64_t g0 = co0; g0 < co1; g0 += kGradChannels) {
-      const int64_t n = std::min<int64_t>(kGradChannels, co1 - g0);
-      for (int64_t c = 0; c < n; ++c) {
+      const int64_t channels = std::min<int64_t>(kGradChannels, co1 - g0);
+      for (int64_t c = 0; c < channels; ++c) {
         const int64_t co = g0 + c;
-        double sum = 0;
-        for (int a = 0; a < kOut; ++a) {
-          float* ha = h + a * kIn * cols;
-          const int64_t oh = kOut * (b.ty0 + r) + a;
-          if (oh >= g.out_h) {  // past the output: a zero gradient
-            std::fill(ha, ha + kIn * cols, 0.0f);
-            continue;
+        for (int64_t r = r0; r < r0 + n / cols; ++r) {
+          double sum = 0;
+          for (int a = 0; a < kOut; ++a) {
+            float* sa = split + a * n + (r - r0) * cols;  // phase j at sa[j * kOut * n]
+            const int64_t oh = kOut * (b.ty0 + r) + a;
+            if (oh >= g.out_h) {  // past the output: a zero gradient
+              for (int j = 0; j < kOut; ++j) std::fill(sa + j * kOut * n, sa + j * kOut * n + cols, 0.0f);
+              continue;
+            }
+            const float* s = grad.at(b.n, co, oh) + ow0;
+            if (mask) {
+              const float* m = mask->at(b.n, co, oh) + ow0;
+              for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+            } else {
+              std::copy(s, s + count, row);
+            }
+            std::fill(row + count, row + width, 0.0f);
+            // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad);
+            // whole groups of 8 first (a branch-free loop the compiler vectorises), then the tail.
+            double part[8] = {};
+            int64_t x0 = 0;
+            for (; x0 + 8 <= width; x0 += 8)
+              for (int l = 0; l < 8; ++l) part[l] += row[x0 + l];
+            for (int l = 0; x0 + l < width; ++l) part[l] += row[x0 + l];
+            sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            deinterleave4(row, sa, sa + kOut * n, sa + 2 * kOut * n, sa + 3 * kOut * n, cols);
           }
-          const float* s = grad.at(b.n, co, oh) + ow0;
-          if (mask) {
-            const float* m = mask->at(b.n, co, oh) + ow0;
-            for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-          } else {
-            std::copy(s, s + count, row);
-          }
-          std::fill(row + count, row + width, 0.0f);
-          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad);
-          // whole groups of 8 first (a branch-free loop the compiler vectorises), then the tail.
-          double part[8] = {};
-          int64_t x0 = 0;
-          for (; x0 + 8 <= width; x0 += 8)
-            for (int l = 0; l < 8; ++l) part[l] += row[x0 + l];
-          for (int l = 0; x0 + l < width; ++l) part[l] += row[x0 + l];
-          sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-          deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
-          apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
+          if (sums) sums[co - co0] += sum;
         }
-        // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
-        float* out = outs + c * kPoints * cols;
+        // h[k][a][t] = sum_j A[k][j] split[j][a][t]; out[(i, k)][t] = sum_a A[i][a] h[k][a][t]
+        apply_rows<kA, kIn, kOut>(split, kOut * n, h, kOut * n, kOut * n);
+        float* out = outs + c * kPoints * n;
         for (int k = 0; k < kIn; ++k) {
-          apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
+          apply_rows<kA, kIn, kOut>(h + k * kOut * n, n, out + k * n, kIn * n, n);
         }
-        if (sums) sums[co - co0] += sum;
       }
-      // Y[p][r cols + x][g0 + c] = outs[c][p][x]
+      // Y[p][r0 cols + t][g0 + c] = outs[c][p][t]
+      float* y0 = y + r0 * cols * ld + g0;
       for (int p = 0; p < kPoints; ++p) {
-        int64_t x = 0;
+        int64_t t = 0;
 #ifdef UNET_WINOGRAD_SHUFFLE
         static_assert(kGradChannels == 16, "one 16x16 transpose per 16 tiles");
-        if (n == kGradChannels) {  // 16 tiles at a time: the scalar moves below were half of grad_transform
-          for (; x + 16 <= cols; x += 16) {
-            ShuffleVec t[16];
-            for (int c = 0; c < 16; ++c) t[c] = load<ShuffleVec>(outs + (c * kPoints + p) * cols + x);
-            transpose16(t);
-            for (int i = 0; i < 16; ++i) store(y + p * point_stride + (r * cols + x + i) * ld + g0, t[i]);
+        if (channels == kGradChannels) {  // 16 tiles at a time: the scalar moves below were half of grad_transform
+          for (; t + 16 <= n; t += 16) {
+            ShuffleVec v[16];
+            for (int c = 0; c < 16; ++c) v[c] = load<ShuffleVec>(outs + (c * kPoints + p) * n + t);
+            transpose16(v);
+            for (int i = 0; i < 16; ++i) store(y0 + p * point_stride + (t + i) * ld, v[i]);
           }
         }
 #endif
-        for (; x < cols; ++x) {
-          float* to = y + p * point_stride + (r * cols + x) * ld + g0;
-          const float* from = outs + p * cols + x;
-          if (n == kGradChannels) {  // a constant trip count: unrolled
-            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * cols];
+        for (; t < n; ++t) {
+          float* to = y0 + p * point_stride + t * ld;
+          const float* from = outs + p * n + t;
+          if (channels == kGradChannels) {  // a constant trip count: unrolled
+            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * n];
           } else {
-            for (int64_t c = 0; c < n; ++c) to[c] = from[c * kPoints * cols];
+            for (int64_t c = 0; c < channels; ++c) to[c] = from[c * kPoints * n];
           }
         }
       }

@@ -81,6 +81,7 @@ CASES = [  # (N, C_in, C_out, H, W, padding): channels and batches so that forwa
     (6, 256, 384, 20, 20, 1),    # several channel blocks
     (2, 64, 96, 17, 70, 1),      # mid channels, rows of 18 tiles (16 by shuffles, the rest one by one)
     (2, 64, 64, 11, 150, 0),     # 37 tiles a row, a partial last tile
+    (2, 64, 64, 30, 42, 1),      # rows of 11 tiles (under a vector) in groups of 5 block rows, then 3
 ]
 
 
@@ -398,6 +399,28 @@ def test_few_tiles_forced_matches_the_brgemm_path(case, layout, monkeypatch):
     want, base = (torch.autograd.grad(F.conv2d(*leaves[i], padding=padding), leaves[i][0], grad.to(leaves[i][0].dtype))[0]
                   for i in (1, 2))
     _assert_accurate(results["all"][1], base, want, "forced dgrad")
+
+
+def test_small_dgrad_blocks_match_the_default_blocks(monkeypatch):
+    """A small dgrad (2 x 34x34 inputs: 162 tiles, 256 x 256 weights) runs in blocks of fewer tiles
+    (winograd.cpp's small_dgrad_blocks); a block's size changes no sum, so its input gradient equals
+    the default blocks' (UNET_EXT_WINOGRAD_DGRAD_SMALL_BLOCKS=0, read per call) exactly, and both
+    are on Winograd."""
+    gen = torch.Generator().manual_seed(29)
+    x, weight, bias = _conv_inputs(2, 256, 256, 34, 34, gen)
+    grads = {}
+    for knob in ("1", "0"):
+        monkeypatch.setenv("UNET_EXT_WINOGRAD_DGRAD_SMALL_BLOCKS", knob)
+        leaves = _leaves(x, weight, bias)[0]
+        out = conv2d_relu(*leaves, 0)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(30))
+        grads[knob] = torch.autograd.grad(out, leaves[0], grad)[0]
+    assert torch.equal(grads["1"], grads["0"])
+    with unet_ext.backends.cpu.flags(allow_winograd=False):
+        leaves = _leaves(x, weight, bias)[0]
+        out = conv2d_relu(*leaves, 0)
+        direct = torch.autograd.grad(out, leaves[0], grad)[0]
+    assert not torch.equal(direct, grads["1"])
 
 
 # (C_in, C_out) of every paper 3x3 layer (encoder, then decoder, the first decoder conv of each

@@ -479,6 +479,25 @@ bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, c
   return finite.load();
 }
 
+// Dgrad of a small call (up to kSmallDgradTiles tiles) with weights up to kSmallDgradWeights (its
+// U streamed once more per extra block stays small): blocks from kSmallDgradMinTiles. 2 x 256 ->
+// 256 at 34x34 (162 tiles: 4 blocks of 45 -> 6 of 27), dgrad with its filter transform, interleaved
+// medians of 10 (load 1.6): 8.72 -> 8.13 ms (before the transforms' row groups 12.6 -> 11.9);
+// unchanged 2 x 128 -> 256 at 36 (162 tiles) and 2 x 128 -> 128 at 38 (200); but the concat's dgrad
+// 2 x 128 -> 256 at 40x40 (200 tiles: 4 x 50 -> 6 blocks of 40 or 20) 5.93-6.22 -> 6.14-6.40 in three
+// runs, so up to 192 tiles. As a global minimum it
+// cost 1 x 512 -> 512 at 66 (289 tiles) 62.8 -> 90.0 ms, 1 x 256 -> 256 at 138 73.5 -> 90.6 and
+// 2 x 128 -> 128 at 74 9.6 -> 9.9. UNET_EXT_WINOGRAD_DGRAD_SMALL_BLOCKS=0 (read per call) turns it off
+// (a benchmark knob: both timed in one process).
+constexpr int64_t kSmallDgradTiles = 192, kSmallDgradWeights = 256 * 256, kSmallDgradMinTiles = 32;
+
+bool small_dgrad_blocks(const ConvGeometry& g, const Filters& filters) {
+  const int64_t tiles = g.batch * ((g.out_h + kOut - 1) / kOut) * ((g.out_w + kOut - 1) / kOut);
+  const char* value = std::getenv("UNET_EXT_WINOGRAD_DGRAD_SMALL_BLOCKS");
+  return filters.dgrad && tiles <= kSmallDgradTiles && g.in_channels * g.out_channels <= kSmallDgradWeights &&
+         !(value && std::strcmp(value, "0") == 0);
+}
+
 }  // namespace
 
 bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
@@ -488,7 +507,8 @@ bool convolve(const ConvGeometry& g, const ChannelParts<const float>& src, const
   std::atomic<bool> finite{true};
   const int64_t threads = at::get_num_threads();
   int64_t co_block = std::min(g.out_channels, kMaxChannelBlock);
-  const BlockPlan plan(g, std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)), kMinTiles, kMaxTiles));
+  const BlockPlan plan(g, std::clamp<int64_t>(kBlockBytes / (kPoints * 4 * (g.in_channels + co_block)),
+                                              small_dgrad_blocks(g, filters) ? kSmallDgradMinTiles : kMinTiles, kMaxTiles));
   const int64_t blocks = plan.blocks;
   // Few blocks (the deep layers: small images): split the output channels too.
   if (blocks < 2 * threads && g.out_channels >= 32) {

@@ -116,6 +116,15 @@ inline void transpose16(ShuffleVec (&r)[16]) {
 }
 #endif
 
+// Whether the transforms take a block's tile rows in groups (up to kRowGroupTiles tiles): rows
+// shorter than a vector (else apply_rows' scalar path), and rows of one vector and a remainder
+// (the remainder is a whole second vector, overlapping the first: 19 tiles cost 32). Rows of 17-31
+// tiles grouped against one at a time (forward, dgrad and wgrad together, interleaved medians of
+// 10, load 1.7): 2 x 64 -> 128 at 76x76 (19 tiles a row) 10.5-10.8 -> 9.5-10.3 ms, 2 x 128 -> 64 at
+// 78 9.6-10.2 -> 9.1-10.0, 2 x 128 -> 128 at 74 16.45 -> 16.2, 2 x 64 -> 64 at 70 4.7 -> 4.5; the
+// concat dgrad 2 x 128 -> 64 at 72 5.24 -> 5.10; inference at 572x572 (base 64) 899 -> 892.
+inline bool group_rows(int64_t cols) { return cols < kLanes || (cols % kLanes != 0 && cols < 2 * kLanes); }
+
 inline void deinterleave4(const float* __restrict row, float* __restrict s0, float* __restrict s1,
                           float* __restrict s2, float* __restrict s3, int64_t n) {
   int64_t x = 0;
@@ -168,9 +177,9 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
     std::fill(row + hi, row + padded, 0.0f);
     deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
   };
-  if (cols < kLanes) {
-    // Rows shorter than a vector (the deep layers: 6-10 tiles a row): a group of block rows at a
-    // time, both passes of B^T on vectors across the group's tiles (one row at a time they ran
+  if (group_rows(cols)) {
+    // Rows shorter than a vector (the deep layers: 6-10 tiles a row; and group_rows' others): a
+    // group of block rows at a time, both passes of B^T on vectors across the group's tiles (one row at a time they ran
     // apply_rows' scalar path). The six phases of each of the six input rows of every tile
     // (q[j][y][t]; phases 4 and 5 are 0 and 1 one tile on), then B^T along the rows into
     // h[k][y][t], then down the columns. With the output transform's groups, against both one
@@ -238,7 +247,7 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   // both one row at a time (interleaved medians of 10, separate processes, load 1.6): the concat
   // dgrad 2 x 256 -> 128 at 40x40 (10 tiles a row; the output transform had been 29% of it, as
   // much as the GEMMs) 8.6-8.8 -> 6.0-7.4 ms, 2 x 128 -> 64 at 72 5.2-5.3 -> 4.8.
-  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
   for (int64_t k = 0; k < co_count; ++k) {
     const int64_t co = co0 + k;
     const float shift = bias ? bias[co] : 0.0f;
@@ -384,7 +393,7 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
   // input transform's groups, against both one row at a time (wgrad, medians of 8, separate
   // processes, load 1.6): 2 x 256 -> 256 at 34x34 6.0-6.1 -> 5.1 ms, 2 x 128 -> 256 at 36 4.5-4.6 ->
   // 3.7-3.8, 2 x 128 -> 128 at 38 2.4-2.5 -> 2.0-2.1, 2 x 256 -> 512 at 16 4.2-4.3 -> 3.8-4.0.
-  const int64_t group = cols >= kLanes ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
   const int64_t most = group * cols;        // tiles in a group
   float* row = scratch;                     // [4 cols]: one gradient row of the block row, zero past the output
   float* split = row + width;               // [4 j][4 a][n]: split[j][a][t] = row a of tile t, column 4 x + j

@@ -81,6 +81,7 @@ CASES = [  # (N, C_in, C_out, H, W, padding): channels and batches so that forwa
     (6, 256, 384, 20, 20, 1),    # several channel blocks
     (2, 64, 96, 17, 70, 1),      # mid channels, rows of 18 tiles (16 by shuffles, the rest one by one)
     (2, 64, 64, 11, 150, 0),     # 37 tiles a row, a partial last tile
+    (2, 64, 64, 30, 42, 1),      # rows of 11 tiles (under a vector) in groups of 5 block rows, then 3
 ]
 
 

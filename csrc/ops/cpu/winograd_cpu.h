@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../conv_host.h"
@@ -31,7 +32,12 @@ struct TileBlock {
 // 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
-inline int64_t transform_scratch(int64_t cols) { return kIn * (kOut * cols + kKernel - 1) + kPoints * cols; }
+// The input and output transforms take tile rows shorter than a vector up to kRowGroupTiles tiles
+// at a time (their scratch then: 72 floats a tile and two rows' phases; 40 a tile and a vector).
+constexpr int64_t kRowGroupTiles = 64;
+inline int64_t transform_scratch(int64_t cols) {
+  return std::max<int64_t>(kIn * (kOut * cols + kKernel - 1) + kPoints * cols, 80 * kRowGroupTiles);
+}
 inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // The weight gradient's kernels (F(3x3, 4x4), winograd.h's weight_gradient_tile). grad_transform:
 // Y[p * point_stride + t * C_out + co] = A dy A^T of the block's output gradient (zero where mask
@@ -40,7 +46,9 @@ inline int64_t filter_scratch(int64_t cols) { return kKernel * kKernel * cols; }
 // M[p][ci - ci0][co - co0] (false if a result is not finite). Scratch: grad_scratch(b.cols),
 // weight_scratch(co1 - co0) floats.
 constexpr int64_t kGradChannels = 16;  // grad_transform's channel group: a 64-byte line of Y
-inline int64_t grad_scratch(int64_t cols) { return (2 * kOut + kOut * kIn + kGradChannels * kPoints) * cols; }
+inline int64_t grad_scratch(int64_t cols) {
+  return (kOut + kOut * kOut + kOut * kIn + kGradChannels * kPoints) * std::max(cols, kRowGroupTiles);
+}
 // output_transform_few: as output, from the few-tiles path's M^T[p * point_stride + t * ldm + co - co0]
 // (co_count a multiple of the ISA's vector; no scratch).
 // The few-tiles path's GEMM (convolve with transposed filters): m[t * ldm + c] = sum_k v[k * ldv

@@ -91,6 +91,7 @@ inline constexpr ShuffleIdx kHigh = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 2
 // Output lane e = 4 x + p of [p0 x0-7 | p1 x0-7] and [p2 x0-7 | p3 x0-7]: tiles 0-3 (kOut0) or 4-7 (kOut1).
 inline constexpr ShuffleIdx kOut0 = {0, 8, 16, 24, 1, 9, 17, 25, 2, 10, 18, 26, 3, 11, 19, 27};
 inline constexpr ShuffleIdx kOut1 = {4, 12, 20, 28, 5, 13, 21, 29, 6, 14, 22, 30, 7, 15, 23, 31};
+inline constexpr ShuffleIdx kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 // A 16x16 transpose in 4 rounds of 16 two-source shuffles (instead of 256 scalar moves): round k
 // swaps bit k of the row index with bit k of the column index, making rows i (bit k clear) and
 // i + 2^k from the same two rows: kSwapLow[k] takes column j of row i where j's bit k is clear,
@@ -114,6 +115,15 @@ inline void transpose16(ShuffleVec (&r)[16]) {
   }
 }
 #endif
+
+// Whether the transforms take a block's tile rows in groups (up to kRowGroupTiles tiles): rows
+// shorter than a vector (else apply_rows' scalar path), and rows of one vector and a remainder
+// (the remainder is a whole second vector, overlapping the first: 19 tiles cost 32). Rows of 17-31
+// tiles grouped against one at a time (forward, dgrad and wgrad together, interleaved medians of
+// 10, load 1.7): 2 x 64 -> 128 at 76x76 (19 tiles a row) 10.5-10.8 -> 9.5-10.3 ms, 2 x 128 -> 64 at
+// 78 9.6-10.2 -> 9.1-10.0, 2 x 128 -> 128 at 74 16.45 -> 16.2, 2 x 64 -> 64 at 70 4.7 -> 4.5; the
+// concat dgrad 2 x 128 -> 64 at 72 5.24 -> 5.10; inference at 572x572 (base 64) 899 -> 892.
+inline bool group_rows(int64_t cols) { return cols < kLanes || (cols % kLanes != 0 && cols < 2 * kLanes); }
 
 inline void deinterleave4(const float* __restrict row, float* __restrict s0, float* __restrict s1,
                           float* __restrict s2, float* __restrict s3, int64_t n) {
@@ -155,6 +165,56 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
   float* h = phases + padded;
   const float* split[kIn] = {phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1),
                              phases + 1, phases + (cols + 1) + 1};
+  const auto load_row = [&](int64_t c, int64_t ih) {  // row and phases from input row ih (inside the input)
+    const float* s = src.at(b.n, c, ih) + col0;
+    std::fill(row, row + lo, 0.0f);
+    if (mask) {
+      const float* m = mask->at(b.n, c, ih) + col0;
+      for (int64_t x = lo; x < hi; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+    } else {
+      std::copy(s + lo, s + hi, row + lo);
+    }
+    std::fill(row + hi, row + padded, 0.0f);
+    deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
+  };
+  if (group_rows(cols)) {
+    // Rows shorter than a vector (the deep layers: 6-10 tiles a row; and group_rows' others): a
+    // group of block rows at a time, both passes of B^T on vectors across the group's tiles (one row at a time they ran
+    // apply_rows' scalar path). The six phases of each of the six input rows of every tile
+    // (q[j][y][t]; phases 4 and 5 are 0 and 1 one tile on), then B^T along the rows into
+    // h[k][y][t], then down the columns. With the output transform's groups, against both one
+    // row at a time (dgrad with its filter transform, medians of 8, separate processes, load 1.6):
+    // 2 x 256 -> 256 at 34x34 (9 tiles a row) 11.7 -> 9.1-9.3 ms, 2 x 128 -> 256 at 36 6.6 -> 5.0-5.9,
+    // 2 x 128 -> 128 at 38 4.2-4.5 -> 2.9-3.2 (stock 3.8-4.1).
+    const int64_t group = std::max<int64_t>(1, kRowGroupTiles / cols);
+    float* q = phases + padded;
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+        const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
+        float* hk = q + kPoints * n;
+        for (int64_t r = r0; r < r0 + n / cols; ++r) {
+          for (int y = 0; y < kIn; ++y) {
+            float* qy = q + y * n + (r - r0) * cols;  // phase j at qy[j * kIn * n]
+            const int64_t ih = kOut * (b.ty0 + r) + y - g.pad_h;
+            if (ih < 0 || ih >= g.in_h) {  // a padding row: its transform is zero
+              for (int j = 0; j < kIn; ++j) std::fill(qy + j * kIn * n, qy + j * kIn * n + cols, 0.0f);
+              continue;
+            }
+            load_row(c, ih);
+            for (int j = 0; j < kIn; ++j) std::copy(split[j], split[j] + cols, qy + j * kIn * n);
+          }
+        }
+        const float* split_q[kIn] = {q, q + kIn * n, q + 2 * kIn * n, q + 3 * kIn * n, q + 4 * kIn * n, q + 5 * kIn * n};
+        apply_rows_at<kBT, kIn, kIn>(split_q, hk, kIn * n, kIn * n);
+        // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[k][y][x]
+        float* out = v + (c - c0) * t_count + r0 * cols;
+        for (int k = 0; k < kIn; ++k) {
+          apply_rows<kBT, kIn, kIn>(hk + k * kIn * n, n, out + k * point_stride, kIn * point_stride, n);
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = c0; c < c1; ++c) {
     for (int64_t r = 0; r < b.rows; ++r) {
       for (int y = 0; y < kIn; ++y) {
@@ -164,16 +224,7 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
           std::fill(hy, hy + kIn * cols, 0.0f);
           continue;
         }
-        const float* s = src.at(b.n, c, ih) + col0;
-        std::fill(row, row + lo, 0.0f);
-        if (mask) {
-          const float* m = mask->at(b.n, c, ih) + col0;
-          for (int64_t x = lo; x < hi; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-        } else {
-          std::copy(s + lo, s + hi, row + lo);
-        }
-        std::fill(row + hi, row + padded, 0.0f);
-        deinterleave4(row, phases, phases + (cols + 1), phases + 2 * (cols + 1), phases + 3 * (cols + 1), cols + 1);
+        load_row(c, ih);
         apply_rows_at<kBT, kIn, kIn>(split, hy, cols, cols);
       }
       // V[(i, k)][c][r * cols + x] = sum_y B^T[i][y] h[y][k][x]
@@ -190,66 +241,86 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
   const int64_t cols = b.cols, t_count = b.tiles(), point_stride = co_count * t_count;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(kOut * cols, g.out_w - ow0);
-  float* s = scratch;                      // [4 a][6 k][cols]: A^T down the columns
-  float* y = scratch + kOut * kIn * cols;  // [4 b][cols]: one output row of the block, by column phase
+  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) go through both passes of
+  // A^T a group of rows at a time (a channel's tiles are contiguous in M, row after row): one row
+  // at a time they ran apply_rows' scalar path. With the tail's vector finish below, against
+  // both one row at a time (interleaved medians of 10, separate processes, load 1.6): the concat
+  // dgrad 2 x 256 -> 128 at 40x40 (10 tiles a row; the output transform had been 29% of it, as
+  // much as the GEMMs) 8.6-8.8 -> 6.0-7.4 ms, 2 x 128 -> 64 at 72 5.2-5.3 -> 4.8.
+  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
   for (int64_t k = 0; k < co_count; ++k) {
     const int64_t co = co0 + k;
     const float shift = bias ? bias[co] : 0.0f;
-    for (int64_t r = 0; r < b.rows; ++r) {
-      const float* in = m + k * t_count + r * cols;
+    for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+      const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
+      float* s = scratch;                // [4 a][6 k][n]: A^T down the columns
+      float* y = scratch + kOut * kIn * n;  // [4 a][4 b][n]: the group's output rows, by column phase
+      const float* in = m + k * t_count + r0 * cols;
       for (int kk = 0; kk < kIn; ++kk) {
-        apply_rows<kAT, kOut, kIn>(in + kk * point_stride, kIn * point_stride, s + kk * cols, kIn * cols, cols);
+        apply_rows<kAT, kOut, kIn>(in + kk * point_stride, kIn * point_stride, s + kk * n, kIn * n, n);
       }
-      for (int a = 0; a < kOut; ++a) {
-        const int64_t oh = kOut * (b.ty0 + r) + a;
-        if (oh >= g.out_h) break;
-        apply_rows<kAT, kOut, kIn>(s + a * kIn * cols, cols, y, cols, cols);
-        // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
-        float* d = dst.at(b.n, co, oh) + ow0;
-        const auto finish = [&](float value) {
-          nonfinite |= !(value - value == 0.0f);
-          return relu && value < 0.0f ? 0.0f : value;
-        };
-        const int64_t whole = count / kOut;
-        int64_t x0 = 0;
+      for (int a = 0; a < kOut; ++a) apply_rows<kAT, kOut, kIn>(s + a * kIn * n, n, y + a * kOut * n, n, n);
+      for (int64_t r = r0; r < r0 + n / cols; ++r) {
+        for (int a = 0; a < kOut; ++a) {
+          const int64_t oh = kOut * (b.ty0 + r) + a;
+          if (oh >= g.out_h) break;
+          const float* yr = y + a * kOut * n + (r - r0) * cols;  // phase p of tile x at yr[p * n + x]
+          // Re-interleaved: d[4 x + p] = y[p][x] (+ bias, ReLU); v < 0 ? 0 : v keeps NaN, as torch.relu does.
+          float* d = dst.at(b.n, co, oh) + ow0;
+          const auto finish = [&](float value) {
+            nonfinite |= !(value - value == 0.0f);
+            return relu && value < 0.0f ? 0.0f : value;
+          };
+          const int64_t whole = count / kOut;
+          int64_t x0 = 0;
 #ifdef UNET_WINOGRAD_SHUFFLE
-        const ShuffleVec zero = {}, bias_v = zero + shift;
-        ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
-        for (; x0 + 16 <= whole; x0 += 16) {
-          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
-                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
-          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
-          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-          const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
-                                   __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
-          for (int q = 0; q < 4; ++q) {
-            const ShuffleVec value = o[q] + bias_v;
-            check += value - value;
-            store(d + kOut * x0 + 16 * q, relu ? (value < zero ? zero : value) : value);
+          const ShuffleVec zero = {}, bias_v = zero + shift;
+          ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
+          for (; x0 + 16 <= whole; x0 += 16) {
+            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
+                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
+            const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+            const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
+                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            for (int q = 0; q < 4; ++q) {
+              const ShuffleVec value = o[q] + bias_v;
+              check += value - value;
+              store(d + kOut * x0 + 16 * q, relu ? (value < zero ? zero : value) : value);
+            }
           }
-        }
-        for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
-        if (x0 < cols) {
-          // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
-          // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
-          // y's phases lie inside transform_scratch, which extends past the last one by more than
-          // a vector; lanes past the row's tiles are read but dropped.
-          float tail[4 * 16];
-          const ShuffleVec y0 = load<ShuffleVec>(y + x0), y1 = load<ShuffleVec>(y + cols + x0),
-                           y2 = load<ShuffleVec>(y + 2 * cols + x0), y3 = load<ShuffleVec>(y + 3 * cols + x0);
-          const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
-          const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-          store(tail, __builtin_shuffle(u0, u1, kOut0) + bias_v);
-          store(tail + 16, __builtin_shuffle(u0, u1, kOut1) + bias_v);
-          store(tail + 32, __builtin_shuffle(w0, w1, kOut0) + bias_v);
-          store(tail + 48, __builtin_shuffle(w0, w1, kOut1) + bias_v);
-          for (int64_t i = kOut * x0; i < count; ++i) d[i] = finish(tail[i - kOut * x0]);
-          continue;
-        }
+          for (int l = 0; l < 16; ++l) nonfinite |= !(check[l] == 0.0f);
+          if (x0 < cols) {
+            // The last tiles (fewer than 16, and a partial tile) by the same shuffles into a buffer:
+            // one at a time they were half of a 32-channel output transform (79 tiles a row: 15 left).
+            // y lies inside transform_scratch, which extends past its last phase by more than a
+            // vector; lanes past the row's tiles are read but dropped.
+            // Finished (bias, ReLU, the finiteness check on the row's lanes only) as vectors, then
+            // copied: element by element (a compare and branch each) the finish was 3/4 of the
+            // output transform where every row is a tail (rows of 6-10 tiles).
+            float tail[4 * 16];
+            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
+                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
+            const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
+            const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
+            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
+                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            const int64_t left = count - kOut * x0;  // 1 to 63 floats
+            ShuffleVec tail_check = zero;
+            for (int q = 0; q < 4; ++q) {
+              const ShuffleVec value = o[q] + bias_v;
+              tail_check += kLane < static_cast<int32_t>(left - 16 * q) ? value - value : zero;
+              store(tail + 16 * q, relu ? (value < zero ? zero : value) : value);
+            }
+            for (int l = 0; l < 16; ++l) nonfinite |= !(tail_check[l] == 0.0f);
+            std::memcpy(d + kOut * x0, tail, left * sizeof(float));
+            continue;
+          }
 #endif
-        for (int64_t x = x0; x < whole; ++x)
-          for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(y[p * cols + x] + shift);
-        for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(y[(i % kOut) * cols + i / kOut] + shift);
+          for (int64_t x = x0; x < whole; ++x)
+            for (int p = 0; p < kOut; ++p) d[kOut * x + p] = finish(yr[p * n + x] + shift);
+          for (int64_t i = whole * kOut; i < count; ++i) d[i] = finish(yr[(i % kOut) * n + i / kOut] + shift);
+        }
       }
     }
   }
@@ -410,73 +481,85 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
                     float* scratch) {
   const int64_t cols = b.cols, width = kOut * cols, ld = g.out_channels;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(width, g.out_w - ow0);
-  float* row = scratch;                // [4 cols]: one gradient row of the block row, zero past the output
-  float* split = row + width;          // [4 j][cols]: split[j][x] = row[4 x + j]
-  float* h = split + kOut * cols;      // [4 a][6 k][cols]: A along each gradient row
-  float* outs = h + kOut * kIn * cols;  // [kGradChannels c][36][cols]: a channel group's tile row, transformed
+  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) a group of block rows at a
+  // time, as the input and output transforms: both passes of A on vectors across the group's
+  // tiles, and Y's 16 x 16 transposes too (one row at a time all three ran scalar). With the
+  // input transform's groups, against both one row at a time (wgrad, medians of 8, separate
+  // processes, load 1.6): 2 x 256 -> 256 at 34x34 6.0-6.1 -> 5.1 ms, 2 x 128 -> 256 at 36 4.5-4.6 ->
+  // 3.7-3.8, 2 x 128 -> 128 at 38 2.4-2.5 -> 2.0-2.1, 2 x 256 -> 512 at 16 4.2-4.3 -> 3.8-4.0.
+  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t most = group * cols;        // tiles in a group
+  float* row = scratch;                     // [4 cols]: one gradient row of the block row, zero past the output
+  float* split = row + width;               // [4 j][4 a][n]: split[j][a][t] = row a of tile t, column 4 x + j
+  float* h = split + kOut * kOut * most;    // [6 k][4 a][n]: A along each gradient row
+  float* outs = h + kIn * kOut * most;      // [kGradChannels c][36][n]: a channel group's tiles, transformed
   // Tile rows outside, groups of kGradChannels channels inside: Y is written a whole cache line
   // (16 channels) at a time, not one float per line per channel (those scattered stores were
   // half of a 32-channel wgrad).
-  for (int64_t r = 0; r < b.rows; ++r) {
+  for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
+    const int64_t n = std::min(group, b.rows - r0) * cols;  // the group's tiles
     for (int64_t g0 = co0; g0 < co1; g0 += kGradChannels) {
-      const int64_t n = std::min<int64_t>(kGradChannels, co1 - g0);
-      for (int64_t c = 0; c < n; ++c) {
+      const int64_t channels = std::min<int64_t>(kGradChannels, co1 - g0);
+      for (int64_t c = 0; c < channels; ++c) {
         const int64_t co = g0 + c;
-        double sum = 0;
-        for (int a = 0; a < kOut; ++a) {
-          float* ha = h + a * kIn * cols;
-          const int64_t oh = kOut * (b.ty0 + r) + a;
-          if (oh >= g.out_h) {  // past the output: a zero gradient
-            std::fill(ha, ha + kIn * cols, 0.0f);
-            continue;
+        for (int64_t r = r0; r < r0 + n / cols; ++r) {
+          double sum = 0;
+          for (int a = 0; a < kOut; ++a) {
+            float* sa = split + a * n + (r - r0) * cols;  // phase j at sa[j * kOut * n]
+            const int64_t oh = kOut * (b.ty0 + r) + a;
+            if (oh >= g.out_h) {  // past the output: a zero gradient
+              for (int j = 0; j < kOut; ++j) std::fill(sa + j * kOut * n, sa + j * kOut * n + cols, 0.0f);
+              continue;
+            }
+            const float* s = grad.at(b.n, co, oh) + ow0;
+            if (mask) {
+              const float* m = mask->at(b.n, co, oh) + ow0;
+              for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
+            } else {
+              std::copy(s, s + count, row);
+            }
+            std::fill(row + count, row + width, 0.0f);
+            // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad);
+            // whole groups of 8 first (a branch-free loop the compiler vectorises), then the tail.
+            double part[8] = {};
+            int64_t x0 = 0;
+            for (; x0 + 8 <= width; x0 += 8)
+              for (int l = 0; l < 8; ++l) part[l] += row[x0 + l];
+            for (int l = 0; x0 + l < width; ++l) part[l] += row[x0 + l];
+            sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            deinterleave4(row, sa, sa + kOut * n, sa + 2 * kOut * n, sa + 3 * kOut * n, cols);
           }
-          const float* s = grad.at(b.n, co, oh) + ow0;
-          if (mask) {
-            const float* m = mask->at(b.n, co, oh) + ow0;
-            for (int64_t x = 0; x < count; ++x) row[x] = m[x] <= 0.0f ? 0.0f : s[x];  // NaN outputs pass, as in ReLU's backward
-          } else {
-            std::copy(s, s + count, row);
-          }
-          std::fill(row + count, row + width, 0.0f);
-          // In float64, 8 running sums (one chain of dependent adds was a quarter of a 32-channel wgrad);
-          // whole groups of 8 first (a branch-free loop the compiler vectorises), then the tail.
-          double part[8] = {};
-          int64_t x0 = 0;
-          for (; x0 + 8 <= width; x0 += 8)
-            for (int l = 0; l < 8; ++l) part[l] += row[x0 + l];
-          for (int l = 0; x0 + l < width; ++l) part[l] += row[x0 + l];
-          sum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-          deinterleave4(row, split, split + cols, split + 2 * cols, split + 3 * cols, cols);
-          apply_rows<kA, kIn, kOut>(split, cols, ha, cols, cols);
+          if (sums) sums[co - co0] += sum;
         }
-        // out[(i, k)][x] = sum_a A[i][a] h[a][k][x]
-        float* out = outs + c * kPoints * cols;
+        // h[k][a][t] = sum_j A[k][j] split[j][a][t]; out[(i, k)][t] = sum_a A[i][a] h[k][a][t]
+        apply_rows<kA, kIn, kOut>(split, kOut * n, h, kOut * n, kOut * n);
+        float* out = outs + c * kPoints * n;
         for (int k = 0; k < kIn; ++k) {
-          apply_rows<kA, kIn, kOut>(h + k * cols, kIn * cols, out + k * cols, kIn * cols, cols);
+          apply_rows<kA, kIn, kOut>(h + k * kOut * n, n, out + k * n, kIn * n, n);
         }
-        if (sums) sums[co - co0] += sum;
       }
-      // Y[p][r cols + x][g0 + c] = outs[c][p][x]
+      // Y[p][r0 cols + t][g0 + c] = outs[c][p][t]
+      float* y0 = y + r0 * cols * ld + g0;
       for (int p = 0; p < kPoints; ++p) {
-        int64_t x = 0;
+        int64_t t = 0;
 #ifdef UNET_WINOGRAD_SHUFFLE
         static_assert(kGradChannels == 16, "one 16x16 transpose per 16 tiles");
-        if (n == kGradChannels) {  // 16 tiles at a time: the scalar moves below were half of grad_transform
-          for (; x + 16 <= cols; x += 16) {
-            ShuffleVec t[16];
-            for (int c = 0; c < 16; ++c) t[c] = load<ShuffleVec>(outs + (c * kPoints + p) * cols + x);
-            transpose16(t);
-            for (int i = 0; i < 16; ++i) store(y + p * point_stride + (r * cols + x + i) * ld + g0, t[i]);
+        if (channels == kGradChannels) {  // 16 tiles at a time: the scalar moves below were half of grad_transform
+          for (; t + 16 <= n; t += 16) {
+            ShuffleVec v[16];
+            for (int c = 0; c < 16; ++c) v[c] = load<ShuffleVec>(outs + (c * kPoints + p) * n + t);
+            transpose16(v);
+            for (int i = 0; i < 16; ++i) store(y0 + p * point_stride + (t + i) * ld, v[i]);
           }
         }
 #endif
-        for (; x < cols; ++x) {
-          float* to = y + p * point_stride + (r * cols + x) * ld + g0;
-          const float* from = outs + p * cols + x;
-          if (n == kGradChannels) {  // a constant trip count: unrolled
-            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * cols];
+        for (; t < n; ++t) {
+          float* to = y0 + p * point_stride + t * ld;
+          const float* from = outs + p * n + t;
+          if (channels == kGradChannels) {  // a constant trip count: unrolled
+            for (int64_t c = 0; c < kGradChannels; ++c) to[c] = from[c * kPoints * n];
           } else {
-            for (int64_t c = 0; c < n; ++c) to[c] = from[c * kPoints * cols];
+            for (int64_t c = 0; c < channels; ++c) to[c] = from[c * kPoints * n];
           }
         }
       }

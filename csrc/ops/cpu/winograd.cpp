@@ -120,7 +120,7 @@ bool use_winograd(const ConvGeometry& g, at::ScalarType dtype, bool filter_per_c
 
 // The few-tiles path (convolve_few) with filters transformed per call: kFewTilesMin to kFewTilesMax
 // tiles per call, output channels a multiple of 16 (its GEMM's vectors) up to kFewMaxOut, and for
-// weights past kFewWeights (512 x 512) tiles at least 4/5 inside the output: 2 x 512 -> 512 at
+// weights past kFewWeights (256 x 512; e.g. 512 x 512) tiles at least 4/5 inside the output: 2 x 512 -> 512 at
 // 14x14's dgrad (32 tiles for 2 x 14x14 outputs) took 7.8-7.9 ms against oneDNN's 7.4-7.5 (tiles
 // partly outside the output cost their transforms and products in full). Against the routing
 // before it (oneDNN), training conditions (a new weight version per call), interleaved medians of

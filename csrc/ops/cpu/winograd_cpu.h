@@ -32,8 +32,8 @@ struct TileBlock {
 // 180 degrees when flip),
 // for rows [r0, r1) of `rows` x `cols`. The transforms' scratch: transform_scratch(b.cols)
 // floats; the filter's: filter_scratch(cols) doubles.
-// The input and output transforms take tile rows shorter than a vector up to kRowGroupTiles tiles
-// at a time (their scratch then: 72 floats a tile and two rows' phases; 40 a tile and a vector).
+// The input, output and gradient transforms take tile rows shorter than a vector (and rows of one
+// vector and a remainder: winograd_kernel.h's group_rows) up to kRowGroupTiles tiles at a time (their scratch then: 72 floats a tile and two rows' phases; 40 a tile and a vector).
 constexpr int64_t kRowGroupTiles = 64;
 inline int64_t transform_scratch(int64_t cols) {
   return std::max<int64_t>(kIn * (kOut * cols + kKernel - 1) + kPoints * cols, 80 * kRowGroupTiles);
@@ -97,7 +97,7 @@ bool use_winograd_forward(const conv::ConvGeometry& g, at::ScalarType dtype, con
                           bool* per_call);
 bool filter_cache_enabled();
 // Whether a convolution use_winograd takes with filters transformed on the call runs the few-tiles
-// path (winograd.cpp: convolve_few, transposed filters): pass the answer to forward_filter /
+// path (winograd_few.cpp: convolve_few, transposed filters): pass the answer to forward_filter /
 // dgrad_filter (the forward's only where per_call).
 bool use_few_tiles(const conv::ConvGeometry& g);
 // Whether the weight gradient of this convolution takes weight_gradient below.

@@ -36,6 +36,8 @@ constexpr int64_t kFewBlockTiles = 64, kFewChannels = 64, kFewFilterPanel = 32;
 
 bool convolve_few(const ConvGeometry& g, const ChannelParts<const float>& src, const ChannelParts<const float>* mask,
                   const Filters& filters, const float* bias, bool relu, const ChannelParts<float>& dst) {
+  // few_gemm and output_transform_few move whole vectors of output channels (use_few_tiles' rule).
+  TORCH_INTERNAL_ASSERT(g.out_channels % 16 == 0, "convolve_few: out_channels must be a multiple of 16, got ", g.out_channels);
   const int64_t c_in = g.in_channels, c_out = g.out_channels;
   const BlockPlan plan(g, kFewBlockTiles);
   std::vector<int64_t> first(plan.blocks + 1, 0);  // block bi's tiles start at first[bi]

@@ -124,6 +124,8 @@ inline void transpose16(ShuffleVec (&r)[16]) {
 // 78 9.6-10.2 -> 9.1-10.0, 2 x 128 -> 128 at 74 16.45 -> 16.2, 2 x 64 -> 64 at 70 4.7 -> 4.5; the
 // concat dgrad 2 x 128 -> 64 at 72 5.24 -> 5.10; inference at 572x572 (base 64) 899 -> 892.
 inline bool group_rows(int64_t cols) { return cols < kLanes || (cols % kLanes != 0 && cols < 2 * kLanes); }
+// Block rows per group: 1 where a row is not grouped, else up to kRowGroupTiles tiles (the scratch bound).
+inline int64_t row_group(int64_t cols) { return !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols); }
 
 inline void deinterleave4(const float* __restrict row, float* __restrict s0, float* __restrict s1,
                           float* __restrict s2, float* __restrict s3, int64_t n) {
@@ -186,7 +188,7 @@ void input_transform(const ConvGeometry& g, const ChannelParts<const float>& src
     // row at a time (dgrad with its filter transform, medians of 8, separate processes, load 1.6):
     // 2 x 256 -> 256 at 34x34 (9 tiles a row) 11.7 -> 9.1-9.3 ms, 2 x 128 -> 256 at 36 6.6 -> 5.0-5.9,
     // 2 x 128 -> 128 at 38 4.2-4.5 -> 2.9-3.2 (stock 3.8-4.1).
-    const int64_t group = std::max<int64_t>(1, kRowGroupTiles / cols);
+    const int64_t group = row_group(cols);
     float* q = phases + padded;
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t r0 = 0; r0 < b.rows; r0 += group) {
@@ -241,13 +243,13 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
   bool nonfinite = false;  // v - v is NaN for an infinity or NaN, 0 otherwise
   const int64_t cols = b.cols, t_count = b.tiles(), point_stride = co_count * t_count;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(kOut * cols, g.out_w - ow0);
-  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) go through both passes of
-  // A^T a group of rows at a time (a channel's tiles are contiguous in M, row after row): one row
+  // Rows group_rows takes (shorter than a vector: the deep layers' 6-10 tiles a row; and one vector
+  // and a remainder) go through both passes of A^T a group of rows at a time (a channel's tiles are contiguous in M, row after row): one row
   // at a time they ran apply_rows' scalar path. With the tail's vector finish below, against
   // both one row at a time (interleaved medians of 10, separate processes, load 1.6): the concat
   // dgrad 2 x 256 -> 128 at 40x40 (10 tiles a row; the output transform had been 29% of it, as
   // much as the GEMMs) 8.6-8.8 -> 6.0-7.4 ms, 2 x 128 -> 64 at 72 5.2-5.3 -> 4.8.
-  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t group = row_group(cols);
   for (int64_t k = 0; k < co_count; ++k) {
     const int64_t co = co0 + k;
     const float shift = bias ? bias[co] : 0.0f;
@@ -333,7 +335,7 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
 // operations in the same order: the same results). The 16 results of a tile (4x4 outputs x kLanes
 // channels) go to each channel's 4 rows by a 16x16 transpose (AVX-512 with GCC) or a buffer.
 // Before it, M^T's part was transposed into output_transform's layout first: about 20% of
-// 2 x 512 -> 256 at 24x24's forward and dgrad (winograd.cpp, convolve_few: the figures).
+// 2 x 512 -> 256 at 24x24's forward and dgrad (winograd_few.cpp, convolve_few: the figures).
 bool output_transform_few(const ConvGeometry& g, const float* mt, int64_t ldm, int64_t point_stride, int64_t co0,
                           int64_t co_count, const float* bias, bool relu, const ChannelParts<float>& dst,
                           const TileBlock& b) {
@@ -481,13 +483,13 @@ void grad_transform(const ConvGeometry& g, const ChannelParts<const float>& grad
                     float* scratch) {
   const int64_t cols = b.cols, width = kOut * cols, ld = g.out_channels;
   const int64_t ow0 = kOut * b.tx0, count = std::min<int64_t>(width, g.out_w - ow0);
-  // Rows shorter than a vector (the deep layers: 6-10 tiles a row) a group of block rows at a
-  // time, as the input and output transforms: both passes of A on vectors across the group's
+  // Rows group_rows takes (shorter than a vector: the deep layers' 6-10 tiles a row; and one vector
+  // and a remainder) a group of block rows at a time, as the input and output transforms: both passes of A on vectors across the group's
   // tiles, and Y's 16 x 16 transposes too (one row at a time all three ran scalar). With the
   // input transform's groups, against both one row at a time (wgrad, medians of 8, separate
   // processes, load 1.6): 2 x 256 -> 256 at 34x34 6.0-6.1 -> 5.1 ms, 2 x 128 -> 256 at 36 4.5-4.6 ->
   // 3.7-3.8, 2 x 128 -> 128 at 38 2.4-2.5 -> 2.0-2.1, 2 x 256 -> 512 at 16 4.2-4.3 -> 3.8-4.0.
-  const int64_t group = !group_rows(cols) ? 1 : std::max<int64_t>(1, kRowGroupTiles / cols);
+  const int64_t group = row_group(cols);
   const int64_t most = group * cols;        // tiles in a group
   float* row = scratch;                     // [4 cols]: one gradient row of the block row, zero past the output
   float* split = row + width;               // [4 j][4 a][n]: split[j][a][t] = row a of tile t, column 4 x + j

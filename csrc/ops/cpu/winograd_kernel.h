@@ -278,13 +278,20 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
 #ifdef UNET_WINOGRAD_SHUFFLE
           const ShuffleVec zero = {}, bias_v = zero + shift;
           ShuffleVec check = zero;  // sums v - v: NaN if any v is not finite
-          for (; x0 + 16 <= whole; x0 += 16) {
-            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
-                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
+          // Tiles x .. x + 15 of the row re-interleaved, o[q][l] = d[kOut * x + 16 * q + l]: two rounds of shuffles.
+          const auto interleave = [&](int64_t x, ShuffleVec (&o)[4]) {
+            const ShuffleVec y0 = load<ShuffleVec>(yr + x), y1 = load<ShuffleVec>(yr + n + x),
+                             y2 = load<ShuffleVec>(yr + 2 * n + x), y3 = load<ShuffleVec>(yr + 3 * n + x);
             const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
             const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
-                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            o[0] = __builtin_shuffle(u0, u1, kOut0);
+            o[1] = __builtin_shuffle(u0, u1, kOut1);
+            o[2] = __builtin_shuffle(w0, w1, kOut0);
+            o[3] = __builtin_shuffle(w0, w1, kOut1);
+          };
+          for (; x0 + 16 <= whole; x0 += 16) {
+            ShuffleVec o[4];
+            interleave(x0, o);
             for (int q = 0; q < 4; ++q) {
               const ShuffleVec value = o[q] + bias_v;
               check += value - value;
@@ -301,12 +308,8 @@ bool output_transform(const ConvGeometry& g, const float* m, int64_t co0, int64_
             // copied: element by element (a compare and branch each) the finish was 3/4 of the
             // output transform where every row is a tail (rows of 6-10 tiles).
             float tail[4 * 16];
-            const ShuffleVec y0 = load<ShuffleVec>(yr + x0), y1 = load<ShuffleVec>(yr + n + x0),
-                             y2 = load<ShuffleVec>(yr + 2 * n + x0), y3 = load<ShuffleVec>(yr + 3 * n + x0);
-            const ShuffleVec u0 = __builtin_shuffle(y0, y1, kLow), w0 = __builtin_shuffle(y0, y1, kHigh);
-            const ShuffleVec u1 = __builtin_shuffle(y2, y3, kLow), w1 = __builtin_shuffle(y2, y3, kHigh);
-            const ShuffleVec o[4] = {__builtin_shuffle(u0, u1, kOut0), __builtin_shuffle(u0, u1, kOut1),
-                                     __builtin_shuffle(w0, w1, kOut0), __builtin_shuffle(w0, w1, kOut1)};
+            ShuffleVec o[4];
+            interleave(x0, o);
             const int64_t left = count - kOut * x0;  // 1 to 63 floats
             ShuffleVec tail_check = zero;
             for (int q = 0; q < 4; ++q) {

@@ -32,7 +32,7 @@ reports=$root/build-sanitize/reports
 rm -rf "$reports" && mkdir -p "$reports"
 if [ $# -eq 0 ]; then
   set -- tests/test_crop_concat.py tests/test_max_pool.py tests/test_weighted_cross_entropy.py \
-         tests/test_conv.py tests/test_conv_concat.py tests/test_properties.py tests/test_cpu_runtime.py \
+         tests/test_conv.py tests/test_conv_concat.py tests/test_winograd.py tests/test_properties.py tests/test_cpu_runtime.py \
          -m "not cuda" -k "not compile and not opcheck"
 fi
 echo "sanitize: pytest $*" >&2

@@ -4,6 +4,8 @@ max_pool2x2 keeps its input's dtype (as F.max_pool2d), the loss computes and ret
 (as F.cross_entropy). Values against stock under the same autocast (our error against float64 at
 most twice stock's), the UNet against reference.UNet, torch.compile, channels_last, clear errors.
 CPU: bfloat16; CUDA (on the GPU lease): bfloat16 and float16 (+ GradScaler in test_unet_cuda.py)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -451,34 +453,126 @@ def _channels_last_leaf(t):
     return torch.empty_like(t, memory_format=torch.channels_last).copy_(t).detach().requires_grad_()
 
 
-@pytest.mark.parametrize("band_rows", ["80", "0"], ids=["bands", "whole"])
-def test_cpu_bf16_large_image_weight_gradient_in_bands(band_rows, monkeypatch):
-    """A CPU bf16 channels_last convolution with >= 2^16 output pixels and >= 32 input channels
-    takes its weight and bias gradients from oneDNN per image and band of output rows
-    (UNET_EXT_BF16_WGRAD_BAND_ROWS; 0: in one call), summed in float32: every gradient within
-    twice stock's error either way."""
+def _needs_bf16_wgrad_kernel():
     import unet_ext.model as model_module
-    if not model_module._BF16_ONEDNN:
+    if not model_module._BF16_ONEDNN or os.environ.get("UNET_EXT_CPU_ISA", "avx512") != "avx512":
         pytest.skip("CPU bf16 convolutions run on oneDNN only with bf16 dot products")
-    monkeypatch.setenv("UNET_EXT_BF16_WGRAD_BAND_ROWS", band_rows)
-    g = torch.Generator().manual_seed(5)
-    x = _channels_last_leaf(torch.randn(2, 32, 258, 258, generator=g))  # 256 x 256 out: 4 bands of 64 rows
-    w = (torch.randn(8, 32, 3, 3, generator=g) * 0.05).requires_grad_()
-    b = (torch.randn(8, generator=g) * 0.1).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = ops.conv2d_relu(x, w, b, 0)
-        stock = reference.conv2d_relu(x, w, b, 0)
-    exact = reference.conv2d_relu(x.double(), w.double(), b.double(), 0)
-    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    try:
+        with open("/proc/cpuinfo") as f:
+            has = "avx512_bf16" in f.read()
+    except OSError:
+        has = False
+    if not has:
+        pytest.skip("our bf16 weight gradient needs AVX512-BF16")
+
+
+def _backward_calls(fn):
+    """The aten::convolution_backward calls (oneDNN's) that fn makes."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        got = torch.autograd.grad(ours, (x, w, b), grad)
-    calls = sum(e.name == "aten::convolution_backward" for e in prof.events())  # dgrad, then 2 x 4 bands
-    assert calls == (1 + 2 * 4 if band_rows == "80" else 1)
+        fn()
+    return sum(e.name == "aten::convolution_backward" for e in prof.events())
+
+
+# in channels, out channels, kernel, height, width, padding, batch, threads
+BF16_WGRAD_CASES = {
+    "private sums, row chunks, odd width": (32, 32, 3, 70, 301, 0, 2, None),
+    "padding 1, three images": (16, 48, 3, 9, 13, 1, 3, None),
+    "out channels not whole vectors": (32, 20, 3, 13, 15, 0, 1, None),
+    "shared sums, images in registers": (256, 256, 3, 10, 11, 0, 3, None),
+    "shared sums, one thread": (256, 256, 3, 10, 11, 0, 3, 1),
+    "private sums, one thread": (64, 64, 3, 21, 22, 0, 2, 1),
+    "1x1": (32, 2, 1, 12, 9, 0, 2, None),
+}
+
+
+@pytest.mark.parametrize("case", BF16_WGRAD_CASES, ids=list(BF16_WGRAD_CASES))
+def test_cpu_bf16_channels_last_weight_gradient_by_our_kernel(case, monkeypatch):
+    """Under CPU bf16 autocast a channels_last convolution's weight and bias gradients come from
+    our AVX512-BF16 kernel (csrc/ops/cpu/conv_wgrad_bf16.cpp; oneDNN makes only dgrad): every
+    gradient within twice stock's error of float64, over private and shared sums, paddings, odd
+    widths, output channels off the vector width, 1x1 kernels and one thread; with
+    UNET_EXT_BF16_WGRAD=0 oneDNN makes them (one more convolution_backward call)."""
+    _needs_bf16_wgrad_kernel()
+    ci, co, k, h, w_, pad, n, threads = BF16_WGRAD_CASES[case]
+    g = torch.Generator().manual_seed(7)
+    x = _channels_last_leaf(torch.randn(n, ci, h, w_, generator=g))
+    w = (torch.randn(co, ci, k, k, generator=g) / (ci * k * k) ** 0.5).requires_grad_()
+    b = (torch.randn(co, generator=g) * 0.1).requires_grad_()
+    op = "conv2d_relu" if k == 3 else "conv2d_bias"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = getattr(ops, op)(x, w, b, pad)
+        stock = getattr(reference, op)(x, w, b, pad)
+    exact = getattr(reference, op)(x.double(), w.double(), b.double(), pad)
+    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        got = torch.autograd.grad(ours, (x, w, b), grad, retain_graph=True)
+        assert _backward_calls(lambda: torch.autograd.grad(ours, (w, b), grad, retain_graph=True)) == 0
+        monkeypatch.setenv("UNET_EXT_BF16_WGRAD", "0")
+        assert _backward_calls(lambda: torch.autograd.grad(ours, (w, b), grad, retain_graph=True)) == 1
+    finally:
+        torch.set_num_threads(previous)
     want = torch.autograd.grad(stock, (x, w, b), grad)
     want_exact = torch.autograd.grad(exact, (x, w, b), grad.double())
-    for a, s, e in zip(got, want, want_exact):
-        assert a.dtype == s.dtype
-        assert_low_precision(a, s, e)
+    for name, a, s_, e in zip(("input", "weight", "bias"), got, want, want_exact):
+        assert a.dtype == s_.dtype, name
+        assert_low_precision(a, s_, e, floor=1e-4)
+
+
+def test_cpu_bf16_concat_weight_gradient_reads_the_crop_window_and_up():
+    """conv2d_relu_concat's bf16 channels_last backward: our weight gradient reads the skip's
+    crop window and up where they lie (no concatenation made), oneDNN's dgrad gets only the
+    input's shape: grad_skip (zero outside the window), grad_up, weight and bias within twice
+    stock's error of float64."""
+    _needs_bf16_wgrad_kernel()
+    g = torch.Generator().manual_seed(8)
+    skip = _channels_last_leaf(torch.randn(2, 32, 21, 20, generator=g))
+    up = _channels_last_leaf(torch.randn(2, 16, 14, 13, generator=g))
+    w = (torch.randn(32, 48, 3, 3, generator=g) / (48 * 9) ** 0.5).requires_grad_()
+    b = (torch.randn(32, generator=g) * 0.1).requires_grad_()
+    args = (skip, up, w, b, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = ops.conv2d_relu_concat(*args)
+        stock = reference.conv2d_relu_concat(*args)
+    exact = reference.conv2d_relu_concat(*(a.double() if torch.is_tensor(a) else a for a in args))
+    grad = torch.randn(exact.shape, generator=g).to(torch.bfloat16)
+    tensors = (skip, up, w, b)
+    got = torch.autograd.grad(ours, tensors, grad, retain_graph=True)
+    assert _backward_calls(lambda: torch.autograd.grad(ours, tensors, grad)) == 1  # dgrad only
+    want = torch.autograd.grad(stock, tensors, grad)
+    want_exact = torch.autograd.grad(exact, tensors, grad.double())
+    for a, s_, e in zip(got, want, want_exact):
+        assert a.dtype == s_.dtype
+        assert_low_precision(a, s_, e, floor=1e-4)
+
+
+def test_cpu_bf16_weight_gradient_non_finite_values_where_float64_has_them():
+    """An infinity or NaN in the input reaches the weight and bias gradients of our bf16 kernel
+    exactly where it reaches float64's (same NaN, same signed infinities): padded pixels and the
+    zero pixel that ends an odd row must not turn 0 * inf into NaN. (Stock's oneDNN does: an
+    infinity in the last input column, which tap kx = 1 never reads, makes its kx = 1 weights NaN.)"""
+    _needs_bf16_wgrad_kernel()
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 32, 12, 15, generator=g)
+    x[0, 3, 5, 7] = float("inf")
+    x[1, 30, 0, 14] = float("-inf")  # last column: read by tap kx = 2 only
+    x[1, 2, 11, 0] = float("nan")
+    x = _channels_last_leaf(x)
+    w = (torch.randn(32, 32, 3, 3, generator=g) * 0.05).requires_grad_()
+    b = torch.zeros(32, requires_grad=True)
+    for pad in (0, 1):
+        grad = torch.randn(2, 32, 10 + 2 * pad, 13 + 2 * pad, generator=g).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ops.conv2d_bias(x, w, b, pad)
+        ours = torch.autograd.grad(y, (w, b), grad)
+        exact = torch.autograd.grad(reference.conv2d_bias(x.double(), w.double(), b.double(), pad), (w, b),
+                                    grad.double())
+        assert ours[0].isnan().any() and ours[0].isinf().any()  # the bias gradient: finite
+        for a, e in zip(ours, exact):
+            assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()), pad
+            assert torch.equal(a[a.isinf()].double(), e[e.isinf()]), pad
 
 
 @pytest.mark.parametrize("op", CONV_OPS)

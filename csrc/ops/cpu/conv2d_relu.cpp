@@ -1,7 +1,9 @@
 // conv2d_relu / conv2d_bias and their backward on the CPU: the blocked implicit-GEMM kernels of
 // cpu/conv2d_kernel.h on one NCHW source (channels_last inputs are converted and the results
 // returned channels_last); float32 deep layers go to oneDNN (use_onednn); float32 3x3 layers with
-// enough channels to Winograd F(4x4, 3x3) (cpu/winograd_cpu.h): forward, dgrad and wgrad.
+// enough channels to Winograd F(4x4, 3x3) (cpu/winograd_cpu.h): forward, dgrad and wgrad. bf16
+// (with bf16 dot products) goes to oneDNN, except a channels_last backward's weight gradient:
+// ours (cpu/conv_wgrad_bf16.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,6 +14,7 @@
 #include <utility>
 
 #include "conv2d_kernel.h"
+#include "conv_wgrad_bf16.h"
 #include "conv_wgrad_nonfinite.h"
 #include "winograd_cpu.h"
 
@@ -20,50 +23,6 @@ namespace conv {
 namespace {
 
 using namespace cpu_kernel;  // NOLINT: the kernels and their helpers
-
-// oneDNN's bf16 nhwc weight gradient loses speed on large images: 32 -> 32 channels at 314x314
-// (batch 2) takes 16.8 ms, ~50% more a FLOP than at 134x134; per image in bands of ~80 output
-// rows it takes 13.3 ms (dev/bf16_layouts.py sizes; bands of 104-39 rows: 13.3-13.8 ms; per
-// whole image: no gain). 32 -> 64 and 64 -> 64 at 156/154: no gain, so only from 2^16 output
-// pixels; 1 -> 32 at 316 loses (3.4 -> 4.5 ms), so only from 32 input channels. The band results
-// (rounded to bf16 by oneDNN) are summed in float32. Unpadded and channels_last only (a band is
-// then a view: its input rows are in the tensor, and an image's band of nhwc rows is dense).
-// UNET_EXT_BF16_WGRAD_BAND_ROWS (read per call: a knob for benchmarks) sets the band height; 0
-// turns the bands off.
-constexpr int64_t kWgradBandRows = 80, kWgradBandMinChannels = 32, kWgradBandMinPixels = int64_t{1} << 16;
-int64_t wgrad_band_rows(const ConvGeometry& g, at::ScalarType dtype, at::MemoryFormat format) {
-  if (dtype != at::kBFloat16 || format != at::MemoryFormat::ChannelsLast || g.pad_h != 0 || g.pad_w != 0 ||
-      g.in_channels < kWgradBandMinChannels || g.out_h * g.out_w < kWgradBandMinPixels) {
-    return 0;
-  }
-  const char* value = std::getenv("UNET_EXT_BF16_WGRAD_BAND_ROWS");
-  const int64_t rows = value != nullptr ? std::atoll(value) : kWgradBandRows;
-  if (rows <= 0 || rows >= g.out_h) return 0;
-  const int64_t bands = (g.out_h + rows - 1) / rows;
-  return (g.out_h + bands - 1) / bands;  // equal bands
-}
-
-// The weight and bias gradients (output_mask[1], [2]) of an unpadded convolution, per image and
-// band of `rows` output rows, summed in float32; returned in the weight's dtype and layout.
-std::pair<at::Tensor, at::Tensor> banded_weight_gradient(const ConvGeometry& g, const at::Tensor& grad,
-                                                         const at::Tensor& input, const at::Tensor& weight,
-                                                         int64_t rows, std::array<bool, 3> output_mask) {
-  at::Tensor gw_acc, gb_acc;
-  for (int64_t n = 0; n < g.batch; ++n) {
-    for (int64_t r0 = 0; r0 < g.out_h; r0 += rows) {
-      const int64_t r = std::min(rows, g.out_h - r0);
-      auto [gi, gw, gb] = at::convolution_backward(
-          grad.narrow(0, n, 1).narrow(2, r0, r), input.narrow(0, n, 1).narrow(2, r0, r + g.kernel_h - 1), weight,
-          std::vector<int64_t>{g.out_channels}, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
-          {false, output_mask[1], output_mask[2]});
-      if (output_mask[1]) gw_acc = gw_acc.defined() ? gw_acc.add_(gw) : gw.to(at::kFloat);
-      if (output_mask[2]) gb_acc = gb_acc.defined() ? gb_acc.add_(gb) : gb.to(at::kFloat);
-    }
-  }
-  return {output_mask[1] ? gw_acc.to(weight.scalar_type()).contiguous(weight.suggest_memory_format())
-                         : at::empty({0}, weight.options()),
-          output_mask[2] ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options())};
-}
 
 at::Tensor conv2d_forward_cpu(const char* op, const at::Tensor& input_arg, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, int64_t padding, bool relu) {
@@ -134,14 +93,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
     const at::Tensor grad = grad_out_arg.to(input_arg.scalar_type());
     const at::Tensor masked_grad = masked ? relu_backward(grad, *output_arg, format) : grad;
     const at::Tensor grad_c = masked_grad.contiguous(format), input_c = input_arg.contiguous(format);
-    const int64_t band_rows = output_mask[1] || output_mask[2] ? wgrad_band_rows(g, input_arg.scalar_type(), format) : 0;
     at::Tensor gi, gw, gb;
-    if (band_rows == 0 || output_mask[0]) {
-      std::tie(gi, gw, gb) = at::convolution_backward(
-          grad_c, input_c, weight, std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding}, {1, 1}, false,
-          {0, 0}, 1, band_rows > 0 ? std::array<bool, 3>{output_mask[0], false, false} : output_mask);
+    if ((output_mask[1] || output_mask[2]) && input_arg.scalar_type() == at::kBFloat16 &&
+        format == at::MemoryFormat::ChannelsLast && use_bf16_wgrad(g)) {
+      // The weight and bias gradients by ours (conv_wgrad_bf16.h), dgrad by oneDNN.
+      if (output_mask[0]) {
+        gi = std::get<0>(at::convolution_backward(grad_c, input_c, weight, std::vector<int64_t>{g.out_channels},
+                                                  {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
+                                                  {true, false, false}));
+      }
+      std::tie(gw, gb) = bf16_weight_gradient(g, grad_c, {Bf16WgradPart{input_c}}, weight, output_mask);
+      return {output_mask[0] ? gi.contiguous(format) : at::empty({0}, input_arg.options()),
+              output_mask[1] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
+              output_mask[2] ? gb : at::empty({0}, weight.options())};
     }
-    if (band_rows > 0) std::tie(gw, gb) = banded_weight_gradient(g, grad_c, input_c, weight, band_rows, output_mask);
+    std::tie(gi, gw, gb) = at::convolution_backward(grad_c, input_c, weight, std::vector<int64_t>{g.out_channels},
+                                                    {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1, output_mask);
     return {output_mask[0] ? gi.contiguous(format) : at::empty({0}, input_arg.options()),
             output_mask[1] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
             output_mask[2] ? gb : at::empty({0}, weight.options())};

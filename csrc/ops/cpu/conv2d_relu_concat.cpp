@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "conv2d_kernel.h"
+#include "conv_wgrad_bf16.h"
 #include "conv_wgrad_nonfinite.h"
 #include "winograd_cpu.h"
 
@@ -102,10 +103,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv2d_relu_concat_ba
   if (use_onednn(g, skip_arg.scalar_type()) && grad_out_arg.numel() > 0 && g.in_channels > 0) {
     const auto format = conv_memory_format(skip_arg, up_arg);
     const at::Tensor grad = grad_out_arg.to(skip_arg.scalar_type());
-    auto [gi, gw, gb] = at::convolution_backward(
-        relu_backward(grad, output_arg, format), cropped_concat(c, skip_arg, up_arg).contiguous(format),
-        weight, std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
-        {output_mask[0] || output_mask[1], output_mask[2], output_mask[3]});
+    const at::Tensor masked_grad = relu_backward(grad, output_arg, format);
+    at::Tensor gi, gw, gb;
+    if ((output_mask[2] || output_mask[3]) && skip_arg.scalar_type() == at::kBFloat16 &&
+        format == at::MemoryFormat::ChannelsLast && use_bf16_wgrad(g)) {
+      // The weight and bias gradients by ours (conv_wgrad_bf16.h) on the skip's crop window and
+      // up where they lie; dgrad by oneDNN, which reads only its input's shape (the
+      // concatenation is not made: an uninitialised block of that shape stands in).
+      if (output_mask[0] || output_mask[1]) {
+        const at::Tensor shape_only = empty_huge({g.batch, g.in_channels, g.in_h, g.in_w}, skip_arg.options(), format);
+        gi = std::get<0>(at::convolution_backward(masked_grad, shape_only, weight,
+                                                  std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding},
+                                                  {1, 1}, false, {0, 0}, 1, {true, false, false}));
+      }
+      std::tie(gw, gb) = bf16_weight_gradient(
+          g, masked_grad,
+          {Bf16WgradPart{skip_arg.contiguous(format), c.top, c.left}, Bf16WgradPart{up_arg.contiguous(format), 0, 0}},
+          weight, {false, output_mask[2], output_mask[3]});
+    } else {
+      std::tie(gi, gw, gb) = at::convolution_backward(
+          masked_grad, cropped_concat(c, skip_arg, up_arg).contiguous(format), weight,
+          std::vector<int64_t>{g.out_channels}, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1,
+          {output_mask[0] || output_mask[1], output_mask[2], output_mask[3]});
+    }
     at::Tensor grad_skip = at::empty({0}, skip_arg.options()), grad_up = at::empty({0}, up_arg.options());
     if (output_mask[0]) {  // zero outside the crop window
       // Each grad in its input's layout; cached blocks (empty_huge) where activation-sized.

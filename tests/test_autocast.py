@@ -473,15 +473,19 @@ def _backward_calls(fn):
     return sum(e.name == "aten::convolution_backward" for e in prof.events())
 
 
-# in channels, out channels, kernel, height, width, padding, batch, threads
+# in channels, out channels, kernel, height, width, padding, batch, threads, shared chunk bytes
+# (UNET_EXT_BF16_WGRAD_CHUNK_BYTES: 600000 holds two of those images, 100000 two output rows)
 BF16_WGRAD_CASES = {
-    "private sums, row chunks, odd width": (32, 32, 3, 70, 301, 0, 2, None),
-    "padding 1, three images": (16, 48, 3, 9, 13, 1, 3, None),
-    "out channels not whole vectors": (32, 20, 3, 13, 15, 0, 1, None),
-    "shared sums, images in registers": (256, 256, 3, 10, 11, 0, 3, None),
-    "shared sums, one thread": (256, 256, 3, 10, 11, 0, 3, 1),
-    "private sums, one thread": (64, 64, 3, 21, 22, 0, 2, 1),
-    "1x1": (32, 2, 1, 12, 9, 0, 2, None),
+    "private sums, row chunks, odd width": (32, 32, 3, 70, 301, 0, 2, None, None),
+    "padding 1, three images": (16, 48, 3, 9, 13, 1, 3, None, None),
+    "out channels not whole vectors": (32, 20, 3, 13, 15, 0, 1, None, None),
+    "shared sums, images in registers": (256, 256, 3, 10, 11, 0, 3, None, None),
+    "shared sums, one thread": (256, 256, 3, 10, 11, 0, 3, 1, None),
+    "shared sums, groups of images": (256, 256, 3, 10, 11, 1, 5, None, 600000),
+    "shared sums, chunks of rows": (256, 256, 3, 20, 11, 0, 2, None, 100000),
+    "shared sums, columns split": (1280, 48, 3, 6, 7, 0, 2, None, None),  # 3 (ky) x 1 channel blocks
+    "private sums, one thread": (64, 64, 3, 21, 22, 0, 2, 1, None),
+    "1x1": (32, 2, 1, 12, 9, 0, 2, None, None),
 }
 
 
@@ -490,10 +494,13 @@ def test_cpu_bf16_channels_last_weight_gradient_by_our_kernel(case, monkeypatch)
     """Under CPU bf16 autocast a channels_last convolution's weight and bias gradients come from
     our AVX512-BF16 kernel (csrc/ops/cpu/conv_wgrad_bf16.cpp; oneDNN makes only dgrad): every
     gradient within twice stock's error of float64, over private and shared sums, paddings, odd
-    widths, output channels off the vector width, 1x1 kernels and one thread; with
+    widths, output channels off the vector width, 1x1 kernels, one thread, and shared sums over
+    groups of images, chunks of rows and split columns; with
     UNET_EXT_BF16_WGRAD=0 oneDNN makes them (one more convolution_backward call)."""
     _needs_bf16_wgrad_kernel()
-    ci, co, k, h, w_, pad, n, threads = BF16_WGRAD_CASES[case]
+    ci, co, k, h, w_, pad, n, threads, chunk_bytes = BF16_WGRAD_CASES[case]
+    if chunk_bytes is not None:
+        monkeypatch.setenv("UNET_EXT_BF16_WGRAD_CHUNK_BYTES", str(chunk_bytes))
     g = torch.Generator().manual_seed(7)
     x = _channels_last_leaf(torch.randn(n, ci, h, w_, generator=g))
     w = (torch.randn(co, ci, k, k, generator=g) / (ci * k * k) ** 0.5).requires_grad_()
@@ -521,7 +528,8 @@ def test_cpu_bf16_channels_last_weight_gradient_by_our_kernel(case, monkeypatch)
         assert_low_precision(a, s_, e, floor=1e-4)
 
 
-def test_cpu_bf16_concat_weight_gradient_reads_the_crop_window_and_up():
+@pytest.mark.parametrize("padding", [0, 1])
+def test_cpu_bf16_concat_weight_gradient_reads_the_crop_window_and_up(padding):
     """conv2d_relu_concat's bf16 channels_last backward: our weight gradient reads the skip's
     crop window and up where they lie (no concatenation made), oneDNN's dgrad gets only the
     input's shape: grad_skip (zero outside the window), grad_up, weight and bias within twice
@@ -532,7 +540,7 @@ def test_cpu_bf16_concat_weight_gradient_reads_the_crop_window_and_up():
     up = _channels_last_leaf(torch.randn(2, 16, 14, 13, generator=g))
     w = (torch.randn(32, 48, 3, 3, generator=g) / (48 * 9) ** 0.5).requires_grad_()
     b = (torch.randn(32, generator=g) * 0.1).requires_grad_()
-    args = (skip, up, w, b, 0)
+    args = (skip, up, w, b, padding)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = ops.conv2d_relu_concat(*args)
         stock = reference.conv2d_relu_concat(*args)
@@ -549,27 +557,29 @@ def test_cpu_bf16_concat_weight_gradient_reads_the_crop_window_and_up():
 
 
 def test_cpu_bf16_weight_gradient_non_finite_values_where_float64_has_them():
-    """An infinity or NaN in the input reaches the weight and bias gradients of our bf16 kernel
-    exactly where it reaches float64's (same NaN, same signed infinities): padded pixels and the
-    zero pixel that ends an odd row must not turn 0 * inf into NaN. (Stock's oneDNN does: an
-    infinity in the last input column, which tap kx = 1 never reads, makes its kx = 1 weights NaN.)"""
+    """An infinity or NaN in the input or the gradient reaches the weight and bias gradients of
+    our bf16 kernel exactly where it reaches float64's (same NaN, same signed infinities): padded
+    pixels and the zero pixel that ends an odd row must not turn 0 * inf into NaN. (Stock's oneDNN
+    does: an infinity in the last input column, which tap kx = 1 never reads, makes its kx = 1
+    weights NaN.)"""
     _needs_bf16_wgrad_kernel()
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 32, 12, 15, generator=g)
     x[0, 3, 5, 7] = float("inf")
-    x[1, 30, 0, 14] = float("-inf")  # last column: read by tap kx = 2 only
+    x[1, 30, 0, 14] = float("-inf")  # last column: unpadded, read by tap kx = 2 only
     x[1, 2, 11, 0] = float("nan")
     x = _channels_last_leaf(x)
     w = (torch.randn(32, 32, 3, 3, generator=g) * 0.05).requires_grad_()
     b = torch.zeros(32, requires_grad=True)
     for pad in (0, 1):
         grad = torch.randn(2, 32, 10 + 2 * pad, 13 + 2 * pad, generator=g).to(torch.bfloat16)
+        grad[1, 5, 3, 4] = float("inf")  # and in the gradient: an infinite bias gradient too
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = ops.conv2d_bias(x, w, b, pad)
         ours = torch.autograd.grad(y, (w, b), grad)
         exact = torch.autograd.grad(reference.conv2d_bias(x.double(), w.double(), b.double(), pad), (w, b),
                                     grad.double())
-        assert ours[0].isnan().any() and ours[0].isinf().any()  # the bias gradient: finite
+        assert ours[0].isnan().any() and ours[0].isinf().any() and ours[1].isinf().any()
         for a, e in zip(ours, exact):
             assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf()), pad
             assert torch.equal(a[a.isinf()].double(), e[e.isinf()]), pad

@@ -5,18 +5,19 @@
 // at 14x14: 7.0 against 4.0), the most of any part of the bf16 training step.
 //
 // dW[co][kh][kw][ci] = sum over output pixels p of g[p][co] * x[p shifted by (kh, kw)][ci]: for
-// each kh, one GEMM C_kh[kw * ci + c][co] += B^T A over p, K = pixels. vdpbf16ps multiplies pairs
-// along K, so both operands are packed as pixel pairs (x, x + 1) of an output row:
-//   gv[pair][co][2]          the gradient (a row of an odd width ends with a zero pixel);
-//   xv[row][pair][kw * ci][2] for each input row the chunk reads: column kw of the tap row, so
-//                            tap kh's operand for a chunk's K pairs is one dense run starting
-//                            kh rows on. Columns outside the input (padding) and beyond the
-//                            output width are zeros.
-// The micro-kernel keeps 2 x 12 vectors of 16 float32 sums (32 co x 12 columns) over the whole K
-// run of a chunk, loads 2 vectors of gv pairs and broadcasts 12 xv pairs per K pair.
-// Where C (kh * kw * ci * co floats) is small, each thread sums its own chunks of rows into its
-// own C (no synchronisation); else (deep layers: few pixels, many channels) chunks are packed
-// and then multiplied by all threads on disjoint blocks of C.
+// each kh, one GEMM sums[co][kh][kw * ci + c] += sum over p, K = pixels. vdpbf16ps multiplies
+// pairs along K, so both operands are packed as pixel pairs (x, x + 1) of an output row:
+//   gv[pair][co][2]           the gradient (a row of an odd width ends with a zero pixel);
+//   xv[row][pair][kw * ci][2] each input row the chunk reads, columns kx * ci + c from column
+//                             2 pair + kx - pad, so tap kh's operand for a chunk's K pairs is one
+//                             dense run starting kh rows on. Columns outside the input (padding)
+//                             and beyond the output width are zeros.
+// The micro-kernel keeps 2 x 12 vectors of 16 float32 sums (32 columns x 12 output channels) over
+// a chunk's K run, loads 2 vectors of xv pairs and broadcasts 12 gv pairs per K pair; the sums are
+// the weight's channels_last order, so the result is one dense bf16 conversion.
+// Where the sums (co * kh * kw * ci floats) are small, each thread sums its own chunks of rows
+// into its own (no synchronisation); else (deep layers: few pixels, many channels) chunks of whole
+// images are packed and then multiplied by all threads on disjoint blocks of the sums.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -62,8 +63,8 @@ bool cpu_has_avx512_bf16() {
 constexpr int kLanes = 16;  // float32 sums per vector (output channels)
 constexpr int kChannels = 12;  // output channels per micro-kernel call
 constexpr int64_t kChunkBytes = 768 * 1024;  // a private chunk's packed operands (L2: 1 MiB)
-constexpr int64_t kSharedChunkBytes = int64_t{16} << 20;  // a shared chunk's
-constexpr int64_t kPrivateSumFloats = int64_t{1} << 18;  // sums per thread up to 1 MiB
+constexpr int64_t kSharedChunkBytes = int64_t{16} << 20;  // a shared chunk's (UNET_EXT_BF16_WGRAD_CHUNK_BYTES)
+constexpr int64_t kPrivateSumFloats = int64_t{1} << 19;  // sums per thread up to 2 MiB
 constexpr int64_t kTaskChannels = 48;  // output channels per task in shared chunks
 
 // out[2 i] = a[i], out[2 i + 1] = b[i] for i < n; a or b null: zeros.
@@ -86,8 +87,8 @@ inline void interleave_pairs(const uint16_t* a, const uint16_t* b, uint16_t* out
     const __m512i va = a ? _mm512_maskz_loadu_epi16(in_mask, a + i) : _mm512_setzero_si512();
     const __m512i vb = b ? _mm512_maskz_loadu_epi16(in_mask, b + i) : _mm512_setzero_si512();
     const int64_t outs = 2 * left;  // 2..62
-    _mm512_mask_storeu_epi16(out + 2 * i, _bzhi_u32(0xffffffffu, static_cast<unsigned>(std::min<int64_t>(outs, 32))),
-                             _mm512_permutex2var_epi16(va, lo, vb));
+    const auto first = static_cast<unsigned>(std::min<int64_t>(outs, 32));
+    _mm512_mask_storeu_epi16(out + 2 * i, _bzhi_u32(0xffffffffu, first), _mm512_permutex2var_epi16(va, lo, vb));
     if (outs > 32) {
       _mm512_mask_storeu_epi16(out + 2 * i + 32, _bzhi_u32(0xffffffffu, static_cast<unsigned>(outs - 32)),
                                _mm512_permutex2var_epi16(va, hi, vb));
@@ -125,7 +126,8 @@ void pack_gradient(const Dims& d, const uint16_t* grad, int64_t grad_image, int6
     }
     if (bias != nullptr) {  // a row's sums in registers (through memory, the adds chain on store-to-load)
       for (int64_t c = 0; c < d.co; c += kLanes) {
-        const __mmask16 lanes = static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(std::min<int64_t>(kLanes, d.co - c))));
+        const auto left = static_cast<unsigned>(std::min<int64_t>(kLanes, d.co - c));
+        const __mmask16 lanes = static_cast<__mmask16>(_bzhi_u32(0xffffu, left));
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         int64_t x = 0;
         for (; x + 1 < d.out_w; x += 2) {
@@ -133,7 +135,8 @@ void pack_gradient(const Dims& d, const uint16_t* grad, int64_t grad_image, int6
           s1 = _mm512_add_ps(s1, widen(row + (x + 1) * d.co + c, lanes));
         }
         if (x < d.out_w) s0 = _mm512_add_ps(s0, widen(row + x * d.co + c, lanes));
-        _mm512_mask_storeu_ps(bias + c, lanes, _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, bias + c), _mm512_add_ps(s0, s1)));
+        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, bias + c), _mm512_add_ps(s0, s1));
+        _mm512_mask_storeu_ps(bias + c, lanes, sum);
       }
     }
   }
@@ -176,7 +179,9 @@ void micro_kernel(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb
                   const Segments& segments, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[M][NB];
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = accumulate ? _mm512_loadu_ps(c + j * ldc + m * kLanes) : _mm512_setzero_ps();
+    for (int j = 0; j < NB; ++j) {
+      acc[m][j] = accumulate ? _mm512_loadu_ps(c + j * ldc + m * kLanes) : _mm512_setzero_ps();
+    }
   for (int64_t seg = 0; seg < segments.count; ++seg) {
     const uint32_t* as = a + seg * segments.a_stride;
     const uint32_t* bs = b + seg * segments.b_stride;
@@ -287,6 +292,7 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
     std::vector<std::vector<float>> partial_sums(static_cast<size_t>(threads));
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float>& own = partial_sums[at::get_thread_num()];
+      const bool fresh = own.empty();  // this thread's first range: overwrite, then add
       own.resize(static_cast<size_t>(sum_floats));
       float* bias_sums = bias_of_thread();
       std::vector<uint16_t> gv(static_cast<size_t>(rows * gv_row)), xv(static_cast<size_t>((rows + d.kh - 1) * xv_row));
@@ -294,9 +300,12 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
         const int64_t n = chunk / chunks_per_image, y0 = (chunk % chunks_per_image) * rows;
         const int64_t r = std::min(rows, d.out_h - y0);
         pack_gradient(d, gdata, grad_image, n, y0, r, gv.data(), bias_sums);
-        for (int64_t i = 0; i < r + d.kh - 1; ++i) pack_input_row(d, parts, n, y0 + i - d.pad_h, xv.data() + i * xv_row);
+        for (int64_t i = 0; i < r + d.kh - 1; ++i) {
+          pack_input_row(d, parts, n, y0 + i - d.pad_h, xv.data() + i * xv_row);
+        }
         for (int64_t ky = 0; ky < d.kh; ++ky) {
-          multiply(d, gv.data(), xv.data(), r * d.pairs, 1, 0, 0, ky, 0, d.co, 0, d.columns, own.data(), chunk > begin);
+          multiply(d, gv.data(), xv.data(), r * d.pairs, 1, 0, 0, ky, 0, d.co, 0, d.columns, own.data(),
+                   !fresh || chunk > begin);
         }
       }
     });
@@ -313,14 +322,22 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
   } else {
     // Shared sums: each chunk (whole images where one fits, else rows of one image) packed by all
     // threads, then multiplied on disjoint blocks of the sums, its images summed in registers.
+    const char* knob = std::getenv("UNET_EXT_BF16_WGRAD_CHUNK_BYTES");  // tests: small shapes in several chunks
+    const int64_t chunk_bytes = knob != nullptr && std::atoll(knob) > 0 ? std::atoll(knob) : kSharedChunkBytes;
     const int64_t image_bytes = (d.out_h * gv_row + (d.out_h + d.kh - 1) * xv_row) * 2;
-    const int64_t images = std::clamp<int64_t>(kSharedChunkBytes / std::max<int64_t>(image_bytes, 1), 1, g.batch);
-    const int64_t rows = image_bytes <= kSharedChunkBytes
+    const int64_t images = std::clamp<int64_t>(chunk_bytes / std::max<int64_t>(image_bytes, 1), 1, g.batch);
+    const int64_t rows = image_bytes <= chunk_bytes
                              ? d.out_h
-                             : std::clamp<int64_t>(kSharedChunkBytes / ((xv_row + gv_row) * 2) - (d.kh - 1), 1, d.out_h);
+                             : std::clamp<int64_t>(chunk_bytes / ((xv_row + gv_row) * 2) - (d.kh - 1), 1, d.out_h);
     const int64_t gv_segment = rows * gv_row, xv_segment = (rows + d.kh - 1) * xv_row;
     std::vector<uint16_t> gv(static_cast<size_t>(images * gv_segment)), xv(static_cast<size_t>(images * xv_segment));
+    // Tasks: (ky, block of output channels, block of columns), the columns split only as far as
+    // 4 tasks a thread need (each column block reads the gradient's pairs again).
     const int64_t co_blocks = (d.co + kTaskChannels - 1) / kTaskChannels;
+    const int64_t split = std::clamp<int64_t>((4 * threads + d.kh * co_blocks - 1) / (d.kh * co_blocks), 1,
+                                              (d.columns + 2 * kLanes - 1) / (2 * kLanes));
+    const int64_t task_columns = ((d.columns + split - 1) / split + 2 * kLanes - 1) / (2 * kLanes) * (2 * kLanes);
+    const int64_t column_blocks = (d.columns + task_columns - 1) / task_columns;
     for (int64_t n0 = 0; n0 < g.batch; n0 += images) {
       const int64_t m = std::min(images, g.batch - n0);
       for (int64_t y0 = 0; y0 < d.out_h; y0 += rows) {
@@ -339,11 +356,13 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
           }
         });
         const bool accumulate = n0 > 0 || y0 > 0;
-        at::parallel_for(0, d.kh * co_blocks, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, d.kh * co_blocks * column_blocks, 1, [&](int64_t begin, int64_t end) {
           for (int64_t task = begin; task < end; ++task) {
-            const int64_t ky = task / co_blocks, co0 = (task % co_blocks) * kTaskChannels;
+            const int64_t ky = task / (co_blocks * column_blocks), rest = task % (co_blocks * column_blocks);
+            const int64_t co0 = (rest / column_blocks) * kTaskChannels, c0 = (rest % column_blocks) * task_columns;
             multiply(d, gv.data(), xv.data(), r * d.pairs, m, gv_segment, xv_segment, ky, co0,
-                     std::min(d.co, co0 + kTaskChannels), 0, d.columns, sums_data, accumulate);
+                     std::min(d.co, co0 + kTaskChannels), c0, std::min(d.columns, c0 + task_columns), sums_data,
+                     accumulate);
           }
         });
       }

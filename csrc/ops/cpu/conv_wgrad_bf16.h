@@ -22,8 +22,9 @@ struct Bf16WgradPart {
 };
 
 // Whether bf16_weight_gradient takes this convolution here: a CPU with AVX512-BF16 (and the
-// AVX-512 kernels not capped by UNET_EXT_CPU_ISA), output channels in whole 16-lane vectors, at
-// least kBf16WgradMinTaps = kernel_w * in_channels columns. UNET_EXT_BF16_WGRAD=0 turns it off.
+// AVX-512 kernels not capped by UNET_EXT_CPU_ISA), kernel_w * in_channels a multiple of 16 (the
+// micro-kernel's column vectors; any output channel count, kernel height, padding).
+// UNET_EXT_BF16_WGRAD=0 (read per call) leaves the weight gradient to oneDNN.
 bool use_bf16_wgrad(const ConvGeometry& g);
 
 // The weight gradient (bf16, channels_last) and bias gradient (bf16) of g, as output_mask[1], [2]

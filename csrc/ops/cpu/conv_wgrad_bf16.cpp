@@ -274,11 +274,15 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
   const int64_t grad_image = d.out_h * d.out_w * d.co;
   const int64_t xv_row = d.pairs * d.columns * 2, gv_row = d.pairs * d.co * 2;  // elements
   const bool want_bias = output_mask[2];
-  const int threads = at::get_num_threads();
+  // Called inside a parallel region (a caller's at::parallel_for), the loops below run inline on
+  // this thread, whose number may be any: one slot then.
+  const bool nested = at::in_parallel_region();
+  const int threads = nested ? 1 : at::get_num_threads();
+  const auto slot = [nested] { return nested ? 0 : at::get_thread_num(); };
   std::vector<std::vector<float>> partial_bias(static_cast<size_t>(threads));
   const auto bias_of_thread = [&]() -> float* {
     if (!want_bias) return nullptr;
-    std::vector<float>& b = partial_bias[at::get_thread_num()];
+    std::vector<float>& b = partial_bias[slot()];
     if (b.empty()) b.assign(static_cast<size_t>(d.co), 0.0f);
     return b.data();
   };
@@ -291,7 +295,7 @@ std::pair<at::Tensor, at::Tensor> bf16_weight_gradient(const ConvGeometry& g, co
     const int64_t chunks_per_image = (d.out_h + rows - 1) / rows, chunks = g.batch * chunks_per_image;
     std::vector<std::vector<float>> partial_sums(static_cast<size_t>(threads));
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float>& own = partial_sums[at::get_thread_num()];
+      std::vector<float>& own = partial_sums[slot()];
       const bool fresh = own.empty();  // this thread's first range: overwrite, then add
       own.resize(static_cast<size_t>(sum_floats));
       float* bias_sums = bias_of_thread();

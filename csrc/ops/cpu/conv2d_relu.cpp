@@ -86,7 +86,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
     TORCH_CHECK(output_arg->sizes().equals(out_shape), op, ": output must have shape ",
                 at::IntArrayRef(out_shape), ", got ", output_arg->sizes());
   }
-  const auto format = conv_memory_format(input_arg);
+  // A one-channel input is both layouts at once: the output gradient's layout decides (writing a
+  // channels_last gradient's ReLU mask as NCHW took 15 ms at 2x32x314x314 bf16 against 1 ms).
+  const auto format = g.in_channels == 1 ? grad_out_arg.suggest_memory_format() : conv_memory_format(input_arg);
   if (use_onednn(g, input_arg.scalar_type()) && grad_out_arg.numel() > 0 && input_arg.numel() > 0) {
     // Zero where output <= 0 (a NaN output keeps its gradient), then oneDNN's backward. The mask
     // is ReLU's own backward, one vectorised pass (masked_fill(le(0)) takes 20x as long here).

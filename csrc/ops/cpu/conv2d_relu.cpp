@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -105,12 +104,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_direct(
                                                   {true, false, false}));
       }
       std::tie(gw, gb) = bf16_weight_gradient(g, grad_c, {Bf16WgradPart{input_c}}, weight, output_mask);
-      return {output_mask[0] ? gi.contiguous(format) : at::empty({0}, input_arg.options()),
-              output_mask[1] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
-              output_mask[2] ? gb : at::empty({0}, weight.options())};
+    } else {
+      std::tie(gi, gw, gb) = at::convolution_backward(grad_c, input_c, weight, std::vector<int64_t>{g.out_channels},
+                                                      {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1, output_mask);
     }
-    std::tie(gi, gw, gb) = at::convolution_backward(grad_c, input_c, weight, std::vector<int64_t>{g.out_channels},
-                                                    {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1, output_mask);
     return {output_mask[0] ? gi.contiguous(format) : at::empty({0}, input_arg.options()),
             output_mask[1] ? gw.contiguous(weight.suggest_memory_format()) : at::empty({0}, weight.options()),
             output_mask[2] ? gb : at::empty({0}, weight.options())};
